@@ -1,0 +1,96 @@
+"""The `kubetune` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+def _dev_cluster(args: argparse.Namespace) -> int:
+    from .devcluster import toolchain
+    from .devcluster.cluster import DevCluster
+
+    if args.action == "build":
+        for name, path in toolchain.ensure_built().items():
+            print(f"{name}\t{path}", file=sys.stderr if args.quiet else sys.stdout)
+        return 0
+    cluster = DevCluster(args.dir)
+    if args.action == "up":
+        cluster.up()
+        _print_env(cluster.env())
+        return 0
+    if args.action == "down":
+        cluster.down()
+        return 0
+    if args.action == "env":
+        _print_env(cluster.env())
+        return 0
+    status = cluster.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        _print_status(status)
+    return 0 if status.get("running") else 1
+
+
+def _print_env(env: dict[str, str]) -> None:
+    for key, value in env.items():
+        if key == "PATH":
+            value = value.split(":", 1)[0]
+            print(f"export PATH={shlex.quote(value)}:\"$PATH\"")
+        else:
+            print(f"export {key}={shlex.quote(value)}")
+
+
+def _print_status(status: dict) -> None:
+    if not status.get("processes"):
+        print(f"Dev cluster: not running ({status['dir']})")
+        return
+    state = "running" if status["running"] else "DEGRADED"
+    print(f"Dev cluster: {state} ({status['dir']})")
+    print(f"  kubeconfig: {status['kubeconfig']}")
+    for name, proc in status["processes"].items():
+        print(f"  {name:<24} pid {proc['pid']:<8} {'up' if proc['alive'] else 'DOWN'}")
+    if "s3" in status:
+        print(f"  s3: {status['s3']['endpoint']} (bucket {status['s3']['bucket']})")
+    for node in status.get("nodes", []):
+        kind = "process agent" if node["agent"] else "kwok"
+        print(f"  node {node['name']:<20} ready={node['ready']!s:<5} gpus={node['gpus']:<3} "
+              f"({kind})")
+    if "nodes_error" in status:
+        print(f"  nodes: {status['nodes_error']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubetune", description=(
+        "Declarative LLM fine-tuning on Kubernetes: train, verify, serve, promote, roll back."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev-cluster", help="a real local control plane, fake GPU nodes and S3")
+    dev.add_argument("action", choices=["up", "down", "env", "status", "build"])
+    dev.add_argument("--dir", type=Path, default=None,
+                     help="cluster folder (default: $XDG_STATE_HOME/kubetune/dev-cluster)")
+    dev.add_argument("--json", action="store_true", help="status as JSON")
+    dev.add_argument("--quiet", action="store_true", help="build: list binaries on stderr")
+    dev.set_defaults(func=_dev_cluster)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"kubetune: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

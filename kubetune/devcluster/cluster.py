@@ -1,0 +1,397 @@
+"""The dev cluster: a real control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) on loopback, KWOK-simulated GPU and CPU nodes, one process-node-agent node that
+really runs pods, and SeaweedFS S3. Everything it starts is recorded by PID in ``state.json`` of
+its folder, and ``down`` stops exactly those processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import pki as pki_mod
+from . import procs, s3, toolchain
+
+GPU_RESOURCE = "nvidia.com/gpu"
+AGENT_NODE = "kubetune-agent-0"
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+
+
+def default_dir() -> Path:
+    base = os.environ.get("KUBETUNE_DEV_CLUSTER_DIR")
+    if base:
+        return Path(base)
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "kubetune" / "dev-cluster"
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    gpus: int
+    labels: dict[str, str]
+    taints: list[dict]
+    cpu: str = "32"
+    memory: str = "256Gi"
+
+
+def kwok_nodes() -> list[NodeSpec]:
+    gpu_labels = {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                  "nvidia.com/gpu.count": "8", "node.kubernetes.io/instance-type": "p5.48xlarge",
+                  "kubetune.io/pool": "gpu"}
+    nodes = [NodeSpec(f"kwok-gpu-{i}", 8, gpu_labels, [GPU_TAINT], cpu="192", memory="2048Gi")
+             for i in range(2)]
+    nodes.append(NodeSpec("kwok-cpu-0", 0, {"node.kubernetes.io/instance-type": "m7i.8xlarge",
+                                            "kubetune.io/pool": "cpu"}, [], cpu="32", memory="128Gi"))
+    return nodes
+
+
+def node_manifest(spec: NodeSpec) -> dict:
+    capacity = {"cpu": spec.cpu, "memory": spec.memory, "pods": "110"}
+    if spec.gpus:
+        capacity[GPU_RESOURCE] = str(spec.gpus)
+    return {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": spec.name, "annotations": {KWOK_ANNOTATION: "fake"},
+                     "labels": {"kubernetes.io/hostname": spec.name, "kubernetes.io/os": "linux",
+                                "kubernetes.io/arch": "amd64", "type": "kwok", **spec.labels}},
+        "spec": {"taints": spec.taints} if spec.taints else {},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+@dataclass
+class ClusterState:
+    dir: Path
+    kubeconfig: str = ""
+    api_port: int = 0
+    etcd_port: int = 0
+    procs: list[dict] = field(default_factory=list)
+    s3: dict = field(default_factory=dict)
+
+    @property
+    def file(self) -> Path:
+        return self.dir / "state.json"
+
+    def save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {"kubeconfig": self.kubeconfig, "api_port": self.api_port,
+                "etcd_port": self.etcd_port, "procs": self.procs, "s3": self.s3}
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.file)
+
+    @classmethod
+    def load(cls, directory: Path) -> "ClusterState | None":
+        path = directory / "state.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        return cls(dir=directory, **data)
+
+    def proc_objs(self) -> list[procs.Proc]:
+        return [procs.Proc(**p) for p in self.procs]
+
+    def s3_info(self) -> s3.S3Info | None:
+        return s3.S3Info(**self.s3) if self.s3 else None
+
+
+def _kubeconfig(path: Path, server: str, pki: pki_mod.Pki, cert: Path, key: Path,
+                user: str = "kubetune-admin") -> None:
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kubetune-dev",
+        "clusters": [{"name": "kubetune-dev", "cluster": {
+            "server": server, "certificate-authority": str(pki.ca_cert)}}],
+        "users": [{"name": user, "user": {"client-certificate": str(cert),
+                                          "client-key": str(key)}}],
+        "contexts": [{"name": "kubetune-dev", "context": {"cluster": "kubetune-dev",
+                                                          "user": user}}],
+    }, indent=2))
+    path.chmod(0o600)
+
+
+class DevCluster:
+    def __init__(self, directory: Path | None = None, *, with_agent: bool = True,
+                 with_s3: bool = True):
+        self.dir = (directory or default_dir()).resolve()
+        self.with_agent = with_agent
+        self.with_s3 = with_s3
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.dir / "kubeconfig"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.dir / "bin"
+
+    def state(self) -> ClusterState | None:
+        return ClusterState.load(self.dir)
+
+    def running(self) -> bool:
+        state = self.state()
+        return bool(state and state.procs and all(procs.alive(p) for p in state.proc_objs()))
+
+    # ---- up --------------------------------------------------------------------------------
+    def up(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> ClusterState:
+        if self.running():
+            progress(f"Dev cluster already running in {self.dir}")
+            return self.state()
+        if self.state():
+            self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
+        bins = toolchain.ensure_built()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
+        try:
+            self._start(state, bins, progress)
+        except BaseException:
+            progress("Start-up failed; stopping what was started")
+            self._stop(state)
+            raise
+        return state
+
+    def _track(self, state: ClusterState, proc: procs.Proc) -> procs.Proc:
+        state.procs.append(proc.to_dict())
+        state.save()
+        return proc
+
+    def _start(self, state: ClusterState, bins: dict[str, Path], progress) -> None:
+        t0 = time.monotonic()
+        logs = self.dir / "logs"
+        pki = pki_mod.generate(self.dir / "pki")
+        self.bin_dir.mkdir(exist_ok=True)
+        for name in ("kubectl", "helm"):
+            link = self.bin_dir / name
+            link.unlink(missing_ok=True)
+            link.symlink_to(bins[name])
+
+        state.etcd_port = procs.free_port()
+        peer = procs.free_port()
+        etcd_dir = self.dir / "etcd"
+        shutil.rmtree(etcd_dir, ignore_errors=True)
+        etcd = self._track(state, procs.start("etcd", [
+            str(bins["etcd"]), "--name=kubetune", f"--data-dir={etcd_dir}",
+            f"--listen-client-urls=http://127.0.0.1:{state.etcd_port}",
+            f"--advertise-client-urls=http://127.0.0.1:{state.etcd_port}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=kubetune=http://127.0.0.1:{peer}",
+            f"--listen-metrics-urls=http://127.0.0.1:{procs.free_port()}",
+            "--unsafe-no-fsync", "--quota-backend-bytes=4294967296", "--log-level=warn",
+        ], logs / "etcd.log"))
+        procs.wait_port(state.etcd_port, etcd, timeout=30)
+        progress(f"Started etcd on 127.0.0.1:{state.etcd_port}")
+
+        state.api_port = procs.free_port()
+        server = f"https://127.0.0.1:{state.api_port}"
+        apiserver = self._track(state, procs.start("kube-apiserver", [
+            str(bins["kube-apiserver"]), f"--etcd-servers=http://127.0.0.1:{state.etcd_port}",
+            "--bind-address=127.0.0.1", f"--secure-port={state.api_port}",
+            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
+            f"--client-ca-file={pki.ca_cert}",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.96.0.0/16",
+            "--allow-privileged=true", "--max-requests-inflight=2000",
+            "--max-mutating-requests-inflight=1000", "--event-ttl=2h", "--v=1",
+        ], logs / "kube-apiserver.log"))
+        procs.wait_port(state.api_port, apiserver, timeout=60)
+        _kubeconfig(self.kubeconfig, server, pki, pki.admin_cert, pki.admin_key)
+        self._wait_readyz(pki, state.api_port, apiserver)
+        api = self._api()
+        progress(f"Started kube-apiserver on {server}")
+
+        kcm_port = procs.free_port()
+        self._track(state, procs.start("kube-controller-manager", [
+            str(bins["kube-controller-manager"]), f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={kcm_port}", "--leader-elect=false",
+            f"--service-account-private-key-file={pki.sa_key}",
+            f"--root-ca-file={pki.ca_cert}", "--controllers=*",
+            "--kube-api-qps=200", "--kube-api-burst=400", "--concurrent-job-syncs=20",
+            "--node-monitor-grace-period=40s", "--v=1",
+        ], logs / "kube-controller-manager.log"))
+        sched_port = procs.free_port()
+        self._track(state, procs.start("kube-scheduler", [
+            str(bins["kube-scheduler"]), f"--kubeconfig={self.kubeconfig}",
+            f"--authentication-kubeconfig={self.kubeconfig}",
+            f"--authorization-kubeconfig={self.kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={sched_port}", "--leader-elect=false",
+            "--kube-api-qps=200", "--kube-api-burst=400", "--v=1",
+        ], logs / "kube-scheduler.log"))
+        progress("Started kube-controller-manager and kube-scheduler")
+
+        self._track(state, procs.start("kwok", [
+            str(bins["kwok"]), f"--kubeconfig={self.kubeconfig}",
+            f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
+            f"--config={Path(__file__).with_name('kwok_stages.yaml')}",
+            "--node-lease-duration-seconds=40",
+            "--cidr=10.244.0.1/16", "--node-ip=10.244.0.1",
+            f"--server-address=127.0.0.1:{procs.free_port()}",
+        ], logs / "kwok.log"))
+        core = _core(api)
+        for spec in kwok_nodes():
+            _create(lambda body=node_manifest(spec): core.create_node(body))
+        progress("Started kwok with nodes " + ", ".join(n.name for n in kwok_nodes()))
+
+        if self.with_agent:
+            third = random.randint(16, 250)
+            self._track(state, procs.start("nodeagent", [
+                sys.executable, "-m", "kubetune.devcluster.nodeagent",
+                f"--kubeconfig={self.kubeconfig}", f"--node-name={AGENT_NODE}",
+                f"--workdir={self.dir / 'agent'}", f"--ip-prefix=127.{third}.",
+                "--capacity=cpu=16,memory=64Gi,pods=110,nvidia.com/gpu=8",
+                "--labels=kubetune.io/pool=gpu,nvidia.com/gpu.present=true",
+                f"--taints={GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}",
+            ], logs / "nodeagent.log"))
+            progress(f"Started the process node agent (node {AGENT_NODE})")
+
+        if self.with_s3:
+            proc, info = s3.start(self.dir / "s3")
+            self._track(state, proc)
+            state.s3 = info.__dict__.copy()
+            state.save()
+            progress(f"Started SeaweedFS S3 on {info.endpoint} (bucket {info.bucket})")
+
+        names = [n.name for n in kwok_nodes()] + ([AGENT_NODE] if self.with_agent else [])
+        self._wait_nodes_ready(core, names, state)
+        self._wait_default_sa(core)
+        state.save()
+        progress(f"Dev cluster ready in {time.monotonic() - t0:.1f}s")
+
+    def _api(self):
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def _wait_readyz(self, pki: pki_mod.Pki, port: int, proc: procs.Proc,
+                     timeout: float = 90) -> None:
+        import ssl
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+        ctx.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if not procs.alive(proc):
+                raise RuntimeError(f"kube-apiserver exited:\n{procs.tail(Path(proc.log))}")
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx,
+                                            timeout=5) as resp:
+                    if resp.status == 200:
+                        return
+            except Exception as exc:  # noqa: BLE001 - not ready yet
+                last = str(exc)
+            time.sleep(0.3)
+        raise RuntimeError(f"kube-apiserver not ready within {timeout:.0f}s: {last[:500]}")
+
+    def _wait_nodes_ready(self, core, names: list[str], state: ClusterState,
+                          timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while time.monotonic() < deadline:
+            for p in state.proc_objs():
+                if not procs.alive(p):
+                    raise RuntimeError(f"{p.name} exited during start-up:\n"
+                                       f"{procs.tail(Path(p.log))}")
+            for node in core.list_node().items:
+                ready = any(c.type == "Ready" and c.status == "True"
+                            for c in node.status.conditions or [])
+                if ready:
+                    pending.discard(node.metadata.name)
+            if not pending:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"nodes not Ready within {timeout:.0f}s: {sorted(pending)}")
+
+    def _wait_default_sa(self, core, timeout: float = 60) -> None:
+        from kubernetes.client.rest import ApiException
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                core.read_namespaced_service_account("default", "default")
+                return
+            except ApiException:
+                time.sleep(0.3)
+        raise RuntimeError("the service-account controller created no default ServiceAccount")
+
+    # ---- down ------------------------------------------------------------------------------
+    def down(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
+        state = self.state()
+        if not state:
+            progress(f"No dev cluster in {self.dir}")
+            return
+        self._stop(state)
+        progress(f"Stopped the dev cluster in {self.dir}")
+
+    @staticmethod
+    def _stop(state: ClusterState) -> None:
+        # Reverse start order: agents and controllers first, etcd last.
+        for proc in reversed(state.proc_objs()):
+            procs.stop(proc)
+        state.procs = []
+        state.save()
+        state.file.unlink(missing_ok=True)
+
+    # ---- env / status ----------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        state = self.state()
+        if not state:
+            raise RuntimeError(f"no dev cluster in {self.dir}: run `kubetune dev-cluster up`")
+        env = {"KUBECONFIG": state.kubeconfig,
+               "PATH": f"{self.bin_dir}:{os.environ.get('PATH', '')}"}
+        info = state.s3_info()
+        if info:
+            env.update(info.env())
+            env["KUBETUNE_S3_ENDPOINT"] = info.endpoint
+        return env
+
+    def status(self) -> dict:
+        state = self.state()
+        if not state:
+            return {"running": False, "dir": str(self.dir)}
+        result = {"running": True, "dir": str(self.dir), "kubeconfig": state.kubeconfig,
+                  "processes": {p.name: {"pid": p.pid, "alive": procs.alive(p)}
+                                for p in state.proc_objs()}}
+        if state.s3:
+            result["s3"] = {"endpoint": state.s3["endpoint"], "bucket": state.s3["bucket"]}
+        try:
+            core = _core(self._api())
+            result["nodes"] = [{
+                "name": n.metadata.name,
+                "ready": any(c.type == "Ready" and c.status == "True"
+                             for c in n.status.conditions or []),
+                "gpus": (n.status.allocatable or {}).get(GPU_RESOURCE, "0"),
+                "agent": (n.metadata.labels or {}).get("kubetune.io/process-agent") == "true",
+            } for n in core.list_node().items]
+        except Exception as exc:  # noqa: BLE001 - status reports, never raises
+            result["nodes_error"] = str(exc)
+        result["running"] = all(p["alive"] for p in result["processes"].values())
+        return result
+
+
+def _core(api):
+    from kubernetes import client
+
+    return client.CoreV1Api(api)
+
+
+def _create(fn) -> None:
+    from kubernetes.client.rest import ApiException
+
+    try:
+        fn()
+    except ApiException as exc:
+        if exc.status != 409:
+            raise

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Prepare this machine for kubetune: a cached virtual environment with every Python dependency
+# (operator, trainer and test extras) and the dev cluster's Go-built binaries. Idempotent: on a
+# machine that already has them it only re-links this checkout into the venv (seconds).
+# Prints the venv's path on stdout (last line); progress goes to stderr.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cache="${KUBETUNE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune}"
+python="${PYTHON:-python3}"
+
+command -v "$python" >/dev/null || { echo "error: $python not found (Python >= 3.11 needed)" >&2; exit 2; }
+command -v go >/dev/null || { echo "error: the Go toolchain is missing (Go >= 1.25 builds the dev cluster)" >&2; exit 2; }
+
+extras="${KUBETUNE_EXTRAS:-operator,trainer,dev}"
+# The venv is keyed by the dependency lists and the interpreter, so a change of either makes a new one.
+key="$("$python" - "$here/pyproject.toml" "$extras" <<'PY'
+import hashlib, sys, tomllib, platform
+p = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = sorted(sys.argv[2].split(","))
+deps = sorted(p["dependencies"]) + [f"{e}:{d}" for e in extras for d in sorted(p["optional-dependencies"][e])]
+print(hashlib.sha256(("\n".join(deps) + platform.python_version()).encode()).hexdigest()[:12])
+PY
+)"
+venv="$cache/venv-$key"
+mkdir -p "$cache"
+if [ ! -f "$venv/.kubetune-installed" ]; then
+  echo "Creating the Python environment $venv (first time on this machine; torch alone is ~3 GB)" >&2
+  rm -rf "$venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install --quiet --upgrade pip >&2
+  "$venv/bin/pip" install --progress-bar off "$here[$extras]" -c "$here/constraints.txt" >&2
+  "$venv/bin/pip" uninstall --yes --quiet kubetune >&2
+  touch "$venv/.kubetune-installed"
+fi
+# Link this checkout (an editable install; no dependency resolution, seconds).
+"$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here" >&2
+# The dev cluster's binaries (kube-apiserver, controller manager, scheduler, kubectl, etcd, kwok, helm).
+"$venv/bin/kubetune" dev-cluster build >&2
+echo "$venv"
