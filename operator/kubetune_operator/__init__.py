@@ -1,0 +1,1 @@
+"""The kubetune operator (kopf). Never imports torch."""

@@ -1,0 +1,1 @@
+"""The kubetune trainer (PEFT + TRL). Never imports kopf."""
