@@ -76,8 +76,10 @@ def namespace(cluster, request):
     from kubernetes import client
 
     core = client.CoreV1Api(cluster.api)
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
-    name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
+    import secrets
+
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
+    name = f"t-{base.strip('-')}-{secrets.token_hex(3)}".replace("--", "-")
     core.create_namespace({"metadata": {"name": name}})
     import time
 
@@ -90,3 +92,15 @@ def namespace(cluster, request):
             time.sleep(0.2)
     yield name
     core.delete_namespace(name)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def crds(cluster):
+    """The checked-in CRDs, applied with kubectl and Established."""
+    cluster.kubectl("apply", "-f", str(ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/finetunejobs.kubetune.io", "crd/loraadapters.kubetune.io")
+    return ROOT / "crds"

@@ -1,0 +1,118 @@
+"""Write `crds/*.yaml` and `docs/api.md` from the API models.
+
+    python -m kubetune.api.generate [ROOT]      # ROOT defaults to the repository root
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from .crd import KINDS, crd
+
+HEADER = "# Generated from kubetune/api by `python -m kubetune.api.generate`. Do not edit.\n"
+
+
+def crd_files() -> dict[str, str]:
+    files = {}
+    for kind, info in KINDS.items():
+        files[f"crds/{info['plural']}.kubetune.io.yaml"] = HEADER + yaml.safe_dump(
+            crd(kind), sort_keys=False, width=100)
+    return files
+
+
+def _type(node: dict) -> str:
+    if node.get("x-kubernetes-int-or-string"):
+        return "int or string"
+    kind = node.get("type", "object")
+    if kind == "array":
+        return f"[]{_type(node['items'])}"
+    if kind == "object" and "additionalProperties" in node:
+        return f"map[string]{_type(node['additionalProperties'])}"
+    return kind
+
+
+def _bounds(node: dict) -> str:
+    parts = []
+    if "enum" in node:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in node["enum"]))
+    if "minimum" in node:
+        parts.append(f"{'>' if node.get('exclusiveMinimum') else '≥'} {node['minimum']}")
+    if "maximum" in node:
+        parts.append(f"{'<' if node.get('exclusiveMaximum') else '≤'} {node['maximum']}")
+    for key, label in (("minLength", "min length"), ("maxLength", "max length"),
+                       ("minItems", "min items"), ("maxItems", "max items"),
+                       ("maxProperties", "max entries")):
+        if key in node:
+            parts.append(f"{label} {node[key]}")
+    if "pattern" in node and len(node["pattern"]) <= 60:
+        parts.append(f"pattern `{node['pattern']}`")
+    elif "pattern" in node:
+        parts.append("pattern (see CRD)")
+    return "; ".join(parts)
+
+
+def _rows(node: dict, path: str, required: bool, rows: list, rules: list) -> None:
+    default = node.get("default")
+    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    rows.append(f"| `{path}` | {_type(node)} | {'yes' if required else ''} | "
+                f"{'' if default is None else cell(f'`{yaml.safe_dump(default, default_flow_style=True).strip()}`')} | "
+                f"{cell(_bounds(node))} | {cell(node.get('description', ''))} |")
+    for rule in node.get("x-kubernetes-validations", []):
+        rules.append(f"- `{path}`: {rule['message']} (CEL: `{rule['rule']}`)")
+    child = node
+    suffix = ""
+    if node.get("type") == "array":
+        child, suffix = node["items"], "[]"
+        for rule in child.get("x-kubernetes-validations", []):
+            rules.append(f"- `{path}[]`: {rule['message']} (CEL: `{rule['rule']}`)")
+    for name, prop in (child.get("properties") or {}).items():
+        _rows(prop, f"{path}{suffix}.{name}", name in (child.get("required") or []), rows, rules)
+
+
+def api_markdown() -> str:
+    out = ["<!-- Generated from kubetune/api by `python -m kubetune.api.generate`. Do not edit. -->",
+           "# API reference: kubetune.io/v1alpha1", "",
+           "Every field of the two kinds, as the apiserver enforces it (the CRDs in `crds/` are "
+           "rendered from the same pydantic models). Admission rejects a value outside its "
+           "bounds, an unknown field, or a broken rule below, with a message naming the field.",
+           ""]
+    for kind, info in KINDS.items():
+        schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        names = crd(kind)["spec"]["names"]
+        out += [f"## {kind}", "",
+                f"Short name `{names['shortNames'][0]}`, category `kubetune`, namespaced. "
+                f"{schema['description']}", ""]
+        for part in ("spec", "status"):
+            rows: list[str] = []
+            rules: list[str] = []
+            _rows(schema["properties"][part], part, part == "spec", rows, rules)
+            out += [f"### {kind}.{part}", "",
+                    "| field | type | required | default | bounds | description |",
+                    "|---|---|---|---|---|---|", *rows, ""]
+            if rules:
+                out += ["Rules:", "", *rules, ""]
+        for rule in schema.get("x-kubernetes-validations", []):
+            out.append(f"- on update: {rule['message']} (CEL: `{rule['rule']}`)")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def all_files() -> dict[str, str]:
+    return {**crd_files(), "docs/api.md": api_markdown()}
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[2]
+    for rel, text in all_files().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
