@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def _rows(node: dict, path: str, required: bool, rows: list, rules: list) -> Non
     default = node.get("default")
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     rows.append(f"| `{path}` | {_type(node)} | {'yes' if required else ''} | "
-                f"{'' if default is None else cell(f'`{yaml.safe_dump(default, default_flow_style=True).strip()}`')} | "
+                f"{'' if default is None else cell(f'`{json.dumps(default)}`')} | "
                 f"{cell(_bounds(node))} | {cell(node.get('description', ''))} |")
     for rule in node.get("x-kubernetes-validations", []):
         rules.append(f"- `{path}`: {rule['message']} (CEL: `{rule['rule']}`)")
