@@ -14,7 +14,8 @@ from .loraadapter import (AdapterTarget, CompatibilitySpec, PromotionSpec, Rollo
                           ServingName, ServingMode, Stage)
 
 MethodType = Literal["LoRA", "QLoRA", "PrefixTuning", "IA3", "Adapter"]
-MERGEABLE_METHODS = ("LoRA", "QLoRA", "IA3", "Adapter")
+# Bottleneck adapters are non-linear (up(act(down(h)))): no weight merge exists for them.
+MERGEABLE_METHODS = ("LoRA", "QLoRA", "IA3")
 
 
 # ---- baseModel ------------------------------------------------------------------------------
@@ -384,11 +385,12 @@ class FineTuneJobSpec(KubeModel):
     """Delete the finished FineTuneJob (never its artifacts) after this many seconds."""
 
     rules = (
-        Rule("!(self.method.type == 'PrefixTuning' && has(self.output.merge) && "
-             "self.output.merge.enabled)",
-             "spec.output.merge: PrefixTuning adapters cannot be merged into the base model",
-             lambda s: not (s.method.type == "PrefixTuning" and s.output.merge is not None
-                            and s.output.merge.enabled), field_path=".output.merge"),
+        Rule("!has(self.output.merge) || !self.output.merge.enabled || "
+             "self.method.type in ['LoRA', 'QLoRA', 'IA3']",
+             "spec.output.merge: only LoRA, QLoRA and IA3 adapters can be merged into the base "
+             "model (prefix tuning and bottleneck adapters cannot)",
+             lambda s: s.output.merge is None or not s.output.merge.enabled
+             or s.method.type in MERGEABLE_METHODS, field_path=".output.merge"),
         Rule("!(self.method.type == 'PrefixTuning' && has(self.training.gradientCheckpointing) "
              "&& self.training.gradientCheckpointing)",
              "spec.training.gradientCheckpointing: prefix tuning does not work with gradient "

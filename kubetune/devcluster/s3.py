@@ -50,11 +50,20 @@ def weed_binary() -> str:
 
 
 def start(directory: Path, bucket: str = DEFAULT_BUCKET) -> tuple[procs.Proc, S3Info]:
+    """Start SeaweedFS in `directory`; a second start in the same folder (after a stop) reuses
+    its data, credentials and ports, like a restarted server."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data"
     data.mkdir(exist_ok=True)
-    access_key = "kt" + secrets.token_hex(8)
-    secret_key = secrets.token_urlsafe(24)
+    saved = directory / "server.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        access_key, secret_key, ports = (previous["access_key"], previous["secret_key"],
+                                         previous["ports"])
+    else:
+        access_key = "kt" + secrets.token_hex(8)
+        secret_key = secrets.token_urlsafe(24)
+        ports = None
     config = directory / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "kubetune",
@@ -62,10 +71,13 @@ def start(directory: Path, bucket: str = DEFAULT_BUCKET) -> tuple[procs.Proc, S3
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     config.chmod(0o600)
-    ports = {name: procs.free_port() for name in (
+    ports = ports or {name: procs.free_port() for name in (
         "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
         "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
         "metricsPort")}
+    saved.write_text(json.dumps({"access_key": access_key, "secret_key": secret_key,
+                                 "ports": ports}))
+    saved.chmod(0o600)
     cmd = [
         weed_binary(), "mini", f"-dir={data}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",

@@ -1,0 +1,65 @@
+"""`python -m kubetune_trainer train|merge|verify`: the trainer image's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune-trainer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run one training attempt from a config file")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. training.maxSteps=10")
+    merge = sub.add_parser("merge", help="merge an adapter folder into its base model folder")
+    merge.add_argument("--base", required=True, type=Path)
+    merge.add_argument("--adapter", required=True, type=Path)
+    merge.add_argument("--out", required=True, type=Path)
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    verify = sub.add_parser("verify", help="check an artifact against its manifest")
+    verify.add_argument("uri")
+    verify.add_argument("--download", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        from pydantic import ValidationError
+
+        from .config import TrainerConfig
+
+        try:
+            cfg = TrainerConfig.load(args.config, args.set)
+        except (ValidationError, OSError, ValueError) as exc:
+            first = str(exc).splitlines()
+            print(f"kubetune-trainer: error: invalid config {args.config}: "
+                  f"{' '.join(first[:3])}", file=sys.stderr)
+            return 2
+        from .train import run
+
+        return run(cfg)
+    if args.command == "merge":
+        from .merge import MergeError, main_merge
+
+        try:
+            print(json.dumps(main_merge(args.base, args.adapter, args.out, args.dtype)))
+        except MergeError as exc:
+            print(f"kubetune-trainer: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from .artifacts import VerificationError, verify as verify_artifact
+    from .storage import Storage, StorageError
+
+    try:
+        manifest, digest = verify_artifact(args.uri, Storage(), args.download)
+    except (VerificationError, StorageError) as exc:
+        print(f"kubetune-trainer: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"uri": args.uri, "manifestSha256": digest, "files": len(manifest["files"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The trainer's configuration: what the operator renders from a FineTuneJob and mounts.
+
+Importable without torch (the operator validates and renders it). It reuses the API's blocks
+for what the user wrote (model, data, method, training, checkpointing, merge) and adds what the
+trainer needs to run (output location, progress sinks, run identity). Impossible combinations
+fail here, before a GPU is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kubetune.api.finetunejob import (MERGEABLE_METHODS, BaseModelSpec, CheckpointingSpec,
+                                      DatasetSpec, FineTuneJob, MergeSpec, MethodSpec,
+                                      TrainingSpec)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True,
+                              populate_by_name=True)
+
+
+class OutputConfig(_Model):
+    uri: str
+    """Output prefix (s3:// or file://); adapter in <uri>/adapter, checkpoints in <uri>/checkpoints."""
+    endpoint: Optional[str] = None
+    """S3 endpoint URL; default from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+    region: Optional[str] = None
+    """S3 region; default from AWS_DEFAULT_REGION."""
+
+    @property
+    def adapter_uri(self) -> str:
+        return self.uri.rstrip("/") + "/adapter"
+
+    @property
+    def checkpoints_uri(self) -> str:
+        return self.uri.rstrip("/") + "/checkpoints"
+
+    @property
+    def merged_uri(self) -> str:
+        return self.uri.rstrip("/") + "/merged"
+
+
+class StatusSink(_Model):
+    """Patch FineTuneJob status with the pod's service-account token (narrow RBAC)."""
+
+    namespace: str
+    """Namespace of the FineTuneJob."""
+    name: str
+    """Name of the FineTuneJob."""
+    attempt: int = 0
+    """Attempt number, recorded with progress."""
+    min_interval_seconds: float = 2.0
+    """Do not patch more often than this (the final event is always sent)."""
+
+
+class LoggingConfig(_Model):
+    stdout: bool = True
+    """One JSON event per line on stdout."""
+    file: Optional[str] = None
+    """Also append events to this JSONL file."""
+    status: Optional[StatusSink] = None
+    """Also send progress to the FineTuneJob's status."""
+    termination_log: str = "/dev/termination-log"
+    """Where the final summary goes (the container's terminationMessagePath)."""
+    progress_bar: bool = False
+    """A human progress bar on stderr (kubetune run)."""
+
+
+class RunChecks(_Model):
+    max_truncation_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Fail when more than this fraction of training sequences is truncated."""
+    fail_on_warnings: bool = False
+    """Turn the runtime checks' warnings into errors."""
+
+
+class TrainerConfig(_Model):
+    """Everything one training run needs."""
+
+    model: BaseModelSpec
+    """Base model."""
+    data: DatasetSpec
+    """Training data."""
+    method: MethodSpec
+    """PEFT method."""
+    training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1))
+    """Optimisation."""
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
+    """Checkpoints."""
+    output: OutputConfig
+    """Where results go."""
+    merge: Optional[MergeSpec] = None
+    """Also produce a merged model."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Progress sinks."""
+    checks: RunChecks = Field(default_factory=RunChecks)
+    """Runtime checks."""
+    cache_dir: str = "/tmp/kubetune-cache"
+    """Download cache for models and data (resumable)."""
+    work_dir: str = "/tmp/kubetune-work"
+    """Scratch space for checkpoints before upload."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train."""
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        method = self.method.type
+        if self.merge is not None and self.merge.enabled and method not in MERGEABLE_METHODS:
+            raise ValueError(f"merge: {method} adapters cannot be merged into the base model "
+                             f"(mergeable: {', '.join(MERGEABLE_METHODS)})")
+        if method == "PrefixTuning" and self.training.gradient_checkpointing:
+            raise ValueError("training.gradientCheckpointing: prefix tuning does not work with "
+                             "gradient checkpointing")
+        if self.data.assistant_only_loss and self.data.format not in ("auto", "messages"):
+            raise ValueError("data.assistantOnlyLoss needs chat data (format messages)")
+        lora = self.method.lora
+        if lora is not None and lora.init == "loftq":
+            q = self.method.quantization
+            if method != "QLoRA" or (q is not None and (q.bits != 4 or q.quant_type != "nf4")):
+                raise ValueError("method.lora.init: loftq needs QLoRA with 4-bit nf4")
+        if not (self.output.uri.startswith("s3://") or self.output.uri.startswith("file://")):
+            raise ValueError("output.uri must be s3://bucket/prefix or file:///path")
+        return self
+
+    # ---- resolved settings --------------------------------------------------------------
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Explicit setting, else on for QLoRA (memory) and off otherwise; never for prefix."""
+        if self.method.type == "PrefixTuning":
+            return False
+        if self.training.gradient_checkpointing is not None:
+            return self.training.gradient_checkpointing
+        return self.method.type == "QLoRA"
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude_none=True),
+                              sort_keys=False)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainerConfig":
+        data = yaml.safe_load(Path(path).read_text())
+        for item in overrides or []:
+            key, _, value = item.partition("=")
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = yaml.safe_load(value)
+        return cls.model_validate(data)
+
+
+def from_finetunejob(job: FineTuneJob, *, namespace: str | None = None,
+                     attempt: int = 0, status_sink: bool = False,
+                     termination_log: str = "/dev/termination-log") -> TrainerConfig:
+    """Render the trainer config from a FineTuneJob (the operator and `kubetune run` use it)."""
+    spec = job.spec
+    name = job.metadata.get("name", "finetunejob")
+    logging = LoggingConfig(termination_log=termination_log)
+    if status_sink:
+        logging.status = StatusSink(namespace=namespace or job.metadata.get("namespace", "default"),
+                                    name=name, attempt=attempt)
+    merge = spec.output.merge if spec.output.merge and spec.output.merge.enabled else None
+    return TrainerConfig(
+        model=spec.base_model, data=spec.dataset, method=spec.method, training=spec.training,
+        checkpointing=spec.checkpointing,
+        output=OutputConfig(uri=spec.output.uri, endpoint=spec.output.endpoint,
+                            region=spec.output.region),
+        merge=merge, logging=logging)

@@ -1,0 +1,265 @@
+"""Object storage behind URIs: ``s3://bucket/key`` (boto3) and ``file:///path``.
+
+Uploads are multipart with retries; downloads resume from a ``.part`` file and are cached by
+ETag. Every failure becomes a :class:`StorageError` whose message names the URI and the cause.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+MULTIPART_CHUNK = 8 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message is one line naming the URI and cause."""
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> "Location":
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise StorageError(f"{uri}: an s3:// URI needs a bucket")
+            return cls("s3", parsed.netloc, parsed.path.lstrip("/"))
+        if parsed.scheme == "file":
+            return cls("file", "", parsed.path)
+        raise StorageError(f"{uri}: unsupported scheme (use s3:// or file://)")
+
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.scheme == "s3" else f"file://{self.key}"
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+class Storage:
+    def __init__(self, endpoint: str | None = None, region: str | None = None,
+                 retries: int = 5):
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+            os.environ.get("AWS_ENDPOINT_URL")
+        self.region = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.retries = retries
+        self._client = None
+
+    # ---- s3 plumbing ----------------------------------------------------------------------
+    @property
+    def s3(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint, region_name=self.region,
+                config=Config(retries={"max_attempts": self.retries, "mode": "standard"},
+                              connect_timeout=5, read_timeout=60,
+                              s3={"addressing_style": "path"}))
+        return self._client
+
+    def _transfer(self):
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=MULTIPART_CHUNK,
+                              multipart_chunksize=MULTIPART_CHUNK, max_concurrency=4)
+
+    def _error(self, uri: str, exc: Exception) -> StorageError:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                return StorageError(f"{uri}: S3 access denied ({code}); check the credentials "
+                                    f"Secret and the bucket policy")
+            if code in ("NoSuchKey", "404", "NoSuchBucket"):
+                return StorageError(f"{uri}: not found ({code})")
+            return StorageError(f"{uri}: S3 error {code}: "
+                                f"{exc.response.get('Error', {}).get('Message', '')}")
+        if isinstance(exc, BotoCoreError):
+            return StorageError(f"{uri}: S3 unreachable ({exc})")
+        if isinstance(exc, FileNotFoundError):
+            return StorageError(f"{uri}: not found")
+        return StorageError(f"{uri}: {exc}")
+
+    # ---- operations -----------------------------------------------------------------------
+    def put_file(self, local: Path, uri: str) -> None:
+        loc = Location.parse(uri)
+        try:
+            if loc.scheme == "file":
+                dest = Path(loc.key)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".tmp")
+                shutil.copyfile(local, tmp)
+                tmp.replace(dest)
+            else:
+                self.s3.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer())
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to one clear line
+            raise self._error(uri, exc) from exc
+
+    def put_bytes(self, data: bytes, uri: str) -> None:
+        loc = Location.parse(uri)
+        try:
+            if loc.scheme == "file":
+                dest = Path(loc.key)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(dest.name + ".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(dest)
+            else:
+                self.s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(uri, exc) from exc
+
+    def get_bytes(self, uri: str) -> bytes:
+        loc = Location.parse(uri)
+        try:
+            if loc.scheme == "file":
+                return Path(loc.key).read_bytes()
+            return self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(uri, exc) from exc
+
+    def exists(self, uri: str) -> bool:
+        loc = Location.parse(uri)
+        if loc.scheme == "file":
+            return Path(loc.key).exists()
+        try:
+            self.s3.head_object(Bucket=loc.bucket, Key=loc.key)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            err = self._error(uri, exc)
+            if "not found" in str(err):
+                return False
+            raise err from exc
+
+    def list(self, prefix_uri: str) -> list[tuple[str, int]]:
+        """(uri, size) of every object under a prefix, sorted by uri."""
+        loc = Location.parse(prefix_uri)
+        out: list[tuple[str, int]] = []
+        try:
+            if loc.scheme == "file":
+                root = Path(loc.key)
+                if root.is_dir():
+                    out = [(f"file://{p}", p.stat().st_size) for p in root.rglob("*")
+                           if p.is_file() and not p.name.endswith(".tmp")]
+            else:
+                prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+                paginator = self.s3.get_paginator("list_objects_v2")
+                for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
+                    for obj in page.get("Contents", []):
+                        out.append((f"s3://{loc.bucket}/{obj['Key']}", obj["Size"]))
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(prefix_uri, exc) from exc
+        return sorted(out)
+
+    def delete_prefix(self, prefix_uri: str) -> None:
+        loc = Location.parse(prefix_uri)
+        try:
+            if loc.scheme == "file":
+                shutil.rmtree(loc.key, ignore_errors=True)
+                return
+            keys = [Location.parse(u).key for u, _ in self.list(prefix_uri)]
+            for i in range(0, len(keys), 1000):
+                self.s3.delete_objects(Bucket=loc.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(prefix_uri, exc) from exc
+
+    def get_file(self, uri: str, dest: Path) -> Path:
+        """Download one object to `dest`, resuming a partial `.part` download."""
+        loc = Location.parse(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if loc.scheme == "file":
+                shutil.copyfile(loc.key, dest)
+                return dest
+            head = self.s3.head_object(Bucket=loc.bucket, Key=loc.key)
+            total = head["ContentLength"]
+            part = dest.with_name(dest.name + ".part")
+            have = part.stat().st_size if part.exists() else 0
+            if have > total:
+                part.unlink()
+                have = 0
+            if have < total:
+                resp = self.s3.get_object(Bucket=loc.bucket, Key=loc.key,
+                                          Range=f"bytes={have}-", IfMatch=head["ETag"])
+                with open(part, "ab") as out:
+                    for chunk in iter(lambda: resp["Body"].read(1024 * 1024), b""):
+                        out.write(chunk)
+            if part.stat().st_size != total:
+                raise StorageError(f"{uri}: short download ({part.stat().st_size} of {total} bytes)")
+            part.replace(dest)
+            return dest
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(uri, exc) from exc
+
+    def download_prefix(self, prefix_uri: str, dest: Path) -> Path:
+        """Mirror every object under a prefix into `dest` (relative paths kept)."""
+        loc = Location.parse(prefix_uri)
+        if loc.scheme == "file":
+            src = Path(loc.key)
+            if not src.exists():
+                raise StorageError(f"{prefix_uri}: not found")
+            return src  # a mounted volume is used in place
+        base = loc.key.rstrip("/") + "/"
+        objects = self.list(prefix_uri)
+        if not objects:
+            raise StorageError(f"{prefix_uri}: no objects under this prefix")
+        for uri, _size in objects:
+            rel = Location.parse(uri).key[len(base):]
+            self.get_file(uri, dest / rel)
+        return dest
+
+    def cached(self, uri: str, cache_dir: Path) -> Path:
+        """A local copy of a file or prefix, kept in `cache_dir` and reused while unchanged."""
+        loc = Location.parse(uri)
+        if loc.scheme == "file":
+            path = Path(loc.key)
+            if not path.exists():
+                raise StorageError(f"{uri}: not found")
+            return path
+        slot = cache_dir / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        stamp = slot / ".kubetune-cache.json"
+        try:
+            head = self.s3.head_object(Bucket=loc.bucket, Key=loc.key) if loc.key else None
+        except Exception as exc:  # noqa: BLE001
+            err = self._error(uri, exc)
+            if "not found" not in str(err):
+                raise err from exc
+            head = None
+        if head is not None:  # a single object
+            target = slot / Path(loc.key).name
+            if stamp.exists() and json.loads(stamp.read_text()).get("etag") == head["ETag"] \
+                    and target.exists():
+                return target
+            self.get_file(uri, target)
+            stamp.write_text(json.dumps({"uri": uri, "etag": head["ETag"]}))
+            return target
+        listing = self.list(uri)
+        if not listing:
+            raise StorageError(f"{uri}: not found")
+        signature = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+        target = slot / "tree"
+        if stamp.exists() and json.loads(stamp.read_text()).get("etag") == signature:
+            return target
+        self.download_prefix(uri, target)
+        stamp.write_text(json.dumps({"uri": uri, "etag": signature}))
+        return target

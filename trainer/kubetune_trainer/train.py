@@ -1,0 +1,280 @@
+"""The training recipe: parse → validate → fetch → set up → train → save → upload (→ merge).
+
+Exit codes are the contract with the operator (with the termination message and the manifest):
+0 succeeded; 1 failed, worth retrying; 2 invalid input (data, model, config), never retried;
+143 stopped by SIGTERM after saving a checkpoint (preemption, suspension).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .config import TrainerConfig
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 143
+
+
+class InvalidInput(ValueError):
+    """Bad data, model or settings: retrying cannot help."""
+
+
+class Preempted(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"stopped by SIGTERM at step {step} after saving a checkpoint")
+        self.step = step
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run(cfg: TrainerConfig) -> int:
+    """Run one training attempt; returns the process exit code."""
+    from .artifacts import VerificationError
+    from .data import DataError
+    from .methods import MethodError
+    from .progress import Reporter
+    from .sources import SourceError
+    from .storage import StorageError
+
+    reporter = Reporter(cfg.logging, rank=_rank())
+    try:
+        summary = _train(cfg, reporter)
+    except Preempted as exc:
+        reporter.summary({"status": "Preempted", "reason": "Preempted", "message": str(exc),
+                          "checkpointStep": exc.step})
+        return EXIT_PREEMPTED
+    except (InvalidInput, DataError, SourceError, MethodError) as exc:
+        return _fail(reporter, "InvalidInput", exc, EXIT_INVALID)
+    except (StorageError, VerificationError) as exc:
+        return _fail(reporter, "StorageError", exc, EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - anything else: retryable, reported in one line
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        oom = "out of memory" in text.lower()
+        return _fail(reporter, "OOMKilled" if oom else "Error",
+                     RuntimeError(f"{type(exc).__name__}: {text}"), EXIT_FAILED)
+    reporter.summary({"status": "Succeeded", **summary})
+    return EXIT_OK
+
+
+def _fail(reporter, reason: str, exc: Exception, code: int) -> int:
+    print(f"kubetune-trainer: error: {exc}", file=sys.stderr, flush=True)
+    reporter.summary({"status": "Failed", "reason": reason, "message": str(exc)[:2000]})
+    return code
+
+
+def _optimizer(cfg: TrainerConfig, device: str) -> str:
+    name = cfg.training.optimizer
+    if device == "cpu" and name in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit",
+                                    "adamw_torch_fused"):
+        return "adamw_torch"  # paged / 8-bit optimizers need a GPU; same maths in fp32
+    return name
+
+
+def _check(findings, reporter, cfg: TrainerConfig) -> None:
+    for severity, message in findings:
+        reporter.emit({"event": "check", "severity": severity, "message": message})
+        if severity == "error" or cfg.checks.fail_on_warnings:
+            raise InvalidInput(message)
+
+
+def _train(cfg: TrainerConfig, reporter) -> dict:
+    from . import checks, data, methods, sources
+    from .checkpoints import Checkpoints, Preemption
+    from .checkpoints import make_callback as checkpoint_callback
+    from .progress import make_callback as progress_callback
+    from .storage import Storage
+
+    preemption = Preemption()
+    preemption.install()  # before the slow parts: a SIGTERM while downloading is honoured too
+    storage = Storage(cfg.output.endpoint, cfg.output.region)
+    cache, work = Path(cfg.cache_dir), Path(cfg.work_dir)
+    main = _rank() == 0
+
+    reporter.phase("downloading", model=cfg.model.uri, dataset=cfg.data.train.uri)
+    model_path = sources.resolve_model(cfg.model.uri, cfg.model.revision, cache, storage)
+    train_path = sources.resolve_data(cfg.data.train.uri, cache, storage, cfg.data.train.sha256)
+    eval_path = (sources.resolve_data(cfg.data.eval.uri, cache, storage, cfg.data.eval.sha256)
+                 if cfg.data.eval else None)
+
+    reporter.phase("preparing")
+    import torch
+    from transformers import AutoTokenizer, set_seed
+
+    set_seed(cfg.training.seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.data.chat_template:
+        tokenizer.chat_template = cfg.data.chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    loaded = data.load(cfg.data, train_path, eval_path, cfg.training.seed)
+    first = loaded.train[0]
+    _check(checks.pad_is_eos(tokenizer), reporter, cfg)
+    if loaded.format == "messages" and tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(first["messages"], tokenize=False)
+        _check(checks.double_bos(tokenizer, rendered), reporter, cfg)
+        if cfg.data.assistant_only_loss:
+            _check(checks.assistant_mask(tokenizer, first["messages"]), reporter, cfg)
+    _check(checks.truncation(_lengths(tokenizer, loaded), cfg.data.max_length,
+                             cfg.checks.max_truncation_rate), reporter, cfg)
+
+    device = methods.device_for(cfg)
+    model = methods.apply_method(cfg, methods.load_base(cfg, model_path, device))
+    lora = cfg.method.lora
+    _check(checks.embeddings_saved(lora.modules_to_save if lora else None, model), reporter, cfg)
+    trainable, total = methods.trainable_parameters(model)
+    reporter.emit({"event": "model", "method": cfg.method.type, "device": device,
+                   "trainable_parameters": trainable, "total_parameters": total})
+
+    checkpoints = Checkpoints(cfg, storage, reporter)
+    resume_from = None
+    if cfg.checkpointing.resume == "Latest":
+        found = checkpoints.latest(work / "resume")
+        if found:
+            resume_from = found
+            reporter.phase("resuming", step=found[0])
+
+    trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
+    progress = progress_callback(reporter)
+    ckpt = checkpoint_callback(cfg, checkpoints, preemption, is_main=main)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # stdout carries our JSON events only
+    trainer.add_callback(progress)
+    trainer.add_callback(ckpt)
+
+    reporter.phase("training", resumed_from_step=resume_from[0] if resume_from else None)
+    result = trainer.train(resume_from_checkpoint=str(resume_from[1]) if resume_from else None)
+    if ckpt.preempted_at is not None:
+        raise Preempted(ckpt.preempted_at)
+    metrics = {"trainLoss": round(float(result.training_loss), 6),
+               "steps": int(trainer.state.global_step),
+               "tokensPerSecond": progress.tokens_per_second,
+               "trainLosses": progress.train_losses[-200:]}
+    if loaded.eval is not None:
+        metrics["evalLoss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+    preemption.uninstall()
+    if not main:
+        return {"metrics": metrics}
+
+    reporter.phase("uploading", uri=cfg.output.adapter_uri)
+    adapter_dir = work / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    save_adapter(cfg, trainer.model, adapter_dir)
+    from .loading import probe
+
+    artifact = publish(cfg, adapter_dir, loaded.digest_source, metrics, storage,
+                       probe=probe(trainer.model, tokenizer))
+    summary = {"artifact": artifact, "metrics": {k: v for k, v in metrics.items()
+                                                 if k != "trainLosses"}}
+    if cfg.merge is not None:
+        from .merge import merge_and_publish
+
+        reporter.phase("merging", uri=cfg.output.merged_uri)
+        summary["merged"] = merge_and_publish(cfg, model_path, adapter_dir, storage, work)
+    return summary
+
+
+def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
+    lengths = []
+    for record in loaded.train.select(range(min(limit, len(loaded.train)))):
+        if "messages" in record:
+            ids = tokenizer.apply_chat_template(record["messages"], tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        elif "prompt" in record:
+            ids = tokenizer(record["prompt"] + record["completion"])["input_ids"]
+        else:
+            ids = tokenizer(record["text"])["input_ids"]
+        lengths.append(len(ids))
+    return lengths
+
+
+def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path):
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from .methods import torch_dtype
+
+    t = cfg.training
+    dtype = torch_dtype(cfg, device)
+    eval_strategy = "no"
+    if loaded.eval is not None:
+        eval_strategy = "steps" if t.eval_steps else "epoch"
+    args = SFTConfig(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        optim=_optimizer(cfg, device), weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, gradient_checkpointing=cfg.gradient_checkpointing,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=t.seed,
+        data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy="no",
+        save_total_limit=cfg.checkpointing.keep_last, report_to=[],
+        use_cpu=device == "cpu", max_length=cfg.data.max_length, packing=cfg.data.packing,
+        assistant_only_loss=cfg.data.assistant_only_loss,
+        disable_tqdm=not cfg.logging.progress_bar, dataloader_num_workers=0,
+        ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        else None,
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if cfg.gradient_checkpointing else None,
+    )
+    return SFTTrainer(model=model, args=args, train_dataset=loaded.train,
+                      eval_dataset=loaded.eval, processing_class=tokenizer)
+
+
+def base_model_ref(cfg: TrainerConfig) -> str:
+    return cfg.model.uri + (f"@{cfg.model.revision}" if cfg.model.revision and
+                            "@" not in cfg.model.uri else "")
+
+
+def save_adapter(cfg: TrainerConfig, model, directory: Path) -> None:
+    """Save the adapter; its config names the real base URI, not a temporary folder."""
+    import json
+
+    from . import bottleneck
+
+    if cfg.method.type == "Adapter":
+        bottleneck.save(model, directory, base_model_ref(cfg))
+        return
+    model.save_pretrained(str(directory), safe_serialization=True)
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_model_ref(cfg)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (directory / "README.md").unlink(missing_ok=True)  # a model card naming a temp folder
+
+
+def publish(cfg: TrainerConfig, adapter_dir: Path, data_files: list[Path], metrics: dict,
+            storage, probe: dict | None = None) -> dict:
+    import hashlib
+    import json
+
+    from . import artifacts
+
+    digest = hashlib.sha256()
+    for path in data_files:
+        digest.update(path.read_bytes())
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    rank = adapter_config.get("r")
+    manifest = artifacts.build_manifest(
+        adapter_dir, kind="adapter",
+        method={"type": cfg.method.type, "rank": rank,
+                "config": cfg.method.model_dump(mode="json", by_alias=True, exclude_none=True),
+                "peftType": adapter_config.get("peft_type")},
+        base_model={"uri": cfg.model.uri, "revision": cfg.model.revision},
+        dataset={"uri": cfg.data.train.uri, "sha256": digest.hexdigest(),
+                 "evalUri": cfg.data.eval.uri if cfg.data.eval else None},
+        metrics=metrics, extra={"probe": probe} if probe else None)
+    sha = artifacts.upload(adapter_dir, manifest, cfg.output.adapter_uri, storage)
+    return {"uri": cfg.output.adapter_uri, "manifestSha256": sha,
+            "sizeBytes": manifest["sizeBytes"], "method": cfg.method.type, "rank": rank,
+            "baseModelUri": cfg.model.uri, "baseModelRevision": cfg.model.revision}
