@@ -62,7 +62,8 @@ class Storage:
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
+            # A session of our own: boto3's default session caches credentials process-wide.
+            self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint, region_name=self.region,
                 config=Config(retries={"max_attempts": self.retries, "mode": "standard"},
                               connect_timeout=5, read_timeout=60,
@@ -89,6 +90,13 @@ class Storage:
                                 f"{exc.response.get('Error', {}).get('Message', '')}")
         if isinstance(exc, BotoCoreError):
             return StorageError(f"{uri}: S3 unreachable ({exc})")
+        text = str(exc)
+        for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in text:  # boto3's S3UploadFailedError wraps the ClientError as text
+                return StorageError(f"{uri}: S3 access denied ({code}); check the credentials "
+                                    f"Secret and the bucket policy")
+        if "Could not connect" in text or "Connection" in text:
+            return StorageError(f"{uri}: S3 unreachable ({text[:200]})")
         if isinstance(exc, FileNotFoundError):
             return StorageError(f"{uri}: not found")
         return StorageError(f"{uri}: {exc}")
