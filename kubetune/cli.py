@@ -64,6 +64,16 @@ def _print_status(status: dict) -> None:
         print(f"  nodes: {status['nodes_error']}")
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_trainer.local import run_local
+    except ImportError as exc:
+        print(f"kubetune: error: `kubetune run` needs the trainer: pip install "
+              f"'kubetune[trainer]' ({exc})", file=sys.stderr)
+        return 2
+    return run_local(args.finetunejob, args.output, args.runs_dir, args.max_steps, args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description=(
         "Declarative LLM fine-tuning on Kubernetes: train, verify, serve, promote, roll back."))
@@ -76,6 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--json", action="store_true", help="status as JSON")
     dev.add_argument("--quiet", action="store_true", help="build: list binaries on stderr")
     dev.set_defaults(func=_dev_cluster)
+
+    run = sub.add_parser("run", help="run a FineTuneJob on this machine, without a cluster")
+    run.add_argument("finetunejob", type=Path, help="FineTuneJob manifest (YAML)")
+    run.add_argument("--output", default=None,
+                     help="output URI (s3:// or file://); default: the spec's, or a local "
+                          "folder when no S3 credentials are set")
+    run.add_argument("--runs-dir", type=Path, default=Path("kubetune-runs"),
+                     help="where events, summary and the loss curve go (default ./kubetune-runs)")
+    run.add_argument("--max-steps", type=int, default=None, help="cap the run (smoke tests)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -166,7 +166,8 @@ def make_callback(reporter: Reporter):
                 "learning_rate": float(logs["learning_rate"]) if "learning_rate" in logs else None,
                 "tokens_per_second": round(self.tokens_per_second, 1)
                 if self.tokens_per_second else None,
-                "eta_seconds": eta, "peak_memory_bytes": peak_memory()})
+                "eta_seconds": eta, "peak_memory_bytes": peak_memory(),
+                "evaluated": "eval_loss" in logs})
 
     return ProgressCallback()
 

@@ -31,8 +31,8 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def run(cfg: TrainerConfig) -> int:
-    """Run one training attempt; returns the process exit code."""
+def run(cfg: TrainerConfig, listeners=()) -> int:
+    """Run one training attempt; returns the process exit code. `listeners` get every event."""
     from .artifacts import VerificationError
     from .data import DataError
     from .methods import MethodError
@@ -41,6 +41,7 @@ def run(cfg: TrainerConfig) -> int:
     from .storage import StorageError
 
     reporter = Reporter(cfg.logging, rank=_rank())
+    reporter.listeners.extend(listeners)
     try:
         summary = _train(cfg, reporter)
     except Preempted as exc:
@@ -129,6 +130,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     _check(checks.embeddings_saved(lora.modules_to_save if lora else None, model), reporter, cfg)
     trainable, total = methods.trainable_parameters(model)
     reporter.emit({"event": "model", "method": cfg.method.type, "device": device,
+                   "world_size": int(os.environ.get("WORLD_SIZE", "1")),
                    "trainable_parameters": trainable, "total_parameters": total})
 
     checkpoints = Checkpoints(cfg, storage, reporter)
