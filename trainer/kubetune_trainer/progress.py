@@ -167,7 +167,8 @@ def make_callback(reporter: Reporter):
                 "tokens_per_second": round(self.tokens_per_second, 1)
                 if self.tokens_per_second else None,
                 "eta_seconds": eta, "peak_memory_bytes": peak_memory(),
-                "evaluated": "eval_loss" in logs})
+                "evaluated": "eval_loss" in logs,
+                "elapsed_seconds": round(now - self.start, 3)})
 
     return ProgressCallback()
 

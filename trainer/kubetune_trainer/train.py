@@ -154,9 +154,12 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from[1]) if resume_from else None)
     if ckpt.preempted_at is not None:
         raise Preempted(ckpt.preempted_at)
+    tokens = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history), default=0)
+    runtime = float(result.metrics.get("train_runtime", 0)) or None
     metrics = {"trainLoss": round(float(result.training_loss), 6),
                "steps": int(trainer.state.global_step),
-               "tokensPerSecond": progress.tokens_per_second,
+               "tokensPerSecond": round(tokens / runtime, 1) if runtime and tokens else None,
+               "trainRuntimeSeconds": runtime, "numTokens": int(tokens),
                "trainLosses": progress.train_losses[-200:]}
     if loaded.eval is not None:
         metrics["evalLoss"] = round(float(trainer.evaluate()["eval_loss"]), 6)

@@ -1,0 +1,175 @@
+"""Trainer throughput: the seed recipe against our trainer, same model, data and machine, same run.
+
+Seed recipe: plain PEFT + TRL SFTTrainer, LoRA r=16 alpha=32 dropout=0.05 on q/k/v/o, batch 2 x
+accumulation 4, lr 2e-4. Ours: `kubetune_trainer` with its defaults (progress events, checkpoint
+callback and all). Each run is its own process (clean peak RSS). Prints tokens/s of each and
+the ratio, time to reach the seed's final eval loss, and peak RSS of LoRA vs QLoRA.
+
+    python bench/trainer_throughput.py [--steps 200] [--hidden 256] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SEED_RECIPE = r'''
+import json, sys, time
+from pathlib import Path
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+model_dir, data_file, steps, eval_every, out = sys.argv[1:6]
+set_seed(42)
+records = [json.loads(l) for l in Path(data_file).read_text().splitlines()]
+split = Dataset.from_list(records).train_test_split(test_size=0.1, seed=42)
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+evals = []
+class Clock(TrainerCallback):
+    def on_train_begin(self, *a, **k): self.t0 = time.monotonic()
+    def on_evaluate(self, args, state, control, metrics=None, **k):
+        evals.append((time.monotonic() - self.t0, metrics["eval_loss"]))
+args = SFTConfig(output_dir=out, max_steps=int(steps), per_device_train_batch_size=2,
+                 gradient_accumulation_steps=4, learning_rate=2e-4, logging_steps=10,
+                 eval_strategy="steps", eval_steps=int(eval_every), save_strategy="no",
+                 report_to=[], use_cpu=True, max_length=256, seed=42, disable_tqdm=True)
+trainer = SFTTrainer(model=model, args=args, train_dataset=split["train"],
+                     eval_dataset=split["test"], processing_class=tok, callbacks=[Clock()],
+                     peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                            task_type="CAUSAL_LM"))
+result = trainer.train()
+tokens = max(float(h.get("num_tokens", 0)) for h in trainer.state.log_history)
+print("RESULT " + json.dumps({"tokens": tokens, "runtime": result.metrics["train_runtime"],
+                              "evals": evals}))
+'''
+
+
+def _ours(model_dir: Path, data_file: Path, steps: int, eval_every: int, out: Path,
+          method: str) -> dict:
+    from kubetune_trainer.config import TrainerConfig
+
+    block = {"type": method}
+    if method == "QLoRA":
+        block["quantization"] = {"computeDtype": "float32"}
+    cfg = TrainerConfig.model_validate({
+        "model": {"uri": f"file://{model_dir}"},
+        "data": {"train": {"uri": f"file://{data_file}"}, "format": "messages",
+                 "maxLength": 256, "evalFraction": 0.1},
+        "method": block,
+        "training": {"maxSteps": steps, "evalSteps": eval_every, "loggingSteps": 10},
+        "output": {"uri": f"file://{out}/output"},
+        "logging": {"stdout": False, "file": str(out / "events.jsonl"),
+                    "termination_log": str(out / "summary.json")},
+        "cache_dir": str(out / "cache"), "work_dir": str(out / "work")})
+    path = out / "config.yaml"
+    path.write_text(cfg.dump())
+    return {"config": str(path)}
+
+
+def _child_rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def _run(cmd: list[str]) -> tuple[float, int, str]:
+    """Run a child; (wall seconds, its peak RSS in MiB, stdout)."""
+    # RUSAGE_CHILDREN is the max over all children so far; run each measured child through a
+    # fresh python that reports its own child's peak.
+    wrapper = ("import resource, subprocess, sys, time; t=time.monotonic(); "
+               "p=subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "sys.stderr.write(p.stderr[-4000:] if p.returncode else ''); "
+               "print(p.stdout); print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
+               "print('WALL', time.monotonic()-t); sys.exit(p.returncode)")
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark run failed: {' '.join(cmd[:4])}\n{proc.stderr}")
+    lines = proc.stdout.splitlines()
+    rss = int(next(line.split()[1] for line in lines if line.startswith("RSS ")))
+    wall = float(next(line.split()[1] for line in lines if line.startswith("WALL ")))
+    return wall, rss // 1024, proc.stdout
+
+
+def _first_time_at(evals: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, loss in evals if loss <= target + 1e-9), None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kubetune_trainer import builtin
+
+    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    tokenizer = builtin.build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
+        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model_dir = work / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_file = builtin.write_dataset("tiny-chat", work / "data")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"Model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M "
+          f"params; {args.steps} steps, batch 2 x 4, CPU ({torch.get_num_threads()} threads)")
+
+    seed_script = work / "seed.py"
+    seed_script.write_text(SEED_RECIPE)
+    wall, seed_rss, out = _run([sys.executable, str(seed_script), str(model_dir),
+                                str(data_file), str(args.steps), str(args.eval_every),
+                                str(work / "seed-out")])
+    seed = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+    seed_tps = seed["tokens"] / seed["runtime"]
+
+    results = {}
+    for method in ("LoRA", "QLoRA"):
+        out_dir = work / method.lower()
+        out_dir.mkdir()
+        cfg = _ours(model_dir, data_file, args.steps, args.eval_every, out_dir, method)
+        wall, rss, _ = _run([sys.executable, "-m", "kubetune_trainer", "train", "--config",
+                             cfg["config"]])
+        summary = json.loads((out_dir / "summary.json").read_text())
+        events = [json.loads(l) for l in (out_dir / "events.jsonl").read_text().splitlines()]
+        evals = [(e["elapsed_seconds"], e["eval_loss"]) for e in events
+                 if e["event"] == "progress" and e.get("evaluated")]
+        results[method] = {"tps": summary["metrics"]["tokensPerSecond"], "rss": rss,
+                           "evals": evals, "eval_loss": summary["metrics"].get("evalLoss")}
+
+    target = seed["evals"][-1][1]
+    ours = results["LoRA"]
+    seed_time = _first_time_at(seed["evals"], target)
+    our_time = _first_time_at(ours["evals"], target)
+    print(f"{'':28}{'tokens/s':>12}{'ratio':>9}{'t(eval<=' + f'{target:.4f}' + ')':>20}"
+          f"{'peak RSS':>12}")
+    print(f"{'seed recipe (PEFT+TRL)':28}{seed_tps:>12.0f}{1.0:>9.2f}"
+          f"{(f'{seed_time:.1f}s' if seed_time else 'never'):>20}{seed_rss:>10}MiB")
+    print(f"{'kubetune LoRA (defaults)':28}{ours['tps']:>12.0f}{ours['tps'] / seed_tps:>9.2f}"
+          f"{(f'{our_time:.1f}s' if our_time else 'never'):>20}{ours['rss']:>10}MiB")
+    q = results["QLoRA"]
+    print(f"{'kubetune QLoRA (nf4)':28}{q['tps']:>12.0f}{q['tps'] / seed_tps:>9.2f}"
+          f"{'':>20}{q['rss']:>10}MiB")
+    print(f"Throughput ratio ours/seed: {ours['tps'] / seed_tps:.3f}; peak RSS QLoRA/LoRA: "
+          f"{q['rss'] / ours['rss']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
