@@ -31,6 +31,10 @@ if [ ! -f "$venv/.kubetune-installed" ]; then
   "$venv/bin/pip" install --progress-bar off "$here[$extras]" -c "$here/constraints.txt" >&2
   "$venv/bin/pip" uninstall --yes --quiet kubetune >&2
   touch "$venv/.kubetune-installed"
+  # Keep the two newest environments (each holds torch, ~5 GB); drop older ones.
+  ls -1dt "$cache"/venv-* 2>/dev/null | tail -n +3 | while read -r old; do
+    [ "$old" != "$venv" ] && rm -rf "$old"
+  done
 fi
 # Link this checkout (an editable install; no dependency resolution, seconds).
 "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here" >&2
