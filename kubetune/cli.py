@@ -74,6 +74,12 @@ def _run(args: argparse.Namespace) -> int:
     return run_local(args.finetunejob, args.output, args.runs_dir, args.max_steps, args.quiet)
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from kubetune_operator.main import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description=(
         "Declarative LLM fine-tuning on Kubernetes: train, verify, serve, promote, roll back."))
@@ -97,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-steps", type=int, default=None, help="cap the run (smoke tests)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
+
+    op = sub.add_parser("operator", help="run the kubetune operator (kopf)")
+    try:
+        from kubetune_operator.main import build_parser as operator_parser
+
+        operator_parser(op)
+    except ImportError:  # the operator extra is not installed
+        pass
+    op.set_defaults(func=_operator)
     return parser
 
 

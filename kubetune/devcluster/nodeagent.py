@@ -237,7 +237,8 @@ class PodRun:
             return code
         spec_file = self.dir / f"{name}.exec.json"
         spec_file.write_text(json.dumps({"mounts": mounts, "env": env, "argv": argv,
-                                         "cwd": ctr.get("workingDir") or str(self.dir)}))
+                                         "cwd": "/",  # a container's default
+                                         "workingDir": ctr.get("workingDir")}))
         started = _now()
         with open(logfile, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "kubetune.devcluster.podexec",
@@ -414,7 +415,10 @@ class PodRun:
         raise ValueError(f"unsupported fieldRef {path}")
 
     def _container_env(self, ctr: dict) -> dict[str, str]:
-        env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        # The "image" is this machine with the agent's own Python environment first on PATH.
+        path = os.pathsep.join([os.path.dirname(sys.executable),
+                                os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")])
+        env = {"PATH": path,
                "HOSTNAME": self.name, "HOME": os.environ.get("HOME", "/root"),
                "KUBERNETES_SERVICE_HOST": self.agent.api_host,
                "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),

@@ -44,27 +44,35 @@ def enter_private_mount_namespace() -> None:
     _mount(None, "/", MS_REC | MS_PRIVATE)
 
 
-def bind(source: str, target: str, read_only: bool) -> None:
-    src = Path(source)
+def bind(source: str, target: str, read_only: bool, is_dir: bool) -> None:
     dst = Path(target)
     if not dst.exists():
-        if src.is_dir():
+        if is_dir:
             dst.mkdir(parents=True, exist_ok=True)
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.touch()
-    _mount(str(src), str(dst), MS_BIND | MS_REC)
+    _mount(source, str(dst), MS_BIND | MS_REC)
     if read_only:
         _mount(None, str(dst), MS_REMOUNT | MS_BIND | MS_RDONLY)
 
 
 def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[1]).read_text())
+    if not spec.get("workingDir"):
+        os.chdir(spec["cwd"])  # before mounts: a volume at /tmp may hide the pod's folder
     if spec["mounts"]:
+        # Hold every source open first and mount through /proc/self/fd: a mount that covers
+        # a parent folder of a later source (an emptyDir at /tmp) must not hide that source.
         enter_private_mount_namespace()
-        for mount in spec["mounts"]:
-            bind(mount["source"], mount["target"], mount.get("readOnly", False))
-    os.chdir(spec["cwd"])
+        held = [(os.open(m["source"], os.O_PATH), m) for m in spec["mounts"]]
+        for fd, mount in held:
+            bind(f"/proc/self/fd/{fd}", mount["target"], mount.get("readOnly", False),
+                 is_dir=os.path.isdir(mount["source"]))
+        for fd, _ in held:
+            os.close(fd)
+    if spec.get("workingDir"):
+        os.chdir(spec["workingDir"])
     command = spec["argv"]
     try:
         os.execvpe(command[0], command, spec["env"])

@@ -48,7 +48,8 @@ def join(uri: str, *parts: str) -> str:
 
 class Storage:
     def __init__(self, endpoint: str | None = None, region: str | None = None,
-                 retries: int = 5):
+                 retries: int = 5, access_key: str | None = None, secret_key: str | None = None):
+        self.access_key, self.secret_key = access_key, secret_key
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
             os.environ.get("AWS_ENDPOINT_URL")
         self.region = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -65,6 +66,7 @@ class Storage:
             # A session of our own: boto3's default session caches credentials process-wide.
             self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint, region_name=self.region,
+                aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
                 config=Config(retries={"max_attempts": self.retries, "mode": "standard"},
                               connect_timeout=5, read_timeout=60,
                               s3={"addressing_style": "path"}))

@@ -160,6 +160,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
                "steps": int(trainer.state.global_step),
                "tokensPerSecond": round(tokens / runtime, 1) if runtime and tokens else None,
                "trainRuntimeSeconds": runtime, "numTokens": int(tokens),
+               "resumedFromStep": resume_from[0] if resume_from else None,
                "trainLosses": progress.train_losses[-200:]}
     if loaded.eval is not None:
         metrics["evalLoss"] = round(float(trainer.evaluate()["eval_loss"]), 6)

@@ -1,0 +1,168 @@
+"""FineTuneJob controller glue: gather the world from the caches (and S3 when an attempt
+succeeded), run the pure reconcile, apply its plan through `kube`, schedule the next look."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import structlog
+
+from kubetune.api.validation import SpecError, parse
+
+from . import metrics
+from .cache import Caches, Key
+from .kube import Kube
+from .reconcile import finetunejob as rec
+from .resources import finetunejob as res
+from .settings import OperatorSettings
+from .workqueue import DelayQueue
+
+log = structlog.get_logger("kubetune.operator")
+
+
+class FineTuneJobController:
+    def __init__(self, kube: Kube, settings: OperatorSettings, caches: Caches):
+        self.kube = kube
+        self.settings = settings
+        self.caches = caches
+        self.queue = DelayQueue(self.reconcile)
+        self._locks: dict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_lock = threading.Lock()
+
+    def _lock(self, key: Key) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks[key]
+
+    def reconcile(self, key: Key) -> None:
+        with self._lock(key), metrics.reconcile_timer("FineTuneJob") as outcome:
+            body = self.caches.finetunejobs.get(key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                outcome("skipped")
+                return
+            try:
+                self._reconcile(key, body)
+                outcome("success")
+            except Exception:
+                outcome("error")
+                log.exception("Reconcile failed", namespace=key[0], name=key[1])
+                self.queue.add_after(key, 5)
+
+    def _reconcile(self, key: Key, body: dict) -> None:
+        ns, name = key
+        bound = log.bind(namespace=ns, name=name, uid=body["metadata"].get("uid"),
+                         generation=body["metadata"].get("generation"))
+        errors: list[str] = []
+        job = None
+        try:
+            job = parse(body)
+        except SpecError as exc:
+            errors = exc.errors
+        errors += rec.semantic_errors(body)
+        if job is not None and not errors:
+            try:
+                res.trainer_config(job, body, self.settings)
+            except ValueError as exc:
+                errors.append(f"spec: {exc}")
+        jobs = self.caches.jobs.children(key)
+        pods = self.caches.pods.children(key)
+        old = body.get("status") or {}
+        artifact = old.get("artifact")
+        adapter = {"exists": True} if old.get("adapterRef") else None
+        now = datetime.now(timezone.utc)
+        plan = rec.reconcile(body, job, errors, jobs, pods, artifact, None, adapter,
+                             self.settings, now)
+        if plan.verify_attempt is not None:
+            artifact, error = self._verify(job, body, plan.verify_attempt)
+            plan = rec.reconcile(body, job, errors, jobs, pods, artifact, error, adapter,
+                                 self.settings, now)
+        self._apply(key, body, plan, bound)
+
+    def _verify(self, job, body: dict, attempt: rec.Attempt) -> tuple[dict | None, str | None]:
+        """Check the published artifact against its manifest (never deletes anything)."""
+        from kubetune_trainer.artifacts import VerificationError, verify
+        from kubetune_trainer.storage import Storage, StorageError
+
+        summary = attempt.summary or {}
+        published = summary.get("artifact")
+        if not published:
+            return None, "the trainer succeeded but reported no artifact"
+        out = job.spec.output
+        keys = {}
+        secret = out.credentials_secret.name if out.credentials_secret else \
+            self.settings.s3_credentials_secret
+        if secret:
+            data = self.kube.secret_data(body["metadata"]["namespace"], secret)
+            keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
+                    "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
+        storage = Storage(out.endpoint or self.settings.s3_endpoint,
+                          out.region or self.settings.s3_region, retries=3, **keys)
+        try:
+            manifest, digest = verify(published["uri"], storage,
+                                      expected_sha256=published["manifestSha256"])
+        except (VerificationError, StorageError) as exc:
+            metrics.S3_ERRORS.labels(operation="verify").inc()
+            return None, str(exc)
+        artifact = {"uri": published["uri"], "manifestSha256": digest,
+                    "sizeBytes": manifest.get("sizeBytes"), "method": manifest["method"]["type"],
+                    "baseModelUri": manifest["baseModel"]["uri"],
+                    "baseModelRevision": manifest["baseModel"].get("revision")}
+        merged = summary.get("merged")
+        if merged:
+            artifact["mergedModelUri"] = merged["uri"]
+        return {k: v for k, v in artifact.items() if v is not None}, None
+
+    def _apply(self, key: Key, body: dict, plan: rec.Plan, log) -> None:
+        ns, name = key
+        for obj in plan.create:
+            created = self.kube.create(obj)
+            if obj["kind"] == "Job":
+                self.caches.jobs.put(key, obj)  # write-through: the watch event follows
+            if created and obj["kind"] in ("Job", "LoRAAdapter"):
+                log.info(f"Created {obj['kind']}", child=obj["metadata"]["name"])
+        for obj, patch in plan.patches:
+            self.kube.patch(obj, patch)
+        if _changed(body.get("status") or {}, plan.status):
+            self.kube.patch_status("FineTuneJob", ns, name, plan.status)
+            body.setdefault("status", {}).update(plan.status)
+            metrics.observe_phase(key, plan.status.get("phase"))
+        for kind, reason, message in plan.events:
+            self.kube.event(body, kind, reason, message)
+            log.info(message, reason=reason)
+        if plan.delete_self:
+            self.kube.delete_custom("FineTuneJob", ns, name)
+        if plan.requeue_after is not None:
+            self.queue.add_after(key, plan.requeue_after + 0.05)
+
+    # ---- cache maintenance (called by the kopf handlers) -----------------------------------
+    def on_finetunejob(self, event_type: str, body: dict) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.caches.finetunejobs.pop(key, None)
+            self.caches.jobs.forget(key)
+            self.caches.pods.forget(key)
+            metrics.observe_phase(key, None)
+            return
+        self.caches.finetunejobs[key] = body
+        self.reconcile(key)
+
+    def on_child(self, store, event_type: str, body: dict) -> None:
+        owner = (body["metadata"]["namespace"],
+                 (body["metadata"].get("labels") or {}).get(res.LABEL_JOB))
+        if owner[1] is None:
+            return
+        if event_type == "DELETED":
+            store.remove(owner, body["metadata"]["name"])
+        else:
+            store.put(owner, body)
+        if owner in self.caches.finetunejobs:
+            self.reconcile(owner)
+
+
+def _changed(old: dict, new: dict) -> bool:
+    """Whether a status patch would change anything (progress belongs to the trainer)."""
+    def strip(status: dict) -> dict:
+        return {k: v for k, v in status.items() if k != "progress"}
+    merged = {**strip(old), **strip(new)}
+    return merged != strip(old)

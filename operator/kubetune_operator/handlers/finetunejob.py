@@ -1,0 +1,27 @@
+"""kopf-facing handlers for FineTuneJobs and their children: thin, level-based. Every event
+(of the job, its Jobs or its Pods) refreshes the cache and runs the one reconcile."""
+
+from __future__ import annotations
+
+import copy
+
+import kopf
+
+from ..controller import FineTuneJobController
+from ..resources.finetunejob import LABEL_JOB
+
+
+def register(registry: kopf.OperatorRegistry, controller: FineTuneJobController) -> None:
+    caches = controller.caches
+
+    @kopf.on.event("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
+    def finetunejob_event(type, body, **_):  # noqa: A002 - kopf's keyword
+        controller.on_finetunejob(type or "ADDED", copy.deepcopy(dict(body)))
+
+    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    def job_event(type, body, **_):  # noqa: A002
+        controller.on_child(caches.jobs, type or "ADDED", copy.deepcopy(dict(body)))
+
+    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
+    def pod_event(type, body, **_):  # noqa: A002
+        controller.on_child(caches.pods, type or "ADDED", copy.deepcopy(dict(body)))

@@ -1,0 +1,139 @@
+"""The one module that talks to the Kubernetes API: creates that tolerate 409, patches and
+deletes that tolerate 404, status patches, Events. It counts its requests (for benchmarks and
+metrics)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import datetime, timezone
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION = "kubetune.io", "v1alpha1"
+PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient):
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _count(self, verb: str) -> None:
+        with self._lock:
+            self.requests[verb] += 1
+
+    # ---- generic ---------------------------------------------------------------------------
+    def create(self, obj: dict) -> bool:
+        """Create; True if created, False if it already existed (a deterministic name)."""
+        kind, ns = obj["kind"], obj["metadata"].get("namespace")
+        self._count("create")
+        try:
+            if kind == "ConfigMap":
+                self.core.create_namespaced_config_map(ns, obj)
+            elif kind == "ServiceAccount":
+                self.core.create_namespaced_service_account(ns, obj)
+            elif kind == "Service":
+                self.core.create_namespaced_service(ns, obj)
+            elif kind == "Role":
+                self.rbac.create_namespaced_role(ns, obj)
+            elif kind == "RoleBinding":
+                self.rbac.create_namespaced_role_binding(ns, obj)
+            elif kind == "Job":
+                self.batch.create_namespaced_job(ns, obj)
+            elif kind in PLURALS:
+                self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
+                                                            obj)
+            else:
+                raise ValueError(f"no create for kind {kind}")
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    def patch(self, obj: dict, patch: dict) -> None:
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        self._count("patch")
+        try:
+            if kind == "Job":
+                self.batch.patch_namespaced_job(name, ns, patch)
+            else:
+                raise ValueError(f"no patch for kind {kind}")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def patch_status(self, kind: str, ns: str, name: str, status: dict) -> None:
+        self._count("patch_status")
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, ns, PLURALS[kind], name, {"status": status})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def delete_custom(self, kind: str, ns: str, name: str) -> None:
+        self._count("delete")
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind], name,
+                                                        propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def get_custom(self, kind: str, ns: str, name: str) -> dict | None:
+        self._count("get")
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
+                                                            name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def secret_data(self, ns: str, name: str) -> dict[str, str]:
+        import base64
+
+        self._count("get")
+        secret = self.core.read_namespaced_secret(name, ns)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def list(self, kind: str, label_selector: str, namespace: str | None = None) -> list[dict]:
+        self._count("list")
+        if kind == "Job":
+            items = (self.batch.list_namespaced_job(namespace, label_selector=label_selector)
+                     if namespace else
+                     self.batch.list_job_for_all_namespaces(label_selector=label_selector))
+        elif kind == "Pod":
+            items = (self.core.list_namespaced_pod(namespace, label_selector=label_selector)
+                     if namespace else
+                     self.core.list_pod_for_all_namespaces(label_selector=label_selector))
+        else:
+            raise ValueError(kind)
+        return [self.api.sanitize_for_serialization(i) for i in items.items]
+
+    def event(self, body: dict, kind: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the object (what `kubectl describe` shows)."""
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc)
+        self._count("event")
+        try:
+            self.core.create_namespaced_event(meta["namespace"], {
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                                   "name": meta["name"], "namespace": meta["namespace"],
+                                   "uid": meta["uid"]},
+                "type": kind, "reason": reason, "message": message[:1024],
+                "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"), "count": 1,
+                "source": {"component": "kubetune-operator"},
+                "reportingComponent": "kubetune.io/operator", "reportingInstance": "kubetune"})
+        except ApiException:
+            pass  # Events are best effort

@@ -1,0 +1,117 @@
+"""`kubetune operator`: the kopf operator process."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import structlog
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="kubetune operator")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=None,
+                       help="watch this namespace (repeatable); default: KUBETUNE_NAMESPACES")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (cluster-wide)")
+    parser.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster or "
+                                                           "$KUBECONFIG)")
+    parser.add_argument("--health-port", type=int, default=None)
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--bind", default="0.0.0.0", help="address of /healthz and /metrics")
+    parser.add_argument("--peering", default=None,
+                        help="kopf peering name (active/standby); default: standalone")
+    parser.add_argument("--json-logs", action="store_true", default=None)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+    from kubernetes import config
+    from pydantic import ValidationError
+
+    from . import logs, metrics
+    from .cache import Caches
+    from .controller import FineTuneJobController
+    from .handlers import finetunejob as ftj_handlers
+    from .kube import Kube
+    from .settings import OperatorSettings
+
+    logs.configure(args.json_logs)
+    log = structlog.get_logger("kubetune.operator")
+    try:
+        overrides = {k: v for k, v in {
+            "namespaces": args.namespace, "health_port": args.health_port,
+            "metrics_port": args.metrics_port, "peering": args.peering}.items() if v}
+        if args.all_namespaces:
+            overrides["namespaces"] = []
+        settings = OperatorSettings(**overrides)
+    except ValidationError as exc:
+        print(f"kubetune operator: error: invalid setting: {exc.errors()[0]['loc']}: "
+              f"{exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not args.kubeconfig and \
+                not os.environ.get("KUBECONFIG"):
+            from kubernetes import client as kclient
+
+            config.load_incluster_config()
+            api = kclient.ApiClient()
+        else:
+            api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    except Exception as exc:  # noqa: BLE001 - one clear line at start-up
+        print(f"kubetune operator: error: no Kubernetes credentials: {exc}", file=sys.stderr)
+        return 2
+
+    kube = Kube(api)
+    caches = Caches()
+    controller = FineTuneJobController(kube, settings, caches)
+    registry = kopf.OperatorRegistry()
+    ftj_handlers.register(registry, controller)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs):
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_):
+        settings.persistence.finalizer = "kubetune.io/finalizer"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="kubetune.io")
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="kubetune.io", key="last-handled-configuration")
+        settings.posting.enabled = False  # we post our own, named Events
+        settings.execution.max_workers = 8
+        settings.watching.server_timeout = 300
+        # Prime the child caches before the first reconcile: after a restart, the operator
+        # must see existing attempts before it decides to create one.
+        namespaces = controller.settings.namespaces or [None]
+        for ns in namespaces:
+            for kind, store in (("Job", caches.jobs), ("Pod", caches.pods)):
+                for obj in kube.list(kind, "kubetune.io/finetunejob", ns):
+                    owner = (obj["metadata"]["namespace"],
+                             obj["metadata"]["labels"]["kubetune.io/finetunejob"])
+                    store.put(owner, obj)
+        controller.queue.start()
+        log.info("Started operator", namespaces=controller.settings.namespaces or "all")
+
+    metrics.serve(settings.metrics_port, args.bind)
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    kopf.run(registry=registry, clusterwide=not settings.namespaces,
+             namespaces=settings.namespaces,
+             liveness_endpoint=f"http://{args.bind}:{settings.health_port}/healthz",
+             standalone=settings.peering is None, peering_name=settings.peering)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

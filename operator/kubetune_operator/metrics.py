@@ -1,0 +1,55 @@
+"""Prometheus metrics of the operator (served on /metrics)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as _Counter
+from contextlib import contextmanager
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECONCILES = Counter("kubetune_reconciles_total", "Reconciles by kind and result",
+                     ["kind", "result"])
+RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Reconcile latency",
+                              ["kind"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+                                                 2.5, 5, 10, 30))
+FINETUNEJOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase", ["phase"])
+ADAPTER_REPLICAS = Gauge("kubetune_adapter_replicas", "Adapter replicas by target and state",
+                         ["namespace", "target", "state"])
+S3_ERRORS = Counter("kubetune_s3_errors_total", "S3 operation errors", ["operation"])
+
+_phases: dict = {}
+_phase_counts: _Counter = _Counter()
+_lock = threading.Lock()
+
+
+def observe_phase(key, phase: str | None) -> None:
+    with _lock:
+        old = _phases.pop(key, None)
+        if old:
+            _phase_counts[old] -= 1
+            FINETUNEJOBS.labels(phase=old).set(_phase_counts[old])
+        if phase:
+            _phases[key] = phase
+            _phase_counts[phase] += 1
+            FINETUNEJOBS.labels(phase=phase).set(_phase_counts[phase])
+
+
+@contextmanager
+def reconcile_timer(kind: str):
+    result = {"value": "success"}
+    start = time.perf_counter()
+
+    def outcome(value: str) -> None:
+        result["value"] = value
+
+    try:
+        yield outcome
+    finally:
+        RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - start)
+        RECONCILES.labels(kind=kind, result=result["value"]).inc()
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=host)

@@ -1,0 +1,237 @@
+"""Builders of a FineTuneJob's children: plain dicts with our labels, owner references and
+deterministic names (a repeated create hits 409 instead of duplicating work)."""
+
+from __future__ import annotations
+
+from kubetune.api.finetunejob import FineTuneJob
+from kubetune_trainer.config import from_finetunejob
+
+from ..settings import OperatorSettings
+
+GROUP = "kubetune.io"
+LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_ATTEMPT = "kubetune.io/attempt"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+CONFIG_MOUNT = "/etc/kubetune"
+TERMINATION_LOG = "/dev/termination-log"
+EXIT_INVALID_INPUT = 2
+RDZV_PORT = 29500
+MAX_NAME = 50  # leaves room for "-<attempt>" and the pod suffix within 63 characters
+
+
+def job_name(name: str, attempt: int) -> str:
+    return f"{name}-{attempt}"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def trainer_account(name: str) -> str:
+    return f"{name}-trainer"
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune",
+            LABEL_COMPONENT: component, LABEL_JOB: name}
+
+
+def owner_reference(body: dict) -> dict:
+    meta = body["metadata"]
+    return {"apiVersion": body.get("apiVersion", f"{GROUP}/v1alpha1"),
+            "kind": body.get("kind", "FineTuneJob"), "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(body: dict, name: str, component: str, extra_labels: dict | None = None) -> dict:
+    return {"name": name, "namespace": body["metadata"]["namespace"],
+            "labels": {**labels(body["metadata"]["name"], component), **(extra_labels or {})},
+            "ownerReferences": [owner_reference(body)]}
+
+
+def trainer_config(job: FineTuneJob, body: dict, settings: OperatorSettings) -> str:
+    cfg = from_finetunejob(job, namespace=body["metadata"]["namespace"], status_sink=True,
+                           termination_log=TERMINATION_LOG)
+    if not cfg.output.endpoint and settings.s3_endpoint:
+        cfg.output.endpoint = settings.s3_endpoint
+    if not cfg.output.region:
+        cfg.output.region = settings.s3_region
+    return cfg.dump()
+
+
+def config_map(job: FineTuneJob, body: dict, settings: OperatorSettings) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(body, config_map_name(body["metadata"]["name"]), "trainer-config"),
+            "data": {"config.yaml": trainer_config(job, body, settings)}}
+
+
+def rbac(body: dict) -> list[dict]:
+    """ServiceAccount + Role + RoleBinding: the trainer may patch only its own job's status."""
+    name = body["metadata"]["name"]
+    account = trainer_account(name)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(body, account, "trainer")},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(body, account, "trainer"),
+         "rules": [{"apiGroups": [GROUP], "resources": ["finetunejobs/status"],
+                    "resourceNames": [name], "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _meta(body, account, "trainer"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+         "subjects": [{"kind": "ServiceAccount", "name": account,
+                       "namespace": body["metadata"]["namespace"]}]},
+    ]
+
+
+def _credentials_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict]:
+    out = job.spec.output
+    secret = out.credentials_secret.name if out.credentials_secret else \
+        settings.s3_credentials_secret
+    env: list[dict] = []
+    if secret:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    endpoint = out.endpoint or settings.s3_endpoint
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    env.append({"name": "AWS_DEFAULT_REGION", "value": out.region or settings.s3_region})
+    if job.spec.base_model.credentials_secret:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": job.spec.base_model.credentials_secret.name, "key": "HF_TOKEN",
+            "optional": True}}})
+    return env
+
+
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorSettings,
+                 suspend: bool) -> dict:
+    spec = job.spec
+    res = spec.resources
+    name = body["metadata"]["name"]
+    jname = job_name(name, attempt)
+    nodes = res.nodes
+    limits: dict[str, str] = {}
+    if res.gpus_per_node:
+        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    if res.cpu is not None:
+        limits["cpu"] = str(res.cpu)
+    if res.memory is not None:
+        limits["memory"] = str(res.memory)
+    train_args = ["train", "--config", f"{CONFIG_MOUNT}/config.yaml",
+                  "--set", f"logging.status.attempt={attempt}"]
+    command = list(settings.trainer_command)
+    env = _credentials_env(job, settings) + [
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    if nodes > 1:
+        # torchrun across the indexed Job's pods; rank 0 is reachable as <job>-0.<job>.
+        python = command[0]
+        command = [python, "-m", "torch.distributed.run"]
+        train_args = [f"--nnodes={nodes}", f"--nproc_per_node={max(res.gpus_per_node, 1)}",
+                      "--node_rank=$(JOB_COMPLETION_INDEX)",
+                      f"--master_addr={jname}-0.{jname}", f"--master_port={RDZV_PORT}",
+                      "-m", "kubetune_trainer", *train_args]
+        env += [{"name": "MASTER_ADDR", "value": f"{jname}-0.{jname}"},
+                {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
+                {"name": "NNODES", "value": str(nodes)}]
+    tolerations = [t.wire() for t in res.tolerations or []]
+    if res.gpus_per_node and settings.gpu_tolerations and not any(
+            t.get("key") == "nvidia.com/gpu" for t in tolerations):
+        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists",
+                            "effect": "NoSchedule"})
+    pod_spec = {
+        "restartPolicy": "Never",
+        "serviceAccountName": res.service_account_name or trainer_account(name),
+        "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                            "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer", "image": res.image or settings.trainer_image,
+            "command": command, "args": train_args, "env": env,
+            "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
+            "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+                             {"name": "scratch", "mountPath": "/tmp"}],
+            "securityContext": RESTRICTED_CONTAINER,
+            "terminationMessagePath": TERMINATION_LOG,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+        }],
+        "volumes": [{"name": "config", "configMap": {"name": config_map_name(name)}},
+                    {"name": "scratch", "emptyDir": {}}],
+    }
+    node_selector = dict(res.node_selector or {}) or dict(settings.default_node_selector)
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if res.affinity:
+        pod_spec["affinity"] = res.affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if nodes > 1:
+        pod_spec["subdomain"] = jname
+    extra = {LABEL_ATTEMPT: str(attempt)}
+    if spec.scheduling.queue_name:
+        extra[KUEUE_QUEUE] = spec.scheduling.queue_name
+    job_spec = {
+        "backoffLimit": 0,  # retries are attempts of ours, with checkpoints and accounting
+        "completions": nodes, "parallelism": nodes,
+        "suspend": suspend,
+        "podFailurePolicy": {"rules": [
+            # Preemption, eviction, node loss: end the attempt without counting it.
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # Invalid input (data, model, config): never worth a retry.
+            {"action": "FailJob", "onExitCodes": {"containerName": "trainer",
+                                                  "operator": "In",
+                                                  "values": [EXIT_INVALID_INPUT]}},
+        ]},
+        "template": {"metadata": {"labels": {**labels(name, "trainer"), **extra}},
+                     "spec": pod_spec},
+    }
+    if nodes > 1:
+        job_spec["completionMode"] = "Indexed"
+    if spec.scheduling.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = spec.scheduling.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _meta(body, jname, "trainer", extra), "spec": job_spec}
+
+
+def headless_service(body: dict, attempt: int) -> dict:
+    jname = job_name(body["metadata"]["name"], attempt)
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": _meta(body, jname, "rendezvous"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {"batch.kubernetes.io/job-name": jname},
+                     "ports": [{"name": "rdzv", "port": RDZV_PORT}]}}
+
+
+def lora_adapter(job: FineTuneJob, body: dict, artifact: dict) -> dict:
+    """The LoRAAdapter recorded on success: pinned to the manifest digest and base revision.
+    No owner reference: a served adapter outlives the job that trained it."""
+    create = job.spec.output.create_adapter
+    name = create.name.replace("{job}", body["metadata"]["name"])
+    spec = {
+        "baseModel": {"uri": artifact["baseModelUri"],
+                      **({"revision": artifact["baseModelRevision"]}
+                         if artifact.get("baseModelRevision") else {})},
+        "source": {"uri": artifact["uri"], "sha256": artifact["manifestSha256"],
+                   **({"endpoint": job.spec.output.endpoint} if job.spec.output.endpoint else {}),
+                   **({"credentialsSecret": job.spec.output.credentials_secret.wire()}
+                      if job.spec.output.credentials_secret else {})},
+        "servingName": create.serving_name or name,
+        "stage": create.stage, "mode": create.mode,
+    }
+    for key, value in (("alias", create.alias), ("target", create.target),
+                       ("compatibility", create.compatibility), ("rollout", create.rollout),
+                       ("promotion", create.promotion)):
+        if value is not None:
+            spec[key] = value if isinstance(value, str) else value.wire()
+    return {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LoRAAdapter",
+            "metadata": {"name": name, "namespace": body["metadata"]["namespace"],
+                         "labels": labels(body["metadata"]["name"], "adapter"),
+                         "annotations": {"kubetune.io/source-uid": body["metadata"]["uid"]}},
+            "spec": spec}

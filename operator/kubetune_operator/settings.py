@@ -1,0 +1,39 @@
+"""Operator settings, from the environment (KUBETUNE_*) and `kubetune operator` flags.
+
+A bad setting fails the operator at start-up with one clear line."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KUBETUNE_", extra="ignore")
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to watch; empty means cluster-wide."""
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Default trainer image (spec.resources.image overrides)."""
+    trainer_command: list[str] = Field(default_factory=lambda: ["python", "-m", "kubetune_trainer"])
+    """Entry point of the trainer image."""
+    s3_endpoint: Optional[str] = None
+    """Default S3 endpoint for outputs without one."""
+    s3_region: str = "us-east-1"
+    """Default S3 region."""
+    s3_credentials_secret: Optional[str] = None
+    """Default Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    gpu_tolerations: bool = True
+    """Add a toleration for the nvidia.com/gpu taint to GPU pods."""
+    default_node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node selector added to GPU pods unless the spec sets one."""
+    retry_base_seconds: Optional[int] = None
+    """Override every job's retryPolicy.backoffSeconds (tests)."""
+    health_port: int = 8080
+    """Port of /healthz."""
+    metrics_port: int = 8081
+    """Port of /metrics."""
+    peering: Optional[str] = None
+    """kopf peering name for an active/standby pair; None runs standalone."""
