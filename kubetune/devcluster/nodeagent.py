@@ -182,6 +182,21 @@ class PodRun:
         self._kill_all(grace=self._grace())
         if self.gone_event.is_set():
             return
+        # Like a kubelet: report the terminal phase before the final delete, so controllers
+        # waiting on it (the Job controller's tracking finalizer) can let the pod go.
+        containers = self.pod["spec"]["containers"]
+        for _ in range(50):
+            if all("terminated" in (self.statuses.get(c["name"]) or {}).get("state", {})
+                   for c in containers if c["name"] in self.statuses):
+                break
+            time.sleep(0.1)
+        codes = [(self.statuses.get(c["name"]) or {}).get("state", {}).get("terminated", {})
+                 .get("exitCode", 137) for c in containers]
+        phase = "Succeeded" if codes and all(c == 0 for c in codes) else "Failed"
+        self._patch_status({"phase": phase, "conditions": [
+            self._cond("Ready", False, "PodCompleted"),
+            self._cond("ContainersReady", False, "PodCompleted")],
+            "containerStatuses": list(self._statuses_for(containers))})
         try:
             self.agent.core.delete_namespaced_pod(
                 self.name, self.ns, grace_period_seconds=0,

@@ -152,9 +152,11 @@ class FineTuneJobController:
                  (body["metadata"].get("labels") or {}).get(res.LABEL_JOB))
         if owner[1] is None:
             return
-        if event_type == "DELETED":
+        if event_type == "DELETED" and store is not self.caches.pods:
             store.remove(owner, body["metadata"]["name"])
         else:
+            # A deleted pod's last state still tells how its attempt ended (DisruptionTarget,
+            # exit code); it is kept until its FineTuneJob goes.
             store.put(owner, body)
         if owner in self.caches.finetunejobs:
             self.reconcile(owner)

@@ -90,12 +90,18 @@ def run(args: argparse.Namespace) -> int:
         settings.watching.server_timeout = 300
         # Prime the child caches before the first reconcile: after a restart, the operator
         # must see existing attempts before it decides to create one.
-        namespaces = controller.settings.namespaces or [None]
-        for ns in namespaces:
+        import fnmatch
+
+        patterns = controller.settings.namespaces
+        exact = [ns for ns in patterns if not any(c in ns for c in "*?[")]
+        scopes = [None] if not patterns or len(exact) < len(patterns) else exact
+        for ns in scopes:
             for kind, store in (("Job", caches.jobs), ("Pod", caches.pods)):
                 for obj in kube.list(kind, "kubetune.io/finetunejob", ns):
-                    owner = (obj["metadata"]["namespace"],
-                             obj["metadata"]["labels"]["kubetune.io/finetunejob"])
+                    namespace = obj["metadata"]["namespace"]
+                    if patterns and not any(fnmatch.fnmatch(namespace, p) for p in patterns):
+                        continue
+                    owner = (namespace, obj["metadata"]["labels"]["kubetune.io/finetunejob"])
                     store.put(owner, obj)
         controller.queue.start()
         log.info("Started operator", namespaces=controller.settings.namespaces or "all")

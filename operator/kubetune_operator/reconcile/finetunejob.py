@@ -207,8 +207,11 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
             setc(kind, False, "InvalidSpec", message)
         setc("Failed", True, "InvalidSpec", message)
         setc("Ready", False, "InvalidSpec", message)
-        status.update(phase="Failed", conditions=conditions)
+        status.update(phase="Failed", conditions=conditions,
+                      completionTime=old.get("completionTime") or _ts(now))
         plan.status = status
+        if job is not None:
+            _expire(plan, job, status, now)
         _transition_events(plan, old, status, message)
         return plan
 
@@ -365,17 +368,24 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
     status = {k: v for k, v in status.items() if v is not None}
     plan.status = status
 
-    if phase in ("Succeeded", "Failed") and spec.ttl_seconds_after_finished is not None:
-        done = _parse_time(status.get("completionTime")) or now
-        expires = done + timedelta(seconds=spec.ttl_seconds_after_finished)
-        if now >= expires:
-            plan.delete_self = True
-            plan.events.append(("Normal", "Expired", "ttlSecondsAfterFinished elapsed; "
-                                                     "deleting (artifacts are kept)"))
-        else:
-            plan.requeue_after = min(plan.requeue_after or 1e9, (expires - now).total_seconds())
+    if phase in ("Succeeded", "Failed"):
+        _expire(plan, job, status, now)
     _transition_events(plan, old, status, terminal_message)
     return plan
+
+
+def _expire(plan: Plan, job: FineTuneJob, status: dict, now: datetime) -> None:
+    """ttlSecondsAfterFinished: delete the finished FineTuneJob (its artifacts stay)."""
+    ttl = job.spec.ttl_seconds_after_finished
+    if ttl is None:
+        return
+    expires = (_parse_time(status.get("completionTime")) or now) + timedelta(seconds=ttl)
+    if now >= expires:
+        plan.delete_self = True
+        plan.events.append(("Normal", "Expired", "ttlSecondsAfterFinished elapsed; deleting "
+                                                 "(artifacts are kept)"))
+    else:
+        plan.requeue_after = min(plan.requeue_after or 1e9, (expires - now).total_seconds())
 
 
 def _transition_events(plan: Plan, old: dict, new: dict, message: str) -> None:

@@ -1,0 +1,140 @@
+"""FineTuneJobs that really train: the real trainer runs in pods of the process node agent.
+Live progress, a verified artifact and a LoRAAdapter; preemption resumes without using a retry;
+application failures use retries up to the limit."""
+
+import copy
+import time
+
+import pytest
+import yaml
+from kubernetes import client
+
+from helpers import wait_for
+from kubetune_trainer import artifacts
+from kubetune_trainer.storage import Storage
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+
+AGENT = {"kubetune.io/process-agent": "true"}
+
+
+def _job(name: str, steps: int, **spec) -> dict:
+    obj = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": name},
+           "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+                    "dataset": {"train": {"uri": "builtin://tiny-chat"}, "format": "messages",
+                                "maxLength": 128},
+                    "method": {"type": "LoRA", "lora": {"r": 8}},
+                    "training": {"maxSteps": steps, "learningRate": 0.003,
+                                 "perDeviceBatchSize": 8, "gradientAccumulationSteps": 1,
+                                 "loggingSteps": 5},
+                    "resources": {"gpusPerNode": 1, "nodeSelector": AGENT},
+                    "checkpointing": {"everySteps": 100, "keepLast": 2},
+                    "output": {"uri": f"s3://kubetune/e2e/{name}-{int(time.time())}"}}}
+    for key, value in spec.items():
+        obj["spec"][key] = {**obj["spec"].get(key, {}), **value}
+    return obj
+
+
+def _status(cluster, ns, name) -> dict:
+    return client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "finetunejobs", name).get("status") or {}
+
+
+def _cond(st, kind):
+    return next((c for c in st.get("conditions") or [] if c["type"] == kind), {})
+
+
+def test_full_run_live_progress_verified_artifact_and_adapter(cluster, operator, job_namespace,
+                                                              s3_server, tmp_path):
+    ns = job_namespace
+    obj = _job("full", 600, output={"createAdapter": {"name": "{job}-v1",
+                                                     "servingName": "assistant-v1",
+                                                     "alias": "assistant"}})
+    path = tmp_path / "ftj.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    cluster.kubectl("apply", "-n", ns, "-f", str(path))
+
+    steps_seen = set()
+    deadline = time.monotonic() + 300
+    st = {}
+    while time.monotonic() < deadline:
+        st = _status(cluster, ns, "full")
+        step = (st.get("progress") or {}).get("step")
+        if st.get("phase") == "Running" and step is not None:
+            steps_seen.add(step)
+        if st.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.3)
+    assert st.get("phase") == "Succeeded", st
+    assert len({s for s in steps_seen if s < 600}) >= 2, steps_seen  # live, not just the end
+    assert st["progress"]["totalSteps"] == 600 and st["progress"]["percent"] == 100
+    assert _cond(st, "ArtifactPublished")["status"] == "True"
+    assert _cond(st, "Ready")["status"] == "True" and _cond(st, "Succeeded")["status"] == "True"
+
+    artifact = st["artifact"]
+    manifest, digest = artifacts.verify(
+        artifact["uri"], Storage(s3_server.endpoint, access_key=s3_server.access_key,
+                                 secret_key=s3_server.secret_key), tmp_path / "adapter")
+    assert digest == artifact["manifestSha256"]
+    assert manifest["metrics"]["steps"] == 600
+
+    adapters = client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters")["items"]
+    assert [a["metadata"]["name"] for a in adapters] == ["full-v1"]
+    spec = adapters[0]["spec"]
+    assert spec["source"] == {"uri": artifact["uri"], "sha256": artifact["manifestSha256"]}
+    assert spec["baseModel"] == {"uri": "builtin://tiny-llama", "revision": "v1"}
+    assert spec["servingName"] == "assistant-v1" and spec["alias"] == "assistant"
+    assert st["adapterRef"] == "full-v1"
+    assert not adapters[0]["metadata"].get("ownerReferences")  # outlives the job
+
+    # Re-reconciles (a touched object) never create a second adapter or Job.
+    cluster.kubectl("annotate", "ftj", "full", "-n", ns, "touched=1")
+    time.sleep(2)
+    assert len(client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters")["items"]) == 1
+    assert len(client.BatchV1Api(cluster.api).list_namespaced_job(ns).items) == 1
+
+
+def test_eviction_resumes_from_checkpoint_without_using_a_retry(cluster, operator,
+                                                                job_namespace):
+    ns = job_namespace
+    obj = _job("preempt", 2000, retryPolicy={"maxRetries": 0})
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    core = client.CoreV1Api(cluster.api)
+    wait_for(lambda: ((_status(cluster, ns, "preempt").get("progress") or {}).get("step") or 0)
+             >= 250, timeout=240, interval=0.2, message="past the first checkpoints")
+    pod = core.list_namespaced_pod(ns, label_selector="kubetune.io/finetunejob=preempt").items[0]
+    core.create_namespaced_pod_eviction(pod.metadata.name, ns, {
+        "metadata": {"name": pod.metadata.name, "namespace": ns}})
+
+    st = wait_for(lambda: (s := _status(cluster, ns, "preempt")).get("phase") in
+                  ("Succeeded", "Failed") and s, timeout=400, message="finished")
+    assert st["phase"] == "Succeeded", st
+    first, second = st["attempts"][0], st["attempts"][1]
+    assert first["reason"] == "Evicted" and first["countsAgainstRetries"] is False
+    assert second["reason"] == "Succeeded"
+    assert second["resumedFromStep"] >= 200  # a checkpoint, not step 0
+    assert st["retries"] == 0  # maxRetries is 0, and the job still succeeded
+    events = cluster.kubectl("get", "events", "-n", ns, "--field-selector",
+                             "involvedObject.name=preempt").stdout
+    assert "does not count against retries" in events
+
+
+def test_application_failure_counts_and_ends_with_backoff_limit_exceeded(cluster, operator,
+                                                                         job_namespace):
+    ns = job_namespace
+    # S3 that refuses connections: the trainer's first checkpoint upload fails (exit 1).
+    obj = _job("broken", 400, retryPolicy={"maxRetries": 1, "backoffSeconds": 1},
+               checkpointing={"everySteps": 5},
+               output={"endpoint": "http://127.0.0.1:9"})
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    st = wait_for(lambda: (s := _status(cluster, ns, "broken")).get("phase") == "Failed" and s,
+                  timeout=400, message="Failed")
+    ready = _cond(st, "Failed")
+    assert ready["reason"] == "BackoffLimitExceeded"
+    assert "S3 unreachable" in ready["message"]
+    assert [a["countsAgainstRetries"] for a in st["attempts"]] == [True, True]
+    assert st["retries"] == 2
+    assert len(client.BatchV1Api(cluster.api).list_namespaced_job(ns).items) == 2
