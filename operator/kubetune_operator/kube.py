@@ -26,8 +26,11 @@ class Kube:
         self._lock = threading.Lock()
 
     def _count(self, verb: str) -> None:
+        from .metrics import API_REQUESTS
+
         with self._lock:
             self.requests[verb] += 1
+        API_REQUESTS.labels(verb=verb).inc()
 
     # ---- generic ---------------------------------------------------------------------------
     def create(self, obj: dict) -> bool:

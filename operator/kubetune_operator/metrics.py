@@ -17,6 +17,8 @@ RECONCILE_SECONDS = Histogram("kubetune_reconcile_duration_seconds", "Reconcile 
 FINETUNEJOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase", ["phase"])
 ADAPTER_REPLICAS = Gauge("kubetune_adapter_replicas", "Adapter replicas by target and state",
                          ["namespace", "target", "state"])
+API_REQUESTS = Counter("kubetune_api_requests_total",
+                       "Kubernetes API requests made by reconciles (watches excluded)", ["verb"])
 S3_ERRORS = Counter("kubetune_s3_errors_total", "S3 operation errors", ["operation"])
 
 _phases: dict = {}

@@ -42,12 +42,3 @@ def make_config(tmp_path, s3_env):
         })
 
     return make
-
-
-def events(cfg) -> list[dict]:
-    path = Path(cfg.logging.file)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def summary(cfg) -> dict:
-    return json.loads(Path(cfg.logging.termination_log).read_text())

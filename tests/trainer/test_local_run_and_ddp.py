@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import events, summary
+from trainerutil import events, summary
 
 pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[2]

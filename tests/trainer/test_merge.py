@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import summary
+from trainerutil import summary
 from kubetune_trainer import artifacts, merge, sources, train
 from kubetune_trainer.storage import Storage
 

@@ -6,7 +6,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from conftest import events, summary
+from trainerutil import events, summary
 from kubetune_trainer import artifacts, loading, sources, train
 from kubetune_trainer.storage import Storage
 

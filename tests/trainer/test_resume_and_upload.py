@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import events
+from trainerutil import events
 from kubetune.devcluster import procs, s3
 from kubetune_trainer import artifacts
 from kubetune_trainer.storage import Storage, StorageError

@@ -1,0 +1,150 @@
+"""Operator scale: N FineTuneJobs on KWOK GPU nodes versus a plain client creating N Jobs.
+
+Same run, same fresh dev cluster: (a) a plain client script creates N batch/v1 Jobs (one GPU
+pod each) and waits until every pod is Running; (b) N FineTuneJobs are applied to the operator
+and we wait until every one has its Job and status phase Running. Prints both times, the ratio,
+the operator's peak RSS and its API requests per job (reconcile requests; watches excluded).
+
+    python bench/operator_scale.py [--jobs 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from kubernetes import client, config
+
+from kubetune.devcluster import procs
+from kubetune.devcluster.cluster import DevCluster, NodeSpec, node_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = {"nvidia.com/gpu.present": "true", "kubetune.io/pool": "gpu"}
+
+
+def pod_template(name: str) -> dict:
+    return {"metadata": {"labels": {"bench": name}}, "spec": {
+        "restartPolicy": "Never", "nodeSelector": {"type": "kwok"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "containers": [{"name": "trainer", "image": "trainer",
+                        "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}}
+
+
+def wait(predicate, timeout=900, interval=0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise SystemExit("timed out")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    args = parser.parse_args()
+    n = args.jobs
+    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-op-"))
+    dev = DevCluster(work / "cluster", with_agent=False)
+    dev.up(progress=lambda m: None)
+    try:
+        api = config.new_client_from_config(config_file=str(dev.kubeconfig))
+        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        custom = client.CustomObjectsApi(api)
+        for i in range((2 * n) // 8 + 2):  # GPU capacity for both halves
+            core.create_node(node_manifest(NodeSpec(f"bench-gpu-{i}", 8, GPU, [])))
+        env = {**os.environ, **dev.env()}
+        subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds")], env=env, check=True,
+                       capture_output=True)
+        for ns in ("plain", "operator"):
+            core.create_namespace({"metadata": {"name": ns}})
+        time.sleep(2)
+
+        # (a) the floor: a plain client creating Jobs directly.
+        t0 = time.monotonic()
+        for i in range(n):
+            batch.create_namespaced_job("plain", {"metadata": {"name": f"plain-{i}"},
+                                                  "spec": {"backoffLimit": 0,
+                                                           "template": pod_template("plain")}})
+
+        def plain_running():
+            pods = core.list_namespaced_pod("plain").items
+            return sum(p.status.phase == "Running" for p in pods) >= n
+
+        wait(plain_running)
+        plain = time.monotonic() - t0
+
+        # (b) the operator.
+        health, metrics = procs.free_port(), procs.free_port()
+        op = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator",
+                               "--namespace=operator", f"--health-port={health}",
+                               f"--metrics-port={metrics}", "--bind=127.0.0.1", "--json-logs"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), timeout=60, interval=0.2)
+        before = _requests(metrics)
+        t0 = time.monotonic()
+        for i in range(n):
+            custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
+                                                   "finetunejobs", _ftj(f"ftj-{i}"))
+
+        def operator_running():
+            items = custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
+                                                         "finetunejobs")["items"]
+            return sum((i.get("status") or {}).get("phase") == "Running" for i in items) >= n
+
+        wait(operator_running)
+        operated = time.monotonic() - t0
+        requests = _requests(metrics) - before
+        rss = _peak_rss_mib(op.pid)
+        op.terminate()
+        op.wait(timeout=30)
+        jobs = len(batch.list_namespaced_job("operator").items)
+        print(f"{n} jobs on KWOK GPU nodes ({(2 * n) // 8 + 2} nodes x 8 GPUs)")
+        print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s")
+        print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
+              f"ratio {operated / plain:.2f}")
+        print(f"  operator peak RSS {rss:.0f} MiB; reconcile API requests per job "
+              f"{requests / n:.1f}; Jobs created {jobs} (expected {n})")
+    finally:
+        dev.down(progress=lambda m: None)
+    return 0
+
+
+def _ftj(name: str) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
+                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
+                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
+                     "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"}},
+                     "output": {"uri": f"s3://kubetune/bench/{name}"}}}
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _requests(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return sum(float(m) for m in re.findall(r'^kubetune_api_requests_total\{[^}]*\} (\S+)$',
+                                           text, flags=re.M))
+
+
+def _peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+if __name__ == "__main__":
+    sys.exit(main())

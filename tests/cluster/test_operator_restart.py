@@ -1,0 +1,70 @@
+"""Killing the operator (SIGKILL) mid-reconcile and starting it again: no duplicate Jobs,
+status converges."""
+
+import os
+import signal
+import time
+
+import pytest
+import yaml
+from kubernetes import client
+
+from helpers import start_operator, stop_operator, wait_for
+
+pytestmark = pytest.mark.cluster
+
+N = 12
+
+
+def _ftj(name: str) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
+                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
+                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
+                     "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"}},
+                     "output": {"uri": f"s3://kubetune/restart/{name}"}}}
+
+
+def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, tmp_path):
+    core = client.CoreV1Api(cluster.api)
+    ns = f"restart-{int(time.time())}"
+    core.create_namespace({"metadata": {"name": ns}})
+    try:
+        op = start_operator(cluster, s3_server, tmp_path, namespaces=[ns])
+        manifests = "\n---\n".join(yaml.safe_dump(_ftj(f"job-{i}")) for i in range(N))
+        cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifests)
+        batch = client.BatchV1Api(cluster.api)
+        # Kill it while it is creating children: after some, before all, Jobs exist.
+        wait_for(lambda: len(batch.list_namespaced_job(ns).items) >= 1, interval=0.02,
+                 message="first Job")
+        os.kill(op.proc.pid, signal.SIGKILL)
+        op.proc.wait()
+        killed_at = len(batch.list_namespaced_job(ns).items)
+
+        for _ in range(2):  # restart, kill again quickly, restart for good
+            op = start_operator(cluster, s3_server, tmp_path, namespaces=[ns])
+            time.sleep(0.3)
+            os.kill(op.proc.pid, signal.SIGKILL)
+            op.proc.wait()
+        op = start_operator(cluster, s3_server, tmp_path, namespaces=[ns])
+        api = client.CustomObjectsApi(cluster.api)
+
+        def converged():
+            items = api.list_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                      "finetunejobs")["items"]
+            return all((i.get("status") or {}).get("phase") == "Running" for i in items) and items
+
+        items = wait_for(converged, timeout=120, message="all Running")
+        jobs = batch.list_namespaced_job(ns).items
+        names = sorted(j.metadata.name for j in jobs)
+        assert names == sorted(f"job-{i}-0" for i in range(N)), names  # one attempt each
+        for item in items:
+            st = item["status"]
+            assert st["jobName"] == f"{item['metadata']['name']}-0"
+            assert [a["number"] for a in st["attempts"]] == [0]
+            assert st["observedGeneration"] == 1
+        assert killed_at <= N
+        stop_operator(op)
+    finally:
+        core.delete_namespace(ns)
