@@ -1,0 +1,196 @@
+"""The FineTuneJob reconcile and builders, pure: table tests with `now` passed in."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import yaml
+from pathlib import Path
+
+from kubetune.api.validation import parse
+from kubetune_operator.reconcile import finetunejob as rec
+from kubetune_operator.resources import finetunejob as res
+from kubetune_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+NOW = datetime(2026, 11, 28, 12, 0, 0, tzinfo=timezone.utc)
+SETTINGS = OperatorSettings(s3_endpoint="http://s3:8333", s3_credentials_secret="s3-creds")
+
+
+def _body(example="finetunejob-lora.yaml", **spec):
+    obj = yaml.safe_load((ROOT / "examples" / example).read_text())
+    obj["metadata"].update(namespace="ml", uid="uid-1", generation=1)
+    obj["spec"].update(spec)
+    return obj
+
+
+def _job(number, conditions=(), suspend=False, name="quickstart-lora"):
+    return {"metadata": {"name": f"{name}-{number}", "labels": {res.LABEL_ATTEMPT: str(number)},
+                         "creationTimestamp": "2026-11-28T11:00:00Z"},
+            "spec": {"suspend": suspend},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": m,
+                                       "lastTransitionTime": "2026-11-28T11:50:00Z"}
+                                      for t, r, m in conditions]}}
+
+
+def _pod(job, phase="Running", exit_code=None, message=None, disruption=None, reason=None):
+    pod = {"metadata": {"name": f"{job}-abc", "labels": {"batch.kubernetes.io/job-name": job},
+                        "creationTimestamp": "2026-11-28T11:00:01Z"},
+           "spec": {"nodeName": "gpu-0"}, "status": {"phase": phase, "conditions": []}}
+    if exit_code is not None:
+        pod["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
+            "exitCode": exit_code, "message": message, "reason": reason or "Error"}}}]
+    if disruption:
+        pod["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True",
+                                            "reason": disruption, "message": "disrupted"})
+    return pod
+
+
+def _run(body, jobs=(), pods=(), artifact=None, error=None, now=NOW):
+    job = parse(body)
+    return rec.reconcile(body, job, rec.semantic_errors(body), list(jobs), list(pods), artifact,
+                         error, None, SETTINGS, now)
+
+
+def _cond(plan, kind):
+    return next(c for c in plan.status["conditions"] if c["type"] == kind)
+
+
+def test_first_reconcile_creates_children_of_attempt_zero():
+    plan = _run(_body())
+    kinds = [o["kind"] for o in plan.create]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert plan.create[-1]["metadata"]["name"] == "quickstart-lora-0"
+    assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 1
+    assert ("Normal", "CreatedJob", "Created Job quickstart-lora-0 (attempt 0)") in plan.events
+
+
+@pytest.mark.parametrize("conditions,pods,reason,counts,terminal", [
+    ([("Failed", "PodFailurePolicy", "Pod has condition DisruptionTarget")],
+     [_pod("quickstart-lora-0", "Failed", 143, disruption="PreemptionByScheduler")],
+     "Preempted", False, False),
+    ([("Failed", "PodFailurePolicy", "DisruptionTarget")],
+     [_pod("quickstart-lora-0", "Failed", 143, disruption="DeletionByPodGC")],
+     "NodeLost", False, False),
+    ([("Failed", "PodFailurePolicy", "DisruptionTarget")],
+     [_pod("quickstart-lora-0", "Failed", 143, disruption="EvictionByEvictionAPI")],
+     "Evicted", False, False),
+    ([("Failed", "PodFailurePolicy", "Container trainer exited with code 2")],
+     [_pod("quickstart-lora-0", "Failed", 2,
+           '{"status": "Failed", "reason": "InvalidInput", "message": "bad data"}')],
+     "InvalidSpec", False, True),
+    ([("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+     [_pod("quickstart-lora-0", "Failed", 137, reason="OOMKilled")], "OOMKilled", True, False),
+    ([("Failed", "BackoffLimitExceeded", "backoff")],
+     [_pod("quickstart-lora-0", "Failed", 1, '{"status": "Failed", "message": "boom"}')],
+     "Error", True, False),
+    ([("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")], [],
+     "DeadlineExceeded", False, True),
+])
+def test_attempt_classification(conditions, pods, reason, counts, terminal):
+    attempt = rec.classify(_job(0, conditions), pods)
+    assert (attempt.reason, attempt.counts, attempt.terminal) == (reason, counts, terminal)
+
+
+def test_disruption_retries_immediately_without_counting():
+    jobs = [_job(0, [("Failed", "PodFailurePolicy", "DisruptionTarget")])]
+    pods = [_pod("quickstart-lora-0", "Failed", 143, disruption="PreemptionByScheduler")]
+    plan = _run(_body(), jobs, pods)
+    assert plan.create[-1]["metadata"]["name"] == "quickstart-lora-1"
+    assert plan.status["retries"] == 0
+    assert plan.status["attempts"][0]["countsAgainstRetries"] is False
+
+
+def test_counted_failure_waits_for_backoff_then_retries():
+    jobs = [_job(0, [("Failed", "BackoffLimitExceeded", "x")])]
+    pods = [_pod("quickstart-lora-0", "Failed", 1)]
+    body = _body(retryPolicy={"maxRetries": 3, "backoffSeconds": 60, "maxBackoffSeconds": 600})
+    early = datetime(2026, 11, 28, 11, 50, 10, tzinfo=timezone.utc)
+    settings_less = rec.reconcile(body, parse(body), [], jobs, pods, None, None, None,
+                                  OperatorSettings(), early)
+    assert not any(o["kind"] == "Job" for o in settings_less.create)
+    assert settings_less.requeue_after == pytest.approx(50, abs=1)  # finished 11:50, +60s
+    assert _cond(settings_less, "Ready")["reason"] == "RetryBackoff"
+    later = rec.reconcile(body, parse(body), [], jobs, pods, None, None, None,
+                          OperatorSettings(), early + timedelta(seconds=60))
+    assert later.create[-1]["metadata"]["name"] == "quickstart-lora-1"
+
+
+def test_retries_exhausted_is_backoff_limit_exceeded():
+    body = _body(retryPolicy={"maxRetries": 1})
+    jobs = [_job(i, [("Failed", "BackoffLimitExceeded", "x")]) for i in range(2)]
+    pods = [_pod(f"quickstart-lora-{i}", "Failed", 1) for i in range(2)]
+    plan = _run(body, jobs, pods)
+    assert plan.status["phase"] == "Failed"
+    assert _cond(plan, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert not any(o["kind"] == "Job" for o in plan.create)
+
+
+def test_success_asks_for_verification_then_publishes_and_creates_adapter_once():
+    jobs = [_job(0, [("Complete", "CompletionsReached", "")])]
+    summary = ('{"status": "Succeeded", "artifact": {"uri": "s3://b/a/adapter", '
+               '"manifestSha256": "' + "a" * 64 + '"}, "metrics": {"steps": 10}}')
+    pods = [_pod("quickstart-lora-0", "Succeeded", 0, summary)]
+    first = _run(_body(), jobs, pods)
+    assert first.verify_attempt is not None and first.verify_attempt.summary["artifact"]
+    artifact = {"uri": "s3://b/a/adapter", "manifestSha256": "a" * 64, "method": "LoRA",
+                "baseModelUri": "builtin://tiny-llama", "baseModelRevision": "v1"}
+    done = _run(_body(), jobs, pods, artifact=artifact)
+    assert done.status["phase"] == "Succeeded"
+    adapter = next(o for o in done.create if o["kind"] == "LoRAAdapter")
+    assert adapter["spec"]["source"]["sha256"] == "a" * 64
+    assert adapter["spec"]["servingName"] == "quickstart" and "ownerReferences" not in \
+        adapter["metadata"]
+    bad = _run(_body(), jobs, pods, error="manifest missing")
+    assert bad.status["phase"] == "Failed"
+    assert _cond(bad, "ArtifactPublished")["reason"] == "ArtifactInvalid"
+
+
+def test_unschedulable_and_suspend():
+    pod = _pod("quickstart-lora-0", "Pending")
+    pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False",
+                                    "reason": "Unschedulable", "message": "0/4 nodes: GPUs"}]
+    plan = _run(_body(), [_job(0)], [pod])
+    assert _cond(plan, "Ready")["reason"] == "Unschedulable"
+    assert _cond(plan, "Ready")["message"] == "0/4 nodes: GPUs"
+    plan = _run(_body(scheduling={"suspend": True}), [_job(0)], [_pod("quickstart-lora-0")])
+    assert plan.patches and plan.patches[0][1] == {"spec": {"suspend": True}}
+
+
+def test_condition_transition_time_moves_only_on_flip():
+    from kubetune_operator.conditions import set_condition
+
+    conds = []
+    assert set_condition(conds, "Ready", False, "A", "m", 1, NOW)
+    assert not set_condition(conds, "Ready", False, "A", "m", 1, NOW + timedelta(hours=1))
+    assert set_condition(conds, "Ready", False, "B", "m", 1, NOW + timedelta(hours=1))
+    assert conds[0]["lastTransitionTime"] == "2026-11-28T12:00:00Z"
+    assert set_condition(conds, "Ready", True, "B", "m", 1, NOW + timedelta(hours=2))
+    assert conds[0]["lastTransitionTime"] == "2026-11-28T14:00:00Z"
+
+
+def test_multi_node_job_is_indexed_with_rendezvous():
+    body = _body(resources={"nodes": 2, "gpusPerNode": 8})
+    plan = _run(body)
+    service = next(o for o in plan.create if o["kind"] == "Service")
+    job = next(o for o in plan.create if o["kind"] == "Job")
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "quickstart-lora-0"
+    args = pod["containers"][0]["args"]
+    assert "--nnodes=2" in args and "--nproc_per_node=8" in args
+    assert "--node_rank=$(JOB_COMPLETION_INDEX)" in args
+    assert "--master_addr=quickstart-lora-0-0.quickstart-lora-0" in args
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_ttl_deletes_finished_job_and_long_names_are_invalid():
+    body = _body(ttlSecondsAfterFinished=10)
+    body["metadata"]["name"] = "n" * 51
+    plan = _run(body)
+    assert plan.status["phase"] == "Failed" and not plan.create
+    assert plan.requeue_after == pytest.approx(10)
+    body["status"] = plan.status
+    later = _run(body, now=NOW + timedelta(seconds=11))
+    assert later.delete_self
