@@ -41,3 +41,18 @@ def test_kubetune_command_has_dev_cluster_subcommands():
     assert proc.returncode == 0
     for action in ("up", "down", "env", "status", "build"):
         assert action in proc.stdout
+
+
+def test_operator_imports_without_torch():
+    code = ("import sys, kubetune_operator.main, kubetune_operator.controller, "
+            "kubetune_operator.handlers.finetunejob; "
+            "bad = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_trainer_never_imports_kopf():
+    code = ("import sys, kubetune_trainer.train, kubetune_trainer.local, kubetune_trainer.merge; "
+            "sys.exit(1 if 'kopf' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
