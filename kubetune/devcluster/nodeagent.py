@@ -253,7 +253,8 @@ class PodRun:
         spec_file = self.dir / f"{name}.exec.json"
         spec_file.write_text(json.dumps({"mounts": mounts, "env": env, "argv": argv,
                                          "cwd": "/",  # a container's default
-                                         "workingDir": ctr.get("workingDir")}))
+                                         "workingDir": ctr.get("workingDir"),
+                                         "imagePaths": image_paths()}))
         started = _now()
         with open(logfile, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "kubetune.devcluster.podexec",
@@ -572,6 +573,19 @@ class PodRun:
             else:
                 self.log.warning("Failed to write pod status", status=exc.status,
                                  error=exc.reason)
+
+
+def image_paths() -> list[str]:
+    """What the "image" (this machine's Python environment) needs visible in every pod."""
+    import kubetune
+
+    paths = [sys.prefix, str(Path(kubetune.__file__).resolve().parents[1])]
+    paths += [p for p in sys.path if p and os.path.isdir(p)]
+    out: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in paths}, key=len):
+        if not any(path == o or path.startswith(o + "/") for o in out):
+            out.append(path)  # parents first; children are covered by them
+    return out
 
 
 def _killpg(pid: int, sig: int) -> None:

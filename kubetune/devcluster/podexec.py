@@ -62,14 +62,22 @@ def main(argv: list[str]) -> int:
     if not spec.get("workingDir"):
         os.chdir(spec["cwd"])  # before mounts: a volume at /tmp may hide the pod's folder
     if spec["mounts"]:
+        enter_private_mount_namespace()
         # Hold every source open first and mount through /proc/self/fd: a mount that covers
         # a parent folder of a later source (an emptyDir at /tmp) must not hide that source.
-        enter_private_mount_namespace()
         held = [(os.open(m["source"], os.O_PATH), m) for m in spec["mounts"]]
+        # The "image" is this machine: paths its Python needs (the venv, the source tree) that
+        # a volume covers (an emptyDir at /tmp over a checkout in /tmp) are bound back on top.
+        targets = [m["target"].rstrip("/") or "/" for m in spec["mounts"]]
+        covered = [p for p in spec.get("imagePaths", [])
+                   if any(p == t or p.startswith(t.rstrip("/") + "/") for t in targets)]
+        restore = [(os.open(p, os.O_PATH), p) for p in covered]
         for fd, mount in held:
             bind(f"/proc/self/fd/{fd}", mount["target"], mount.get("readOnly", False),
                  is_dir=os.path.isdir(mount["source"]))
-        for fd, _ in held:
+        for fd, path in restore:
+            bind(f"/proc/self/fd/{fd}", path, True, is_dir=True)
+        for fd, _ in held + restore:
             os.close(fd)
     if spec.get("workingDir"):
         os.chdir(spec["workingDir"])
