@@ -182,3 +182,28 @@ def test_deleting_the_finetunejob_deletes_its_jobs(cluster, operator, job_namesp
     wait_for(lambda: not batch.list_namespaced_job(ns).items, message="Jobs garbage-collected")
     wait_for(lambda: not core.list_namespaced_config_map(
         ns, label_selector="kubetune.io/finetunejob=doomed").items, message="ConfigMap gone")
+
+
+def test_metrics_move_with_reconciles(cluster, operator, job_namespace):
+    import re
+    import urllib.request
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def value(text: str, name: str, labels: str) -> float:
+        match = re.search(rf"^{name}\{{{labels}\}} (\S+)$", text, flags=re.M)
+        return float(match.group(1)) if match else 0.0
+
+    before = scrape()
+    ok = 'kind="FineTuneJob",result="success"'
+    apply(cluster, job_namespace, ftj("measured"))
+    wait_for(lambda: status(cluster, job_namespace, "measured").get("phase") == "Running",
+             message="Running")
+    after = scrape()
+    assert value(after, "kubetune_reconciles_total", ok) > value(
+        before, "kubetune_reconciles_total", ok)
+    assert value(after, "kubetune_reconcile_duration_seconds_count", 'kind="FineTuneJob"') > 0
+    assert value(after, "kubetune_finetunejobs", 'phase="Running"') >= 1
+    assert value(after, "kubetune_api_requests_total", 'verb="create"') >= 5
