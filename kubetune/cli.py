@@ -80,6 +80,16 @@ def _operator(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from kubetune_trainer.serve import main as serve_main
+    except ImportError as exc:
+        print(f"kubetune: error: `kubetune serve` needs the trainer: pip install "
+              f"'kubetune[trainer]' ({exc})", file=sys.stderr)
+        return 2
+    return serve_main(args.serve_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description=(
         "Declarative LLM fine-tuning on Kubernetes: train, verify, serve, promote, roll back."))
@@ -104,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
+    serve = sub.add_parser("serve", add_help=False,
+                           help="OpenAI-compatible server that hot-swaps adapters (vLLM's "
+                                "runtime LoRA API); `kubetune serve --help` for options")
+    serve.add_argument("serve_args", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=_serve)
+
     op = sub.add_parser("operator", help="run the kubetune operator (kopf)")
     try:
         from kubetune_operator.main import build_parser as operator_parser
@@ -116,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # every option belongs to the server's own parser
+        return _serve(argparse.Namespace(serve_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -1,0 +1,175 @@
+"""`kubetune serve` as a real process: vLLM's runtime LoRA API over every method we train, loads
+straight from S3 with manifest verification, no cross-talk under concurrent requests, limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from adapterfactory import make_adapter, published
+from kubetune_trainer.storage import Storage
+
+pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+
+PROMPT = "What color is the apple?"
+
+
+def call(url: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read().decode()
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def complete(url: str, model: str, prompt: str = PROMPT) -> str:
+    status, body = call(url, "/v1/completions", {"model": model, "prompt": prompt,
+                                                 "max_tokens": 8, "temperature": 0})
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+@pytest.fixture(scope="module")
+def server(s3_server, tmp_path_factory):
+    from kubetune.devcluster import procs
+
+    port = procs.free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, **s3_server.env()}
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve",
+                             "--model", "builtin://tiny-llama", "--revision", "v1",
+                             "--served-model-name", "base", "--host", "127.0.0.1",
+                             f"--port={port}", "--max-loras=5", "--max-lora-rank=16",
+                             f"--cache-dir={log.parent / 'cache'}"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def storage(s3_server):
+    return Storage(s3_server.endpoint, access_key=s3_server.access_key,
+                   secret_key=s3_server.secret_key)
+
+
+def test_every_method_hot_swaps_and_changes_the_output(server, storage, s3_server, tmp_path):
+    base_text = complete(server, "base")
+    outputs = {}
+    for method in ("LoRA", "IA3", "PrefixTuning", "Adapter"):
+        uri, _ = published(storage, s3_server.bucket, tmp_path, method, seed=3)
+        name = f"ad-{method.lower()}"
+        status, text = call(server, "/v1/load_lora_adapter", {"lora_name": name,
+                                                              "lora_path": uri})
+        assert status == 200 and "added successfully" in text, text
+        outputs[name] = complete(server, name)
+    _, models = call(server, "/v1/models")
+    ids = [m["id"] for m in models["data"]]
+    assert ids[0] == "base" and models["data"][0]["root"] == "builtin://tiny-llama"
+    assert set(outputs) <= set(ids)
+    for name, text in outputs.items():
+        assert text != base_text, f"{name} produced the base model's output {text!r}"
+    # The base model is untouched by the adapters beside it.
+    assert complete(server, "base") == base_text
+    for name in outputs:
+        status, text = call(server, "/v1/unload_lora_adapter", {"lora_name": name})
+        assert status == 200 and "removed successfully" in text, text
+    _, models = call(server, "/v1/models")
+    assert [m["id"] for m in models["data"]] == ["base"]
+
+
+def test_concurrent_requests_for_different_adapters_do_not_cross_talk(server, tmp_path):
+    # Two LoRAs in one family (shared module tree, switched per request) and a base.
+    for seed, name in ((11, "cc-a"), (12, "cc-b")):
+        path = make_adapter(tmp_path / name, "LoRA", seed=seed)
+        status, text = call(server, "/v1/load_lora_adapter", {"lora_name": name,
+                                                              "lora_path": str(path)})
+        assert status == 200, text
+    prompts = ["What color is the sky?", "Tell me the color of the grass.", PROMPT]
+    expected = {(m, p): complete(server, m, p) for m in ("cc-a", "cc-b", "base") for p in prompts}
+    assert len({expected[(m, PROMPT)] for m in ("cc-a", "cc-b", "base")}) == 3
+    work = [(m, p) for m in ("cc-a", "cc-b", "base") for p in prompts] * 4
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda mp: (mp, complete(server, *mp)), work))
+    for key, text in results:
+        assert text == expected[key], f"{key}: {text!r} != {expected[key]!r}"
+    for name in ("cc-a", "cc-b"):
+        call(server, "/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def test_chat_completions_name_the_adapter(server, tmp_path):
+    path = make_adapter(tmp_path / "chat", "LoRA", seed=5)
+    assert call(server, "/v1/load_lora_adapter", {"lora_name": "chat",
+                                                  "lora_path": str(path)})[0] == 200
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+            "temperature": 0}
+    status, base = call(server, "/v1/chat/completions", {**body, "model": "base"})
+    assert status == 200 and base["object"] == "chat.completion"
+    status, tuned = call(server, "/v1/chat/completions", {**body, "model": "chat"})
+    assert status == 200 and tuned["model"] == "chat"
+    assert tuned["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+    assert tuned["usage"]["completion_tokens"] > 0
+    call(server, "/v1/unload_lora_adapter", {"lora_name": "chat"})
+
+
+def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp_path):
+    status, err = call(server, "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and err["object"] == "error" and "nope" in err["message"]
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "x"})
+    assert status == 400 and "lora_path" in err["message"]
+    status, err = call(server, "/v1/unload_lora_adapter", {"lora_name": "never-loaded"})
+    assert status == 404 and err["type"] == "NotFoundError"
+    # rank above --max-lora-rank
+    wide = make_adapter(tmp_path / "wide", "LoRA", rank=32)
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "wide",
+                                                         "lora_path": str(wide)})
+    assert status == 400 and "max_lora_rank 16" in err["message"], err
+    # a corrupted artifact (one byte changed, same size) is refused and nothing is loaded
+    uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA")
+    key = uri.removeprefix(f"s3://{s3_server.bucket}/") + "/adapter_model.safetensors"
+    data = bytearray(storage.s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
+    data[-1] ^= 0xFF
+    storage.s3.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(data))
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": uri})
+    assert status == 400 and "does not match the manifest" in err["message"], err
+    # duplicate names and --max-loras
+    path = make_adapter(tmp_path / "dup", "LoRA")
+    for i in range(5):
+        assert call(server, "/v1/load_lora_adapter", {"lora_name": f"m{i}",
+                                                      "lora_path": str(path)})[0] == 200
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "m0",
+                                                         "lora_path": str(path)})
+    assert status == 400 and "already been loaded" in err["message"]
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "m5",
+                                                         "lora_path": str(path)})
+    assert status == 400 and "max_loras=5" in err["message"]
+    _, models = call(server, "/v1/models")
+    ids = {m["id"] for m in models["data"]}
+    assert "bad" not in ids and "wide" not in ids and "m5" not in ids
+    for i in range(5):
+        call(server, "/v1/unload_lora_adapter", {"lora_name": f"m{i}"})

@@ -1,0 +1,353 @@
+"""`kubetune serve`: an OpenAI-compatible server on transformers + PEFT that hot-swaps adapters
+of every method we train, speaking vLLM's runtime LoRA API.
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name},
+GET /health. Requests name the adapter in "model" (the base model's served name selects no
+adapter). `lora_path` may be a local folder or an s3:// artifact (downloaded and verified
+against its manifest). Errors have vLLM's shape: {"object": "error", "message", "type",
+"code"}.
+
+The base weights are read once. Methods that rewrite modules in place cannot share one module
+tree, so each method family (LoRA, IA3, prefix tuning, and each bottleneck adapter) gets its
+own in-memory copy of the base, made on first use. Generation is serialised by a lock: an
+adapter is activated and used by one request at a time, so concurrent requests for different
+adapters never see each other's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class ServeError(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+    def body(self) -> dict:
+        return {"object": "error", "message": str(self), "type": self.kind, "code": self.status}
+
+
+@dataclass
+class Loaded:
+    name: str
+    path: str
+    method: str
+    family: str
+    rank: int | None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class AdapterServer:
+    def __init__(self, base_path: Path, served_name: str, max_loras: int = 8,
+                 max_lora_rank: int = 64, cache_dir: Path = Path("/tmp/kubetune-serve"),
+                 model_uri: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_path = base_path
+        self.model_uri = model_uri or str(base_path)
+        self.served_name = served_name
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.cache_dir = cache_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        self.base = AutoModelForCausalLM.from_pretrained(str(base_path))
+        self.base.eval()
+        self.families: dict[str, object] = {}  # family -> model holding its adapters
+        self.adapters: dict[str, Loaded] = {}
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    # ---- adapters --------------------------------------------------------------------------
+    def _resolve(self, lora_path: str) -> Path:
+        if lora_path.startswith("s3://"):
+            from .artifacts import VerificationError, verify
+            from .storage import Storage, StorageError
+
+            dest = self.cache_dir / uuid.uuid4().hex
+            try:
+                verify(lora_path, Storage(), dest)
+            except (VerificationError, StorageError) as exc:
+                raise ServeError(f"cannot load adapter from {lora_path}: {exc}") from None
+            return dest
+        path = Path(lora_path.removeprefix("file://"))
+        if not (path / "adapter_config.json").exists():
+            raise ServeError(f"no adapter_config.json in {lora_path}", 404, "NotFoundError")
+        return path
+
+    def load(self, name: str, lora_path: str) -> str:
+        from .loading import adapter_method
+
+        if not name or not lora_path:
+            raise ServeError("Both 'lora_name' and 'lora_path' must be provided.")
+        self._check_can_load(name)
+        path = self._resolve(lora_path)  # downloads happen outside the lock
+        with self.lock:
+            self._check_can_load(name)
+            config = json.loads((path / "adapter_config.json").read_text())
+            method = adapter_method(path)
+            rank = config.get("r")
+            if rank and rank > self.max_lora_rank:
+                raise ServeError(f"LoRA rank {rank} is greater than max_lora_rank "
+                                 f"{self.max_lora_rank}.")
+            family = {"LoRA": "lora", "IA3": "ia3", "PrefixTuning": "prefix"}.get(
+                method, f"bottleneck:{name}")
+            self._attach(family, name, path, method)
+            self.adapters[name] = Loaded(name, lora_path, method, family, rank)
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    def _check_can_load(self, name: str) -> None:
+        if name in self.adapters or name == self.served_name:
+            raise ServeError(f"The lora adapter '{name}' has already been loaded.")
+        if len(self.adapters) >= self.max_loras:
+            raise ServeError(f"cannot load '{name}': max_loras={self.max_loras} adapters "
+                             f"are loaded; unload one first")
+
+    def _attach(self, family: str, name: str, path: Path, method: str) -> None:
+        from . import bottleneck
+
+        holder = self.families.get(family)
+        try:
+            if method == "Adapter":
+                self.families[family] = bottleneck.load(copy.deepcopy(self.base), path).eval()
+            elif holder is None:
+                from peft import PeftModel
+
+                self.families[family] = PeftModel.from_pretrained(
+                    copy.deepcopy(self.base), str(path), adapter_name=name).eval()
+            else:
+                holder.load_adapter(str(path), adapter_name=name)
+        except ServeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad artifact is the client's error
+            raise ServeError(f"cannot load adapter '{name}': {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+
+    def unload(self, name: str) -> str:
+        with self.lock:
+            loaded = self.adapters.pop(name, None)
+            if loaded is None:
+                raise ServeError(f"The lora adapter '{name}' cannot be found.", 404,
+                                 "NotFoundError")
+            holder = self.families.get(loaded.family)
+            others = [a for a in self.adapters.values() if a.family == loaded.family]
+            if not others:
+                self.families.pop(loaded.family, None)
+            elif hasattr(holder, "delete_adapter"):
+                holder.set_adapter(others[0].name)
+                holder.delete_adapter(name)
+        return f"Success: LoRA adapter '{name}' removed successfully."
+
+    def models(self) -> dict:
+        data = [{"id": self.served_name, "object": "model", "created": self.created,
+                 "owned_by": "kubetune", "root": self.model_uri, "parent": None,
+                 "max_model_len": None}]
+        data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune",
+                  "root": a.path, "parent": self.served_name} for a in self.adapters.values()]
+        return {"object": "list", "data": data}
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, model: str, prompt: str, max_tokens: int, temperature: float) -> tuple:
+        import torch
+
+        with self.lock:
+            if model == self.served_name:
+                target = self.base
+            elif model in self.adapters:
+                loaded = self.adapters[model]
+                target = self.families[loaded.family]
+                if hasattr(target, "set_adapter") and loaded.method != "Adapter":
+                    target.set_adapter(model)
+            else:
+                raise ServeError(f"The model `{model}` does not exist.", 404, "NotFoundError")
+            inputs = self.tokenizer(prompt, return_tensors="pt")
+            kwargs = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+            if temperature and temperature > 0:
+                kwargs.update(do_sample=True, temperature=temperature)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.no_grad():
+                if model != self.served_name and self.adapters[model].method == "PrefixTuning":
+                    out = _decode_full(target, inputs, max_tokens, temperature,
+                                       self.tokenizer.eos_token_id)
+                else:
+                    out = target.generate(**inputs, **kwargs)
+        new = out[0][inputs["input_ids"].shape[1]:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        finish = "stop" if len(new) and new[-1] == self.tokenizer.eos_token_id else "length"
+        return text, finish, int(inputs["input_ids"].shape[1]), int(len(new))
+
+    def completion(self, body: dict, chat: bool) -> dict:
+        model = body.get("model") or self.served_name
+        max_tokens = int(body.get("max_tokens") or 16)
+        temperature = float(body.get("temperature") or 0.0)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ServeError("'messages' must be a non-empty list")
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                        add_generation_prompt=True)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise ServeError("'prompt' must be a string")
+        text, finish, prompt_tokens, completion_tokens = self.generate(model, prompt, max_tokens,
+                                                                       temperature)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                   "finish_reason": finish} if chat else
+                  {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model, "choices": [choice],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _decode_full(model, inputs, max_tokens: int, temperature: float, eos: int | None):
+    """Token-by-token decoding with a full forward per step. PEFT's prefix tuning injects its
+    virtual tokens as past key/values, which transformers 5's generate() drops (it takes the
+    cache under a new name); a plain forward applies them correctly."""
+    import torch
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for _ in range(max_tokens):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
+        if temperature and temperature > 0:
+            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
+        else:
+            token = logits.argmax(dim=-1, keepdim=True)
+        ids = torch.cat([ids, token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        if eos is not None and int(token[0, 0]) == eos:
+            break
+    return ids
+
+
+def make_handler(server: AdapterServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet; errors are in responses
+            pass
+
+        def _send(self, status: int, payload, text: bool = False) -> None:
+            data = (payload if text else json.dumps(payload)).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _body(self) -> dict:
+            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                return json.loads(self.rfile.read(length) or b"{}")
+            except ValueError:
+                raise ServeError("request body is not valid JSON") from None
+
+        def do_GET(self):  # noqa: N802
+            if self.path == "/health":
+                self._send(200, "", text=True)
+            elif self.path == "/v1/models":
+                self._send(200, server.models())
+            else:
+                self._send(404, ServeError(f"no route {self.path}", 404, "NotFoundError").body())
+
+        def do_POST(self):  # noqa: N802
+            try:
+                body = self._body()
+                if self.path == "/v1/load_lora_adapter":
+                    self._send(200, server.load(body.get("lora_name", ""),
+                                                body.get("lora_path", "")), text=True)
+                elif self.path == "/v1/unload_lora_adapter":
+                    self._send(200, server.unload(body.get("lora_name", "")), text=True)
+                elif self.path == "/v1/completions":
+                    self._send(200, server.completion(body, chat=False))
+                elif self.path == "/v1/chat/completions":
+                    self._send(200, server.completion(body, chat=True))
+                else:
+                    raise ServeError(f"no route {self.path}", 404, "NotFoundError")
+            except ServeError as exc:
+                self._send(exc.status, exc.body())
+            except Exception as exc:  # noqa: BLE001
+                self._send(500, ServeError(f"{type(exc).__name__}: {exc}", 500,
+                                           "InternalServerError").body())
+
+    return Handler
+
+
+def build(model_uri: str, revision: str | None, served_name: str | None, host: str, port: int,
+          max_loras: int, max_lora_rank: int, cache_dir: Path) -> ThreadingHTTPServer:
+    """Resolve the base model (builtin://, s3://, file://, hf://), load it once, bind."""
+    from .sources import resolve_model
+    from .storage import Storage
+
+    base_path = resolve_model(model_uri, revision, cache_dir, Storage())
+    server = AdapterServer(base_path, served_name or model_uri, max_loras, max_lora_rank,
+                           cache_dir / "adapters", model_uri=model_uri)
+    httpd = ThreadingHTTPServer((host, port), make_handler(server))
+    httpd.daemon_threads = True
+    httpd.adapter_server = server  # type: ignore[attr-defined]
+    return httpd
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import os
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="kubetune serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=os.environ.get("KUBETUNE_MODEL"),
+                        help="base model URI (builtin://, s3://, file://, hf://); "
+                             "default $KUBETUNE_MODEL")
+    parser.add_argument("--revision", default=os.environ.get("KUBETUNE_MODEL_REVISION"))
+    parser.add_argument("--served-model-name", default=None,
+                        help="name of the base model in the API (default: the model URI)")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-loras", type=int, default=8)
+    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(os.environ.get("KUBETUNE_CACHE_DIR", "/tmp/kubetune-serve")))
+    args = parser.parse_args(argv)
+    if not args.model:
+        parser.error("--model is required (or set KUBETUNE_MODEL)")
+    from .sources import SourceError
+
+    try:
+        httpd = build(args.model, args.revision, args.served_model_name, args.host, args.port,
+                      args.max_loras, args.max_lora_rank, args.cache_dir)
+    except SourceError as exc:
+        print(f"kubetune serve: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - a model that does not load: one line, exit 1
+        print(f"kubetune serve: error: cannot load {args.model}: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0][:500] if str(exc) else ''}", file=sys.stderr)
+        return 1
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(json.dumps({"event": "serving", "model": args.model, "host": args.host,
+                      "port": args.port}), flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
