@@ -138,7 +138,8 @@ class LoRAAdapterSpec(KubeModel):
 
 class ReplicaCounts(KubeModel):
     desired: Annotated[int, Field(ge=0)] = 0
-    """Ready serving replicas that should have the adapter."""
+    """Serving replicas that should have the adapter (the Deployment's replicas, or more ready
+    pods while a rollout surges)."""
     loaded: Annotated[int, Field(ge=0)] = 0
     """Replicas confirmed (via /v1/models) to serve it."""
     failed: Annotated[int, Field(ge=0)] = 0

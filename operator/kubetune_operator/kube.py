@@ -22,6 +22,7 @@ class Kube:
         self.batch = client.BatchV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.apps = client.AppsV1Api(api)
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -67,6 +68,11 @@ class Kube:
         try:
             if kind == "Job":
                 self.batch.patch_namespaced_job(name, ns, patch)
+            elif kind == "Deployment":
+                self.apps.patch_namespaced_deployment(name, ns, patch)
+            elif kind in PLURALS:
+                self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
+                                                           name, patch)
             else:
                 raise ValueError(f"no patch for kind {kind}")
         except ApiException as exc:
@@ -100,6 +106,31 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    def get_deployment(self, ns: str, name: str) -> dict | None:
+        self._count("get")
+        try:
+            return self.api.sanitize_for_serialization(
+                self.apps.read_namespaced_deployment(name, ns))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get_job(self, ns: str, name: str) -> dict | None:
+        self._count("get")
+        try:
+            return self.api.sanitize_for_serialization(self.batch.read_namespaced_job(name, ns))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def pods(self, ns: str, match_labels: dict[str, str]) -> list[dict]:
+        self._count("list")
+        selector = ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
+        items = self.core.list_namespaced_pod(ns, label_selector=selector)
+        return [self.api.sanitize_for_serialization(i) for i in items.items]
 
     def secret_data(self, ns: str, name: str) -> dict[str, str]:
         import base64

@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from . import logs, metrics
     from .cache import Caches
     from .controller import FineTuneJobController
+    from .adapters import LoRAAdapterController
     from .handlers import finetunejob as ftj_handlers
+    from .handlers import loraadapter as adapter_handlers
     from .kube import Kube
     from .settings import OperatorSettings
 
@@ -73,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     controller = FineTuneJobController(kube, settings, caches)
     registry = kopf.OperatorRegistry()
     ftj_handlers.register(registry, controller)
+    adapters = LoRAAdapterController(kube, settings)
+    adapter_handlers.register(registry, adapters)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs):
@@ -104,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                     owner = (namespace, obj["metadata"]["labels"]["kubetune.io/finetunejob"])
                     store.put(owner, obj)
         controller.queue.start()
+        adapters.queue.start()
         log.info("Started operator", namespaces=controller.settings.namespaces or "all")
 
     metrics.serve(settings.metrics_port, args.bind)

@@ -38,6 +38,23 @@ def observe_phase(key, phase: str | None) -> None:
             FINETUNEJOBS.labels(phase=phase).set(_phase_counts[phase])
 
 
+_adapters: dict = {}
+
+
+def observe_adapter(key, where: tuple | None) -> None:
+    """Per-target totals of loaded/failed/desired replicas over every adapter on it.
+    `where` is (namespace, deployment, {desired, loaded, failed}); None forgets the adapter."""
+    with _lock:
+        old = _adapters.pop(key, None)
+        if where is not None:
+            _adapters[key] = where
+        for ns, target in {(w[0], w[1]) for w in (old, where) if w}:
+            for state in ("desired", "loaded", "failed"):
+                total = sum(w[2].get(state, 0) for w in _adapters.values()
+                            if (w[0], w[1]) == (ns, target))
+                ADAPTER_REPLICAS.labels(namespace=ns, target=target, state=state).set(total)
+
+
 @contextmanager
 def reconcile_timer(kind: str):
     result = {"value": "success"}

@@ -31,6 +31,14 @@ class OperatorSettings(BaseSettings):
     """Node selector added to GPU pods unless the spec sets one."""
     retry_base_seconds: Optional[int] = None
     """Override every job's retryPolicy.backoffSeconds (tests)."""
+    adapter_resync_seconds: float = Field(default=30.0, gt=0)
+    """How often each served adapter is re-checked on every replica (drift repair)."""
+    vllm_adapter_dir: str = "/adapters"
+    """Folder, shared with the sync sidecar, where vLLM pods find adapter files."""
+    engine_load_timeout_seconds: float = Field(default=300.0, gt=0)
+    """How long one load call to a serving engine may take."""
+    merge_node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node selector of merge Jobs (merged mode)."""
     health_port: int = 8080
     """Port of /healthz."""
     metrics_port: int = 8081

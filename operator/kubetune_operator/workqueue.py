@@ -54,3 +54,53 @@ class DelayQueue:
                 self.handler(key)
             except Exception:  # noqa: BLE001 - the handler logs; a failure must not kill us
                 self.add_after(key, 10)
+
+
+class WorkQueue:
+    """Keys reconciled by a small worker pool, each key by one worker at a time. Adding a key
+    that is running marks it dirty: it runs once more when the current run ends. Bursts of
+    events for one key collapse into one run; `add(key, delay)` schedules a later look."""
+
+    def __init__(self, handler: Callable[[Hashable], None], workers: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.handler = handler
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kubetune-adapter")
+        self._running: set = set()
+        self._dirty: set = set()
+        self._lock = threading.Lock()
+        self._delay = DelayQueue(self._submit)
+
+    def start(self) -> None:
+        self._delay.start()
+
+    def stop(self) -> None:
+        self._delay.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def add(self, key: Hashable, delay: float = 0.0) -> None:
+        if delay > 0:
+            self._delay.add_after(key, delay)
+        else:
+            self._submit(key)
+
+    def _submit(self, key: Hashable) -> None:
+        with self._lock:
+            if key in self._running:
+                self._dirty.add(key)
+                return
+            self._running.add(key)
+        self._pool.submit(self._run, key)
+
+    def _run(self, key: Hashable) -> None:
+        try:
+            self.handler(key)
+        except Exception:  # noqa: BLE001 - the handler logs; retry later
+            self._delay.add_after(key, 10)
+        finally:
+            with self._lock:
+                self._running.discard(key)
+                again = key in self._dirty
+                self._dirty.discard(key)
+        if again:
+            self._submit(key)

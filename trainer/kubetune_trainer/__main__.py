@@ -15,10 +15,17 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--config", required=True, type=Path)
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. training.maxSteps=10")
-    merge = sub.add_parser("merge", help="merge an adapter folder into its base model folder")
-    merge.add_argument("--base", required=True, type=Path)
-    merge.add_argument("--adapter", required=True, type=Path)
-    merge.add_argument("--out", required=True, type=Path)
+    merge = sub.add_parser("merge", help="merge an adapter into its base model: local folders "
+                                         "(--base/--adapter/--out) or URIs (--base-uri/"
+                                         "--adapter-uri/--out-uri, verified and published)")
+    merge.add_argument("--base", type=Path)
+    merge.add_argument("--adapter", type=Path)
+    merge.add_argument("--out", type=Path)
+    merge.add_argument("--base-uri")
+    merge.add_argument("--revision", default=None)
+    merge.add_argument("--adapter-uri")
+    merge.add_argument("--out-uri")
+    merge.add_argument("--work-dir", type=Path, default=Path("/tmp/kubetune-merge"))
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     verify = sub.add_parser("verify", help="check an artifact against its manifest")
     verify.add_argument("uri")
@@ -48,13 +55,30 @@ def main(argv: list[str] | None = None) -> int:
 
         return run(cfg)
     if args.command == "merge":
-        from .merge import MergeError, main_merge
+        from .merge import MergeError, main_merge, publish_merged
+
+        uris = (args.base_uri, args.adapter_uri, args.out_uri)
+        folders = (args.base, args.adapter, args.out)
+        if not (all(uris) or all(folders)):
+            parser.error("merge: give --base/--adapter/--out or --base-uri/--adapter-uri/"
+                         "--out-uri")
+        from .artifacts import VerificationError
+        from .sources import SourceError
+        from .storage import StorageError
 
         try:
-            print(json.dumps(main_merge(args.base, args.adapter, args.out, args.dtype)))
-        except MergeError as exc:
+            if all(uris):
+                result = publish_merged(args.base_uri, args.revision, args.adapter_uri,
+                                        args.out_uri, args.dtype, args.work_dir)
+            else:
+                result = main_merge(args.base, args.adapter, args.out, args.dtype)
+        except (MergeError, VerificationError, SourceError) as exc:
             print(f"kubetune-trainer: error: {exc}", file=sys.stderr)
             return 2
+        except StorageError as exc:
+            print(f"kubetune-trainer: error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(result))
         return 0
     from .artifacts import VerificationError, verify as verify_artifact
     from .storage import Storage, StorageError

@@ -94,3 +94,34 @@ def main_merge(base_path: Path, adapter_dir: Path, out: Path, dtype: str) -> dic
     merged.save_pretrained(str(out), safe_serialization=True, max_shard_size="1MB")
     tokenizer.save_pretrained(str(out))
     return {"out": str(out), "maxLogitDiff": diff}
+
+
+def publish_merged(base_uri: str, revision: str | None, adapter_uri: str, out_uri: str,
+                   dtype: str, work: Path) -> dict:
+    """`python -m kubetune_trainer merge --adapter-uri`: the merge Job of a LoRAAdapter in
+    merged mode. Verifies the adapter against its manifest, merges into the original-precision
+    base, checks the logits, uploads the merged model with a manifest naming the adapter."""
+    from . import artifacts
+    from .sources import resolve_model
+    from .storage import Storage
+
+    storage = Storage()
+    adapter_dir = work / "adapter"
+    manifest, digest = artifacts.verify(adapter_uri, storage, adapter_dir)
+    base_path = resolve_model(base_uri, revision, work / "cache", storage)
+    method = manifest["method"]["type"]
+    merged, tokenizer, diff = merge(base_path, adapter_dir, method, dtype)
+    tolerance = MERGE_TOLERANCE[dtype]
+    if diff > tolerance:
+        raise MergeError(f"merged logits differ from base + adapter by {diff:.2e} "
+                         f"(> {tolerance:.0e} for {dtype})")
+    out = work / "merged"
+    merged.save_pretrained(str(out), safe_serialization=True, max_shard_size="1MB")
+    tokenizer.save_pretrained(str(out))
+    merged_manifest = artifacts.build_manifest(
+        out, kind="merged-model", method={"type": method},
+        base_model={"uri": base_uri, "revision": revision}, dataset=None,
+        metrics={"maxLogitDiff": diff, "tolerance": tolerance, "dtype": dtype},
+        extra={"adapterUri": adapter_uri, "adapterSha256": digest})
+    sha = artifacts.upload(out, merged_manifest, out_uri, storage)
+    return {"uri": out_uri, "manifestSha256": sha, "maxLogitDiff": diff}

@@ -1,0 +1,333 @@
+"""LoRAAdapter controller glue: observe (artifact, target Deployment, every ready serving pod's
+/v1/models), ask the pure reconcile what to load or unload, do it on every replica in
+parallel, observe again, write the status rebuilt from what the replicas now say.
+
+Every adapter with a target is looked at again every `adapter_resync_seconds`: a replica that
+restarted and lost the adapter, or a new replica, is found and repaired without any event."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+
+import structlog
+
+from kubetune.api.validation import SpecError, parse
+
+from . import conditions as cond
+from . import metrics
+from .cache import Key
+from .engine import Engine, EngineError
+from .kube import Kube
+from .merged import MergedRollout
+from .reconcile import loraadapter as rec
+from .settings import OperatorSettings
+from .verification import Verifier
+from .workqueue import WorkQueue
+
+log = structlog.get_logger("kubetune.operator")
+TRANSIENT = ("StorageError", "SourceNotReady")
+
+
+def _ready(pod: dict) -> bool:
+    status = pod.get("status") or {}
+    return not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" \
+        and bool(status.get("podIP")) and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or [])
+
+
+class LoRAAdapterController:
+    def __init__(self, kube: Kube, settings: OperatorSettings, workers: int = 4):
+        self.kube = kube
+        self.settings = settings
+        self.adapters: dict[Key, dict] = {}
+        self.selectors: dict[Key, dict[str, str]] = {}
+        self.verifier = Verifier()
+        self.queue = WorkQueue(self.reconcile, workers)
+        self.calls = ThreadPoolExecutor(16, thread_name_prefix="kubetune-engine")
+        self.merged = MergedRollout(kube, settings)
+
+    # ---- events ----------------------------------------------------------------------------
+    def on_adapter(self, event_type: str, body: dict) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.adapters.pop(key, None)
+            self.selectors.pop(key, None)
+            metrics.observe_adapter(key, None)
+        else:
+            self.adapters[key] = body
+            self.queue.add(key)
+        self._poke_group(body)
+
+    def on_pod(self, event_type: str, pod: dict) -> None:
+        ns = pod["metadata"]["namespace"]
+        labels = pod["metadata"].get("labels") or {}
+        for key, selector in list(self.selectors.items()):
+            if key[0] == ns and selector and all(labels.get(k) == v for k, v in selector.items()):
+                self.queue.add(key, 0.2)  # a burst of pod updates becomes one look
+
+    def _poke_group(self, body: dict) -> None:
+        ns = body["metadata"]["namespace"]
+        for key, other in list(self.adapters.items()):
+            if key[0] == ns and rec.same_group(body, other):
+                self.queue.add(key, 0.1)
+
+    # ---- reconcile -------------------------------------------------------------------------
+    def reconcile(self, key: Key) -> None:
+        with metrics.reconcile_timer("LoRAAdapter") as outcome:
+            body = self.adapters.get(key)
+            if body is None:
+                outcome("skipped")
+                return
+            try:
+                self._reconcile(key, body)
+                outcome("success")
+            except Exception:
+                outcome("error")
+                log.exception("Reconcile failed", kind="LoRAAdapter", namespace=key[0],
+                              name=key[1])
+                self.queue.add(key, 5)
+
+    def _reconcile(self, key: Key, body: dict) -> None:
+        ns, name = key
+        meta = body["metadata"]
+        deleting = bool(meta.get("deletionTimestamp"))
+        now = datetime.now(timezone.utc)
+        errors: list[str] = []
+        adapter = None
+        try:
+            adapter = parse({k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec")})
+        except SpecError as exc:
+            errors = exc.errors
+        if adapter is None:
+            if deleting:
+                self._drop_finalizer(body)
+            else:
+                self._write(body, rec.status(rec.StatusInputs(body, None, errors, None, None,
+                                                              None, None, None, None), now))
+            return
+        spec = adapter.spec
+        if spec.target is not None and not deleting and \
+                rec.FINALIZER not in (meta.get("finalizers") or []):
+            self.kube.patch(body, {"metadata": {"finalizers": [*(meta.get("finalizers") or []),
+                                                               rec.FINALIZER]}})
+        source = self._source_job(ns, body, adapter)
+        v = self._verify(ns, adapter, source)
+        compat = rec.compatibility(adapter, v) if v.ok else None
+        promoted = rec.gates(adapter, (body.get("status") or {}).get("conditions") or [], source)
+        mode = rec.resolve_mode(adapter, v.method) if v.ok else \
+            (spec.mode if spec.mode != "Auto" else None)
+        eligible = v.ok and (compat[0] or not spec.compatibility.enforce) and promoted[0]
+        inputs = rec.StatusInputs(body, adapter, [], v, compat, promoted, mode, None, None)
+
+        if spec.target is None:
+            if deleting:
+                self._drop_finalizer(body)
+            else:
+                self._write(body, rec.status(inputs, now))
+            return
+        if mode == "Merged":
+            inputs.merged = self.merged.reconcile(body, adapter, v, eligible, deleting,
+                                                  storage=self._storage(ns, adapter))
+            if deleting:
+                if inputs.merged.get("finalized"):
+                    self._drop_finalizer(body)
+                else:
+                    self.queue.add(key, 1)
+                return
+            self._write(body, rec.status(inputs, now))
+            self.queue.add(key, 1 if inputs.merged.get("phase") not in ("RolledOut", "Failed")
+                           else self.settings.adapter_resync_seconds)
+            return
+        self._hot_swap(key, body, adapter, v, eligible, inputs, deleting, now)
+
+    def _hot_swap(self, key: Key, body: dict, adapter, v: rec.Verification, eligible: bool,
+                  inputs: rec.StatusInputs, deleting: bool, now: datetime) -> None:
+        ns, name = key
+        spec = adapter.spec
+        target = spec.target
+        deployment = self.kube.get_deployment(ns, target.deployment)
+        if deployment is None:
+            if deleting:
+                self._drop_finalizer(body)
+                return
+            inputs.target_error = ("TargetNotFound", f"deployment {target.deployment} not found "
+                                                     f"in {ns}")
+            self.selectors.pop(key, None)
+            self._write(body, rec.status(inputs, now))
+            self.queue.add(key, self.settings.adapter_resync_seconds)
+            return
+        selector = (target.selector.match_labels if target.selector else
+                    ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels")
+                    or {})
+        self.selectors[key] = selector
+        api_key = None
+        if target.api_key_secret:
+            api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
+        pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
+        # Desired: every replica the Deployment wants (a starting replica lacks the adapter
+        # until it is ready and loaded), or more while a rollout surges.
+        wanted = max(int((deployment.get("spec") or {}).get("replicas", 1) or 0), len(pods))
+        members = [b for k, b in list(self.adapters.items()) if k[0] == ns and
+                   rec.same_group(body, b)]
+        decision = rec.decide(body, eligible, members)
+        if not v.ok and v.reason in TRANSIENT and decision.want == "unload" and not deleting:
+            decision = rec.Decision("hold", v.reason, v.message)  # S3 hiccup: keep serving
+        path = rec.lora_path(adapter, v, self.settings.vllm_adapter_dir) if v.ok else ""
+        inputs.decision, inputs.path = decision, path
+
+        engines = {p["metadata"]["name"]: Engine(p["status"]["podIP"], target.port, api_key,
+                                                 load_timeout=self.settings.
+                                                 engine_load_timeout_seconds) for p in pods}
+        replicas = self._observe(engines)
+        load, unload, replace = rec.actions(replicas, spec.serving_name, path, decision.want)
+        errors: dict[str, rec.Failure] = {}
+        acted = self._act(engines, spec.serving_name, path, load, unload, replace, errors)
+        if acted:
+            fresh = {r.pod: r for r in self._observe({p: engines[p] for p in acted})}
+            replicas = [fresh.get(r.pod, r) for r in replicas]
+        inputs.replicas = replicas
+        inputs.desired = wanted
+        inputs.failures = rec.failures_for(replicas, spec.serving_name, path, decision.want,
+                                           errors, spec.base_model.uri, target.runtime) \
+            if decision.want == "load" else [f for f in errors.values()]
+        for r in load + replace:
+            if r.pod not in errors:
+                self.kube.event(body, "Normal", "LoadedOnReplica",
+                                f"Loaded {spec.serving_name} on pod {r.pod}")
+        for r in unload:
+            if r.pod not in errors:
+                self.kube.event(body, "Normal", "UnloadedFromReplica",
+                                f"Unloaded {spec.serving_name} from pod {r.pod}"
+                                + (f" ({decision.message})" if decision.message else ""))
+        for failure in errors.values():
+            self.kube.event(body, "Warning", "LoadFailed",
+                            f"pod {failure.pod}: {failure.reason}: {failure.message}")
+
+        if deleting:
+            still = [r for r in replicas if r.models and spec.serving_name in r.models]
+            if decision.want == "unload" and not still:
+                self._drop_finalizer(body)
+                metrics.observe_adapter(key, None)
+            else:
+                self.queue.add(key, 1)
+            return
+        status = rec.status(inputs, now)
+        metrics.observe_adapter(key, (ns, target.deployment, status.get("replicas") or {}))
+        self._write(body, status)
+        pending = decision.want == "hold" or bool(load or unload or replace or errors) or \
+            (status.get("replicas") or {}).get("loaded") != \
+            (status.get("replicas") or {}).get("desired")
+        self.queue.add(key, min(self.settings.adapter_resync_seconds, 2.0) if pending else
+                       self.settings.adapter_resync_seconds)
+
+    # ---- replicas --------------------------------------------------------------------------
+    def _observe(self, engines: dict[str, Engine]) -> list[rec.Replica]:
+        def one(item):
+            pod, engine = item
+            try:
+                models, base = engine.models()
+                return rec.Replica(pod, engine.base, models, base)
+            except EngineError as exc:
+                return rec.Replica(pod, engine.base, None, None, str(exc))
+        return list(self.calls.map(one, sorted(engines.items())))
+
+    def _act(self, engines, name, path, load, unload, replace, errors) -> set[str]:
+        def do(item):
+            kind, replica = item
+            engine = engines[replica.pod]
+            try:
+                if kind in ("unload", "replace"):
+                    engine.unload(name)
+                if kind in ("load", "replace"):
+                    engine.load(name, path)
+            except EngineError as exc:
+                errors[replica.pod] = rec.Failure(replica.pod, exc.reason, str(exc))
+        work = [("load", r) for r in load] + [("unload", r) for r in unload] + \
+            [("replace", r) for r in replace]
+        list(self.calls.map(do, work))
+        return {r.pod for _, r in work}
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _source_job(self, ns: str, body: dict, adapter) -> dict | None:
+        ref = adapter.spec.source.from_fine_tune_job
+        name = ref.name if ref else (body["metadata"].get("labels") or {}).get(
+            "kubetune.io/finetunejob")
+        return self.kube.get_custom("FineTuneJob", ns, name) if name else None
+
+    def _storage(self, ns: str, adapter):
+        from kubetune_trainer.storage import Storage
+
+        src = adapter.spec.source
+        secret = src.credentials_secret.name if src.credentials_secret else \
+            self.settings.s3_credentials_secret
+        keys = {}
+        if secret:
+            data = self.kube.secret_data(ns, secret)
+            keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
+                    "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
+        return Storage(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,
+                       retries=2, **keys)
+
+    def _verify(self, ns: str, adapter, source: dict | None) -> rec.Verification:
+        src = adapter.spec.source
+        uri, expected = src.uri, src.sha256
+        if src.from_fine_tune_job is not None:
+            if source is None:
+                return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
+                                        f"{src.from_fine_tune_job.name} not found")
+            artifact = (source.get("status") or {}).get("artifact")
+            if not artifact:
+                return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
+                                        f"{src.from_fine_tune_job.name} has not published an "
+                                        f"artifact yet")
+            uri, expected = artifact["uri"], expected or artifact.get("manifestSha256")
+        try:
+            storage = self._storage(ns, adapter)
+        except Exception as exc:  # noqa: BLE001 - a missing Secret is a status, not a crash
+            return rec.Verification(False, "StorageError", f"S3 credentials: {exc}", uri)
+        return self.verifier.check(uri, expected, storage)
+
+    def _write(self, body: dict, status: dict) -> None:
+        old = body.get("status") or {}
+        if status == old:
+            return
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        # Fields that no longer apply are removed (a merge patch with null).
+        patch = {**{k: None for k in old if k not in status}, **status}
+        self.kube.patch_status("LoRAAdapter", ns, name, patch)
+        self._events(body, old, status)
+        body["status"] = status
+        self._poke_group(body)
+
+    def _events(self, body: dict, old: dict, new: dict) -> None:
+        before = {c["type"]: c for c in old.get("conditions") or []}
+        for c in new.get("conditions") or []:
+            prev = before.get(c["type"])
+            if c["type"] not in ("ArtifactVerified", "Compatible", "Loaded", "RolledOut",
+                                 "Degraded"):
+                continue
+            if prev and (prev.get("status"), prev.get("reason")) == (c["status"], c["reason"]):
+                continue
+            if c["type"] == "Degraded" and c["status"] != "True" and not prev:
+                continue
+            bad = (c["status"] == "False" and c["type"] != "Degraded" and
+                   c["reason"] not in ("ArtifactNotVerified", "Pending", "NoTarget",
+                                       "Superseded", "MergedMode", "PromotionPending")) or \
+                (c["type"] == "Degraded" and c["status"] == "True")
+            text = f"{c['type']}={c['status']} ({c['reason']})" + \
+                (f": {c['message']}" if c.get("message") else "")
+            self.kube.event(body, "Warning" if bad else "Normal", c["reason"], text)
+
+    def _drop_finalizer(self, body: dict) -> None:
+        finalizers = body["metadata"].get("finalizers") or []
+        if rec.FINALIZER in finalizers:
+            self.kube.patch(body, {"metadata": {"finalizers": [
+                f for f in finalizers if f != rec.FINALIZER]}})
+            log.info("Unloaded everywhere; released", namespace=body["metadata"]["namespace"],
+                     name=body["metadata"]["name"])
+
+
+def condition(body: dict, kind: str) -> dict | None:
+    return cond.find((body.get("status") or {}).get("conditions") or [], kind)

@@ -1,0 +1,107 @@
+"""A `kubetune serve` Deployment on the process node agent, and readers of what its replicas
+serve (each pod has its own loopback IP, as a pod IP)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from kubernetes import client
+
+from helpers import wait_for
+
+AGENT = {"kubetune.io/process-agent": "true"}
+PROMPT = "What color is the apple?"
+
+
+def serve_deployment(name: str, replicas: int = 2, model: str = "builtin://tiny-llama",
+                     max_rank: int = 16, endpoint: str = "") -> dict:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                "nodeSelector": AGENT, "terminationGracePeriodSeconds": 5,
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                 "effect": "NoSchedule"}],
+                "containers": [{
+                    "name": "server", "image": "kubetune/serve:test",
+                    "command": ["python", "-m", "kubetune.cli", "serve"],
+                    "args": ["--model", model, "--revision", "v1", "--served-model-name", "base",
+                             "--host", "$(POD_IP)", "--port", "8000",
+                             f"--max-lora-rank={max_rank}", "--cache-dir", "/cache"],
+                    "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {
+                                "fieldPath": "status.podIP"}}},
+                            {"name": "AWS_ENDPOINT_URL_S3", "value": endpoint},
+                            *[{"name": k, "valueFrom": {"secretKeyRef": {"name": "s3-creds",
+                                                                         "key": k}}}
+                              for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]],
+                    "ports": [{"containerPort": 8000, "name": "http"}],
+                    "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
+                                       "periodSeconds": 1},
+                    "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}],
+                "volumes": [{"name": "cache", "emptyDir": {}}]}}}}
+
+
+def create_deployment(cluster, ns: str, body: dict) -> None:
+    client.AppsV1Api(cluster.api).create_namespaced_deployment(ns, body)
+
+
+def ready_pods(cluster, ns: str, app: str) -> list[dict]:
+    pods = client.CoreV1Api(cluster.api).list_namespaced_pod(ns, label_selector=f"app={app}")
+    out = []
+    for p in pods.items:
+        if p.metadata.deletion_timestamp or not p.status.pod_ip:
+            continue
+        if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []):
+            out.append({"name": p.metadata.name, "ip": p.status.pod_ip})
+    return out
+
+
+def wait_ready(cluster, ns: str, app: str, count: int, timeout: float = 180) -> list[dict]:
+    return wait_for(lambda: (pods := ready_pods(cluster, ns, app)) and len(pods) == count
+                    and pods, timeout=timeout, message=f"{count} ready {app} pods")
+
+
+def call(ip: str, path: str, body: dict | None = None, timeout: float = 60):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://{ip}:8000{path}", data=data,
+                                 method="POST" if data else "GET",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status = resp.read().decode(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def models(ip: str) -> set[str]:
+    return {m["id"] for m in call(ip, "/v1/models", timeout=5)[1]["data"] if m.get("parent")}
+
+
+def complete(ip: str, model: str, prompt: str = PROMPT) -> str:
+    status, body = call(ip, "/v1/completions", {"model": model, "prompt": prompt,
+                                                "max_tokens": 8, "temperature": 0})
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def adapter(cluster, ns: str, name: str) -> dict:
+    return client.CustomObjectsApi(cluster.api).get_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters", name)
+
+
+def condition(obj: dict, kind: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or []
+                 if c["type"] == kind), {})
+
+
+def events(cluster, ns: str, name: str) -> list:
+    return [e for e in client.CoreV1Api(cluster.api).list_namespaced_event(ns).items
+            if e.involved_object.name == name]

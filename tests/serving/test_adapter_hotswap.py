@@ -1,0 +1,171 @@
+"""LoRAAdapter hot-swap against the real control plane: `kubetune serve` replicas run by the
+process node agent, the operator loads the adapter on every replica and keeps per-replica truth
+through restarts, scale-out, drift and deletion."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kubernetes import client, watch
+
+from adapterfactory import published
+from helpers import wait_for
+from kubetune_trainer.storage import Storage
+from servingutil import (adapter, complete, condition, create_deployment, events, models,
+                         ready_pods, serve_deployment, wait_ready)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def storage(s3_server):
+    return Storage(s3_server.endpoint, access_key=s3_server.access_key,
+                   secret_key=s3_server.secret_key)
+
+
+def lora_adapter(name: str, uri: str, deployment: str, **spec) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "LoRAAdapter",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+                     "source": {"uri": uri}, "servingName": name,
+                     "target": {"deployment": deployment, "runtime": "kubetune"}, **spec}}
+
+
+def apply(cluster, ns: str, obj: dict) -> None:
+    client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters", obj)
+
+
+class StatusRecorder:
+    """Every loadedReplicas value the adapter's status takes, read from a watch."""
+
+    def __init__(self, cluster, ns: str, name: str):
+        self.values: list[str] = []
+        self._stop = threading.Event()
+        self._w = watch.Watch()
+        api = client.CustomObjectsApi(cluster.api)
+
+        def run():
+            try:
+                self._stream(api, ns, name)
+            except Exception:  # noqa: BLE001 - stop() cuts the stream
+                if not self._stop.is_set():
+                    raise
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def _stream(self, api, ns, name):
+        for ev in self._w.stream(api.list_namespaced_custom_object, "kubetune.io", "v1alpha1",
+                                 ns, "loraadapters", field_selector=f"metadata.name={name}",
+                                 timeout_seconds=300):
+            value = (ev["object"].get("status") or {}).get("loadedReplicas")
+            if value and (not self.values or self.values[-1] != value):
+                self.values.append(value)
+            if self._stop.is_set():
+                return
+
+    def stop(self):
+        self._stop.set()
+        self._w.stop()
+
+
+def test_hot_swap_per_replica_truth_restart_scale_drift_delete(
+        cluster, operator, job_namespace, storage, s3_server, tmp_path):
+    ns = job_namespace
+    create_deployment(cluster, ns, serve_deployment("srv", 2, endpoint=s3_server.endpoint))
+    pods = wait_ready(cluster, ns, "srv", 2)
+    base_text = complete(pods[0]["ip"], "base")
+    uri, digest = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=7)
+    apply(cluster, ns, lora_adapter("support", uri, "srv", source={"uri": uri, "sha256": digest}))
+
+    done = wait_for(lambda: (a := adapter(cluster, ns, "support")) and
+                    condition(a, "Ready").get("status") == "True" and a, timeout=120,
+                    message="adapter Ready")
+    st = done["status"]
+    assert st["replicas"] == {"desired": 2, "loaded": 2, "failed": 0}
+    assert st["loadedReplicas"] == "2/2" and st["observedGeneration"] == 1
+    assert condition(done, "ArtifactVerified")["reason"] == "Verified"
+    assert st["artifact"]["manifestSha256"] == digest and st["resolvedMode"] == "HotSwap"
+    assert st["servedRevision"] == f"sha256:{digest}"
+    assert "kubetune.io/adapter-unload" in done["metadata"]["finalizers"]
+    for pod in pods:
+        assert "support" in models(pod["ip"])
+        assert complete(pod["ip"], "support") != base_text
+
+    # Restart a replica: the replacement gets the adapter without any user action, and
+    # status shows the dip and the recovery.
+    recorder = StatusRecorder(cluster, ns, "support")
+    victim = pods[0]["name"]
+    client.CoreV1Api(cluster.api).delete_namespaced_pod(victim, ns)
+    wait_for(lambda: (p := ready_pods(cluster, ns, "srv")) and len(p) == 2 and
+             victim not in {x["name"] for x in p}, timeout=120, message="replacement pod")
+    wait_for(lambda: adapter(cluster, ns, "support")["status"]["loadedReplicas"] == "2/2" and
+             all("support" in models(p["ip"]) for p in ready_pods(cluster, ns, "srv")),
+             timeout=60, message="adapter back on 2/2")
+    recorder.stop()
+    assert "1/2" in recorder.values and recorder.values[-1] == "2/2", recorder.values
+    new_pod = next(p for p in ready_pods(cluster, ns, "srv") if p["name"] != pods[1]["name"])
+    assert any(e.reason == "LoadedOnReplica" and new_pod["name"] in e.message
+               for e in events(cluster, ns, "support"))
+
+    # Scale 2 -> 3: the new replica gets the adapter.
+    client.AppsV1Api(cluster.api).patch_namespaced_deployment_scale(
+        "srv", ns, {"spec": {"replicas": 3}})
+    wait_ready(cluster, ns, "srv", 3)
+    wait_for(lambda: adapter(cluster, ns, "support")["status"]["replicas"] ==
+             {"desired": 3, "loaded": 3, "failed": 0}, timeout=60, message="3/3")
+    assert all("support" in models(p["ip"]) for p in ready_pods(cluster, ns, "srv"))
+
+    # Drift: a replica loses the adapter behind the operator's back; it is repaired.
+    drifted = ready_pods(cluster, ns, "srv")[1]
+    from servingutil import call
+    assert call(drifted["ip"], "/v1/unload_lora_adapter", {"lora_name": "support"})[0] == 200
+    wait_for(lambda: "support" in models(drifted["ip"]), timeout=30, message="drift repaired")
+
+    # Delete: unloaded from every replica before the object goes (finalizer).
+    client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters", "support")
+    wait_for(lambda: all("support" not in models(p["ip"])
+                         for p in ready_pods(cluster, ns, "srv")), timeout=60,
+             message="unloaded everywhere")
+    wait_for(lambda: not client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters")["items"], timeout=30,
+        message="adapter deleted")
+
+
+def test_corrupted_artifact_and_rank_above_max_load_nothing(
+        cluster, operator, job_namespace, storage, s3_server, tmp_path):
+    ns = job_namespace
+    create_deployment(cluster, ns, serve_deployment("srv", 1, endpoint=s3_server.endpoint))
+    pods = wait_ready(cluster, ns, "srv", 1)
+    uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=1)
+    key = uri.removeprefix(f"s3://{s3_server.bucket}/") + "/adapter_model.safetensors"
+    data = bytearray(storage.s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x01  # one byte changed, same size
+    storage.s3.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(data))
+    apply(cluster, ns, lora_adapter("corrupt", uri, "srv"))
+    wide_uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", rank=32)
+    apply(cluster, ns, lora_adapter("wide", wide_uri, "srv",
+                                    compatibility={"maxRank": 16}))
+
+    bad = wait_for(lambda: (a := adapter(cluster, ns, "corrupt")) and
+                   condition(a, "ArtifactVerified").get("status") == "False" and a, timeout=60,
+                   message="ArtifactVerified=False")
+    verified = condition(bad, "ArtifactVerified")
+    assert verified["reason"] == "DigestMismatch"
+    assert "adapter_model.safetensors" in verified["message"]
+    assert condition(bad, "Ready")["status"] == "False"
+    assert condition(bad, "Degraded")["status"] == "True"
+    wide = wait_for(lambda: (a := adapter(cluster, ns, "wide")) and
+                    condition(a, "Compatible").get("status") == "False" and a, timeout=60,
+                    message="Compatible=False")
+    assert condition(wide, "Compatible")["reason"] == "RankTooHigh"
+    assert "32" in condition(wide, "Compatible")["message"]
+    assert condition(wide, "ArtifactVerified")["status"] == "True"
+    assert any(e.reason == "RankTooHigh" and e.type == "Warning"
+               for e in events(cluster, ns, "wide"))
+    # Several resyncs later, still nothing is loaded anywhere.
+    import time
+    time.sleep(5)
+    assert models(pods[0]["ip"]) == set()
