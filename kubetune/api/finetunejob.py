@@ -358,6 +358,14 @@ class OutputSpec(KubeModel):
     """Also produce a merged model."""
 
 
+class EvaluationGateSpec(KubeModel):
+    """A quality gate on the final evaluation, recorded as condition EvalPassed (adapters can
+    require it in spec.promotion.requires)."""
+
+    max_eval_loss: Annotated[float, Field(gt=0)]
+    """EvalPassed is True only when the final eval loss is at most this."""
+
+
 # ---- spec / status --------------------------------------------------------------------------
 class FineTuneJobSpec(KubeModel):
     """A fine-tuning run: what to train, how, on what, and where the result goes."""
@@ -383,6 +391,8 @@ class FineTuneJobSpec(KubeModel):
     """Where the result goes."""
     ttl_seconds_after_finished: Optional[Annotated[int, Field(ge=0, le=31_536_000)]] = None
     """Delete the finished FineTuneJob (never its artifacts) after this many seconds."""
+    evaluation_gate: Optional[EvaluationGateSpec] = None
+    """Quality gate on the final eval loss (condition EvalPassed)."""
 
     rules = (
         Rule("!has(self.output.merge) || !self.output.merge.enabled || "

@@ -128,7 +128,8 @@ class LoRAAdapterController:
                 self._write(body, rec.status(inputs, now))
             return
         if mode == "Merged":
-            inputs.merged = self.merged.reconcile(body, adapter, v, eligible, deleting,
+            decision = rec.decide(body, eligible, self._members(ns, body))
+            inputs.merged = self.merged.reconcile(body, adapter, v, decision, deleting,
                                                   storage=self._storage(ns, adapter))
             if deleting:
                 if inputs.merged.get("finalized"):
@@ -169,9 +170,7 @@ class LoRAAdapterController:
         # Desired: every replica the Deployment wants (a starting replica lacks the adapter
         # until it is ready and loaded), or more while a rollout surges.
         wanted = max(int((deployment.get("spec") or {}).get("replicas", 1) or 0), len(pods))
-        members = [b for k, b in list(self.adapters.items()) if k[0] == ns and
-                   rec.same_group(body, b)]
-        decision = rec.decide(body, eligible, members)
+        decision = rec.decide(body, eligible, self._members(ns, body))
         if not v.ok and v.reason in TRANSIENT and decision.want == "unload" and not deleting:
             decision = rec.Decision("hold", v.reason, v.message)  # S3 hiccup: keep serving
         path = rec.lora_path(adapter, v, self.settings.vllm_adapter_dir) if v.ok else ""
@@ -250,6 +249,11 @@ class LoRAAdapterController:
         return {r.pod for _, r in work}
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _members(self, ns: str, body: dict) -> list[dict]:
+        """The other versions of this adapter's alias on the same target."""
+        return [b for k, b in list(self.adapters.items()) if k[0] == ns and
+                rec.same_group(body, b)]
+
     def _source_job(self, ns: str, body: dict, adapter) -> dict | None:
         ref = adapter.spec.source.from_fine_tune_job
         name = ref.name if ref else (body["metadata"].get("labels") or {}).get(
@@ -296,7 +300,12 @@ class LoRAAdapterController:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         # Fields that no longer apply are removed (a merge patch with null).
         patch = {**{k: None for k in old if k not in status}, **status}
-        self.kube.patch_status("LoRAAdapter", ns, name, patch)
+        # Conditions are one list: a write based on an older object would drop a condition
+        # someone else (an evaluation gate) just added, so the write is conditional.
+        if not self.kube.patch_status("LoRAAdapter", ns, name, patch,
+                                      body["metadata"].get("resourceVersion")):
+            self.queue.add((ns, name), 0.2)  # the newer object's event brings it back
+            return
         self._events(body, old, status)
         body["status"] = status
         self._poke_group(body)

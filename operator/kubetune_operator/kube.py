@@ -79,14 +79,23 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, kind: str, ns: str, name: str, status: dict) -> None:
+    def patch_status(self, kind: str, ns: str, name: str, status: dict,
+                     resource_version: str | None = None) -> bool:
+        """Merge-patch status; with resource_version, only if nobody wrote in between (False
+        on a conflict: the caller looks again at the newer object)."""
         self._count("patch_status")
+        body: dict = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, PLURALS[kind], name, {"status": status})
+                GROUP, VERSION, ns, PLURALS[kind], name, body)
         except ApiException as exc:
+            if exc.status == 409:
+                return False
             if exc.status != 404:
                 raise
+        return True
 
     def delete_custom(self, kind: str, ns: str, name: str) -> None:
         self._count("delete")

@@ -117,8 +117,10 @@ class MergedRollout:
         self.kube = kube
         self.settings = settings
 
-    def reconcile(self, body: dict, adapter, v, eligible: bool, deleting: bool,
+    def reconcile(self, body: dict, adapter, v, decision, deleting: bool,
                   storage=None) -> dict:
+        """`decision` (from the alias group): only the version that should serve switches
+        the Deployment; the others leave it alone."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         target = adapter.spec.target
         deployment = self.kube.get_deployment(ns, target.deployment)
@@ -131,8 +133,10 @@ class MergedRollout:
         if deployment is None:
             return {**state, "phase": "Failed", "reason": "TargetNotFound",
                     "message": f"deployment {target.deployment} not found in {ns}"}
-        if not eligible:
-            return {**state, "phase": "Pending", "reason": "PromotionPending", "message": ""}
+        if decision.want != "load":
+            phase = "Superseded" if decision.reason == "Superseded" else "Pending"
+            reason = decision.reason if decision.reason != "NotPromoted" else "PromotionPending"
+            return {**state, "phase": phase, "reason": reason, "message": decision.message}
         if not self._merged_ready(storage, out_uri, v.digest):
             return {**state, **self._merge(body, adapter, v, out_uri)}
         annotations = deployment["metadata"].get("annotations") or {}

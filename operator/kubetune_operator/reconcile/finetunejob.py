@@ -297,6 +297,7 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
                 setc("Ready", True, "Succeeded", "the adapter is published")
                 status["completionTime"] = old.get("completionTime") or current.finished or \
                     _ts(now)
+                _eval_gate(job, current, conditions, setc)
                 if spec.output.create_adapter:
                     wanted = res.lora_adapter(job, body, artifact)
                     status["adapterRef"] = wanted["metadata"]["name"]
@@ -372,6 +373,22 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
         _expire(plan, job, status, now)
     _transition_events(plan, old, status, terminal_message)
     return plan
+
+
+def _eval_gate(job: FineTuneJob, attempt: Attempt, conditions: list[dict], setc) -> None:
+    """spec.evaluationGate → condition EvalPassed from the final eval loss."""
+    gate = job.spec.evaluation_gate
+    if gate is None:
+        return
+    loss = ((attempt.summary or {}).get("metrics") or {}).get("evalLoss")
+    if loss is None:
+        if not cond.find(conditions, "EvalPassed"):  # the summary is gone with the pod
+            setc("EvalPassed", False, "NoEvalLoss", "the trainer reported no final eval loss")
+        return
+    ok = float(loss) <= gate.max_eval_loss
+    setc("EvalPassed", ok, "EvalLossWithinGate" if ok else "EvalLossAboveGate",
+         f"final eval loss {float(loss):.4f} {'<=' if ok else '>'} maxEvalLoss "
+         f"{gate.max_eval_loss}")
 
 
 def _expire(plan: Plan, job: FineTuneJob, status: dict, now: datetime) -> None:

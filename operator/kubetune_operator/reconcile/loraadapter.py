@@ -171,8 +171,9 @@ def decide(me: dict, eligible: bool, members: list[dict]) -> Decision:
             return Decision("unload", "Deleting", "the adapter is being deleted")
         return Decision("unload", "NotPromoted", "")
     name = winner["metadata"]["name"]
-    ready = (_current(winner, "Ready") or {}).get("status") == "True" and \
-        (_current(winner, "Loaded") or {}).get("status") == "True"
+    ready = (_current(winner, "Ready") or {}).get("status") == "True" and (
+        (_current(winner, "Loaded") or {}).get("status") == "True" or
+        (_current(winner, "RolledOut") or {}).get("status") == "True")
     if ready:
         return Decision("unload", "Superseded", f"superseded by {name} (alias "
                                                 f"{me['spec'].get('alias')})", name)
@@ -343,6 +344,9 @@ def _merged_status(inp, out, setc, finish, promoted, gate_message):
     if phase == "RolledOut":
         setc("RolledOut", True, reason, message)
         return finish(True, "RolledOut", message)
+    if phase == "Superseded":
+        setc("RolledOut", False, "Superseded", message)
+        return finish(True, "Superseded", message)
     setc("RolledOut", False, reason, message)
     if phase == "Failed":
         return finish(False, reason, message, (reason, message))
