@@ -407,6 +407,12 @@ class FineTuneJobSpec(KubeModel):
              "checkpointing",
              lambda s: not (s.method.type == "PrefixTuning" and s.training.gradient_checkpointing),
              field_path=".training.gradientCheckpointing"),
+        Rule("!has(self.evaluationGate) || has(self.dataset.eval) || "
+             "has(self.dataset.evalFraction)",
+             "spec.evaluationGate: needs evaluation data (spec.dataset.eval or "
+             "spec.dataset.evalFraction)",
+             lambda s: s.evaluation_gate is None or s.dataset.eval is not None
+             or s.dataset.eval_fraction is not None, field_path=".evaluationGate"),
     )
 
 

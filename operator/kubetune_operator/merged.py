@@ -99,6 +99,9 @@ def merge_job(body: dict, adapter, digest: str, adapter_uri: str, out_uri: str,
     }
     if settings.merge_node_selector:
         pod_spec["nodeSelector"] = dict(settings.merge_node_selector)
+    if settings.gpu_tolerations:  # merge nodes are usually the GPU nodes
+        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                    "effect": "NoSchedule"}]
     labels = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune",
               "app.kubernetes.io/component": "merge", "kubetune.io/loraadapter": meta["name"]}
     return {"apiVersion": "batch/v1", "kind": "Job",
@@ -183,8 +186,13 @@ class MergedRollout:
                         message = term["message"].strip().splitlines()[-1]
             return {"phase": "Failed", "reason": "MergeFailed",
                     "message": f"merge Job {job['metadata']['name']} failed: {message[:1000]}"}
+        detail = "is running"
+        for pod in self.kube.pods(ns, {"job-name": job["metadata"]["name"]}):
+            for c in (pod.get("status") or {}).get("conditions") or []:
+                if c.get("type") == "PodScheduled" and c.get("reason") == "Unschedulable":
+                    detail = f"is unschedulable: {c.get('message', '')}"
         return {"phase": "Merging", "reason": "Merging",
-                "message": f"merge Job {job['metadata']['name']} is running"}
+                "message": f"merge Job {job['metadata']['name']} {detail}"}
 
     # ---- rollout -------------------------------------------------------------------------
     def _switch(self, deployment, index, container, model, annotations, name, current,

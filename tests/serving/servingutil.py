@@ -105,3 +105,17 @@ def condition(obj: dict, kind: str) -> dict:
 def events(cluster, ns: str, name: str) -> list:
     return [e for e in client.CoreV1Api(cluster.api).list_namespaced_event(ns).items
             if e.involved_object.name == name]
+
+
+def explain(cluster, ns: str, name: str, op) -> str:
+    """The adapter's status, Jobs, pods, Events and the operator's log tail (for failures)."""
+    import json
+
+    a = adapter(cluster, ns, name)
+    jobs = client.BatchV1Api(cluster.api).list_namespaced_job(ns).items
+    pods = client.CoreV1Api(cluster.api).list_namespaced_pod(ns).items
+    return (f"status: {json.dumps(a.get('status'), indent=1)}\njobs: "
+            f"{[(j.metadata.name, j.status.conditions) for j in jobs]}\npods: "
+            f"{[(p.metadata.name, p.status.phase, p.status.container_statuses) for p in pods]}"
+            f"\nevents: {[(e.involved_object.name, e.reason, e.message) for e in client.CoreV1Api(cluster.api).list_namespaced_event(ns).items]}"
+            f"\noperator: {op.tail(30)}")
