@@ -110,8 +110,9 @@ class LoRAAdapterController:
         spec = adapter.spec
         if spec.target is not None and not deleting and \
                 rec.FINALIZER not in (meta.get("finalizers") or []):
-            self.kube.patch(body, {"metadata": {"finalizers": [*(meta.get("finalizers") or []),
-                                                               rec.FINALIZER]}})
+            finalizers = [*(meta.get("finalizers") or []), rec.FINALIZER]
+            version = self.kube.patch(body, {"metadata": {"finalizers": finalizers}})
+            meta.update(finalizers=finalizers, resourceVersion=version)  # our own write
         source = self._source_job(ns, body, adapter)
         v = self._verify(ns, adapter, source)
         compat = rec.compatibility(adapter, v) if v.ok else None

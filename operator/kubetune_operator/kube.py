@@ -62,22 +62,26 @@ class Kube:
             raise
         return True
 
-    def patch(self, obj: dict, patch: dict) -> None:
+    def patch(self, obj: dict, patch: dict) -> str | None:
+        """Patch; returns the new resourceVersion (None if the object is gone)."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
         self._count("patch")
         try:
             if kind == "Job":
-                self.batch.patch_namespaced_job(name, ns, patch)
+                out = self.batch.patch_namespaced_job(name, ns, patch)
             elif kind == "Deployment":
-                self.apps.patch_namespaced_deployment(name, ns, patch)
+                out = self.apps.patch_namespaced_deployment(name, ns, patch)
             elif kind in PLURALS:
-                self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
-                                                           name, patch)
+                out = self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns,
+                                                                 PLURALS[kind], name, patch)
+                return out["metadata"]["resourceVersion"]
             else:
                 raise ValueError(f"no patch for kind {kind}")
         except ApiException as exc:
             if exc.status != 404:
                 raise
+            return None
+        return out.metadata.resource_version
 
     def patch_status(self, kind: str, ns: str, name: str, status: dict,
                      resource_version: str | None = None) -> bool:

@@ -1,0 +1,157 @@
+"""Adapter rollout latency: applying a LoRAAdapter → loaded on every replica (status
+replicas.loaded == desired), versus the bare floor measured in the same run on the same
+replicas: download the artifact from S3 and make one load call.
+
+A fresh dev cluster (real control plane, process node agent, SeaweedFS), a `kubetune serve`
+Deployment with --replicas pods (tiny Llama), the operator with its default settings. Each
+round uses a fresh artifact (nothing cached). Prints medians and the ratio.
+
+    python bench/adapter_load.py [--replicas 2] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from kubernetes import client, config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "serving")]
+
+from adapterfactory import make_adapter, publish  # noqa: E402
+from servingutil import call, ready_pods, serve_deployment  # noqa: E402
+
+from kubetune.devcluster import procs  # noqa: E402
+from kubetune.devcluster.cluster import DevCluster  # noqa: E402
+from kubetune_trainer.storage import Storage  # noqa: E402
+
+
+def wait(predicate, timeout=300, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise SystemExit("timed out")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-adapter-"))
+    dev = DevCluster(work / "cluster")
+    dev.up(progress=lambda m: None)
+    op = None
+    try:
+        env = {**os.environ, **dev.env()}
+        s3 = dev.state().s3_info()
+        storage = Storage(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key)
+        api = config.new_client_from_config(config_file=str(dev.kubeconfig))
+        core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+        custom = client.CustomObjectsApi(api)
+        subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds")], env=env, check=True,
+                       capture_output=True)
+        ns = "bench"
+        core.create_namespace({"metadata": {"name": ns}})
+        wait(lambda: core.list_namespaced_service_account(ns).items, 30, 0.2)
+        core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
+            "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
+        apps.create_namespaced_deployment(ns, serve_deployment("srv", args.replicas,
+                                                               endpoint=s3.endpoint))
+        wait(lambda: len(ready_pods(_Cluster(api), ns, "srv")) == args.replicas, 300, 0.5)
+        pods = ready_pods(_Cluster(api), ns, "srv")
+
+        artifacts = []
+        for i in range(2 * args.rounds):
+            directory = make_adapter(work / f"a{i}", "LoRA", seed=i)
+            uri = f"s3://{s3.bucket}/bench/a{i}"
+            artifacts.append((uri, publish(storage, uri, directory)))
+
+        # (a) the floor: download the artifact, one load call (from the local copy).
+        floor = []
+        for i in range(args.rounds):
+            uri, _ = artifacts[i]
+            t0 = time.monotonic()
+            local = storage.download_prefix(uri, work / f"dl{i}")
+            status, body = call(pods[0]["ip"], "/v1/load_lora_adapter",
+                                {"lora_name": f"floor{i}", "lora_path": str(local)})
+            floor.append(time.monotonic() - t0)
+            assert status == 200, body
+            call(pods[0]["ip"], "/v1/unload_lora_adapter", {"lora_name": f"floor{i}"})
+
+        # (b) the operator: apply → loaded on every replica.
+        health, metrics = procs.free_port(), procs.free_port()
+        op = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator",
+                               f"--namespace={ns}", f"--health-port={health}",
+                               f"--metrics-port={metrics}", "--bind=127.0.0.1"],
+                              env={**env, "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-creds"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), 60, 0.2)
+        operated = []
+        for i in range(args.rounds):
+            uri, digest = artifacts[args.rounds + i]
+            name = f"bench-{i}"
+            t0 = time.monotonic()
+            custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                   "loraadapters", _adapter(name, uri, digest))
+
+            def loaded():
+                st = custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                         "loraadapters", name).get("status") or {}
+                r = st.get("replicas") or {}
+                return r.get("desired") == args.replicas and r.get("loaded") == args.replicas
+            wait(loaded)
+            operated.append(time.monotonic() - t0)
+            custom.delete_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                   "loraadapters", name)
+            wait(lambda: not custom.list_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", ns, "loraadapters")["items"], 60, 0.1)
+        f, o = statistics.median(floor), statistics.median(operated)
+        print(f"LoRA rank 8 on tiny Llama, {args.replicas} kubetune serve replicas, "
+              f"{args.rounds} rounds (medians)")
+        print(f"  floor: S3 download + one load call (1 replica):      {f:6.2f}s")
+        print(f"  kubetune: apply LoRAAdapter -> loaded on {args.replicas}/{args.replicas} "
+              f"(status): {o:6.2f}s   ratio {o / f:.2f}")
+        print(f"  all rounds: floor {[round(x, 2) for x in floor]} operator "
+              f"{[round(x, 2) for x in operated]}")
+    finally:
+        if op is not None:
+            op.terminate()
+            op.wait(timeout=30)
+        dev.down(progress=lambda m: None)
+    return 0
+
+
+class _Cluster:
+    def __init__(self, api):
+        self.api = api
+
+
+def _adapter(name: str, uri: str, digest: str) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "LoRAAdapter",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+                     "source": {"uri": uri, "sha256": digest}, "servingName": name,
+                     "target": {"deployment": "srv"}}}
+
+
+def _ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
