@@ -1,4 +1,5 @@
-"""Write `crds/*.yaml` and `docs/api.md` from the API models.
+"""Write `crds/*.yaml`, `docs/api.md`, the Helm chart's CRD template and the Argo CD
+health-check ConfigMap from the API models and the Lua scripts.
 
     python -m kubetune.api.generate [ROOT]      # ROOT defaults to the repository root
 """
@@ -101,8 +102,41 @@ def api_markdown() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def chart_crds() -> str:
+    """The CRDs as a chart template: installed when crds.enabled, kept on uninstall (and
+    never deleted by an upgrade that disables them) when crds.keep."""
+    out = ["{{- /* " + HEADER.strip().lstrip("# ") + " */ -}}", "{{- if .Values.crds.enabled }}"]
+    for kind in KINDS:
+        body = crd(kind)
+        spec = yaml.safe_dump({"spec": body["spec"]}, sort_keys=False, width=100)
+        out += ["---", f"apiVersion: {body['apiVersion']}", f"kind: {body['kind']}",
+                "metadata:", f"  name: {body['metadata']['name']}",
+                "  labels:", "    {{- include \"kubetune.labels\" . | nindent 4 }}",
+                "  {{- if .Values.crds.keep }}", "  annotations:",
+                "    helm.sh/resource-policy: keep", "  {{- end }}", spec.rstrip("\n")]
+    out.append("{{- end }}")
+    return "\n".join(out) + "\n"
+
+
+def argocd_configmap() -> str:
+    folder = ROOT / "integrations" / "argocd"
+    data = {f"resource.customizations.health.kubetune.io_{kind}":
+            (folder / f"{kind.lower()}-health.lua").read_text() for kind in KINDS}
+    body = {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "argocd-cm", "namespace": "argocd",
+                         "labels": {"app.kubernetes.io/part-of": "argocd"}},
+            "data": data}
+    return HEADER + "# Merge into your argocd-cm (kubectl apply would replace other keys).\n" + \
+        yaml.safe_dump(body, sort_keys=False, width=100, default_style=None)
+
+
 def all_files() -> dict[str, str]:
-    return {**crd_files(), "docs/api.md": api_markdown()}
+    return {**crd_files(), "docs/api.md": api_markdown(),
+            "charts/kubetune/templates/crds.yaml": chart_crds(),
+            "integrations/argocd/argocd-cm.yaml": argocd_configmap()}
 
 
 def main(argv: list[str]) -> int:
