@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         settings.execution.max_workers = 8
         settings.watching.server_timeout = 300
         settings.batching.batch_window = 0.02  # react to an event in ~20 ms, not kopf's 100 ms
+        # Exact namespaces (or cluster-wide): no need to watch Namespaces or CRDs, which a
+        # least-privilege ServiceAccount cannot; glob patterns need the namespace scan.
+        if not any(c in ns for ns in controller.settings.namespaces for c in "*?["):
+            settings.scanning.disabled = True
         # Prime the child caches before the first reconcile: after a restart, the operator
         # must see existing attempts before it decides to create one.
         import fnmatch
