@@ -64,6 +64,9 @@ class AdapterTarget(KubeModel):
     """vllm (runtime LoRA API; serves LoRA only) or kubetune (kubetune serve; every method)."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     """Port of the OpenAI-compatible API on each pod."""
+    sync_port: Annotated[int, Field(ge=1, le=65535)] = 8090
+    """runtime vllm: port of the kubetune adapter-sync sidecar that copies the verified
+    artifact into the folder vLLM loads from (operator setting vllmAdapterDir)."""
     container: Optional[DnsName] = None
     """Container running the model server (merged mode rewrites its model); default: the first."""
     api_key_secret: Optional[SecretRef] = None

@@ -183,7 +183,8 @@ class LoRAAdapterController:
         replicas = self._observe(engines)
         load, unload, replace = rec.actions(replicas, spec.serving_name, path, decision.want)
         errors: dict[str, rec.Failure] = {}
-        acted = self._act(engines, spec.serving_name, path, load, unload, replace, errors)
+        sync = (target.sync_port, v.uri, v.digest) if target.runtime == "vllm" else None
+        acted = self._act(engines, spec.serving_name, path, load, unload, replace, errors, sync)
         if acted:
             fresh = {r.pod: r for r in self._observe({p: engines[p] for p in acted})}
             replicas = [fresh.get(r.pod, r) for r in replicas]
@@ -233,11 +234,15 @@ class LoRAAdapterController:
                 return rec.Replica(pod, engine.base, None, None, str(exc))
         return list(self.calls.map(one, sorted(engines.items())))
 
-    def _act(self, engines, name, path, load, unload, replace, errors) -> set[str]:
+    def _act(self, engines, name, path, load, unload, replace, errors, sync=None) -> set[str]:
+        """Load/unload on replicas in parallel. `sync` (port, uri, digest): vLLM pods get the
+        files from their adapter-sync sidecar first."""
         def do(item):
             kind, replica = item
             engine = engines[replica.pod]
             try:
+                if kind in ("load", "replace") and sync is not None:
+                    engine.sync(sync[0], sync[1], sync[2], path)
                 if kind in ("unload", "replace"):
                     engine.unload(name)
                 if kind in ("load", "replace"):

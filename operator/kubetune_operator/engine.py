@@ -22,12 +22,12 @@ class Engine:
         self.api_key = api_key
         self.timeout, self.load_timeout = timeout, load_timeout
 
-    def _call(self, path: str, body: dict | None, timeout: float):
+    def _call(self, path: str, body: dict | None, timeout: float, base: str | None = None):
         data = json.dumps(body).encode() if body is not None else None
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.base + path, data=data, headers=headers,
+        req = urllib.request.Request((base or self.base) + path, data=data, headers=headers,
                                      method="POST" if body is not None else "GET")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -38,7 +38,8 @@ class Engine:
                 message = json.loads(raw).get("message") or raw
             except (ValueError, AttributeError):
                 message = raw
-            reason = "Unauthorized" if exc.code in (401, 403) else "LoadRejected"
+            reason = "Unauthorized" if exc.code in (401, 403) else \
+                ("SyncFailed" if path == "/v1/sync" else "LoadRejected")
             raise EngineError(reason, f"{path}: HTTP {exc.code}: {str(message)[:1000]}") from None
         except (OSError, TimeoutError) as exc:
             raise EngineError("Unreachable", f"{self.base}{path}: {exc}") from None
@@ -58,6 +59,12 @@ class Engine:
     def load(self, name: str, path: str) -> None:
         self._call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path},
                    self.load_timeout)
+
+    def sync(self, port: int, uri: str, digest: str | None, path: str) -> None:
+        """Ask the adapter-sync sidecar (vLLM pods) to put the verified artifact at `path`."""
+        base = self.base.rsplit(":", 1)[0] + f":{port}"
+        self._call("/v1/sync", {"uri": uri, "sha256": digest, "path": path}, self.load_timeout,
+                   base=base)
 
     def unload(self, name: str) -> None:
         try:

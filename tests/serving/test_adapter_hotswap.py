@@ -92,6 +92,17 @@ def test_hot_swap_per_replica_truth_restart_scale_drift_delete(
     for pod in pods:
         assert "support" in models(pod["ip"])
         assert complete(pod["ip"], "support") != base_text
+    # /metrics: adapters loaded per target, LoRAAdapter reconciles.
+    import re
+    import urllib.request
+    text = urllib.request.urlopen(
+        f"http://127.0.0.1:{operator.metrics_port}/metrics").read().decode()
+    loaded = re.search(r'kubetune_adapter_replicas\{namespace="%s",state="loaded",'
+                       r'target="srv"\} (\S+)' % ns, text)
+    assert loaded and float(loaded.group(1)) == 2.0, text[-2000:]
+    reconciles = re.search(r'kubetune_reconciles_total\{kind="LoRAAdapter",result="success"\}'
+                           r' (\S+)', text)
+    assert reconciles and float(reconciles.group(1)) > 0
 
     # Restart a replica: the replacement gets the adapter without any user action, and
     # status shows the dip and the recovery.
@@ -169,3 +180,45 @@ def test_corrupted_artifact_and_rank_above_max_load_nothing(
     import time
     time.sleep(5)
     assert models(pods[0]["ip"]) == set()
+
+
+def test_vllm_runtime_loads_from_the_sidecar_synced_volume(
+        cluster, operator, job_namespace, storage, s3_server, tmp_path):
+    """runtime vllm: the operator has the adapter-sync sidecar copy the verified artifact into
+    the shared volume, then calls the engine's load API with that folder. vLLM cannot run here
+    (no GPU): the engine container is `kubetune serve`, a STAND-IN speaking the same runtime
+    LoRA API and loading from local folders the way vLLM does."""
+    ns = job_namespace
+    body = serve_deployment("vllm", 1, endpoint=s3_server.endpoint)
+    pod = body["spec"]["template"]["spec"]
+    engine = pod["containers"][0]
+    engine["volumeMounts"].append({"name": "adapters", "mountPath": "/adapters"})
+    sidecar = {"name": "adapter-sync", "image": "kubetune/trainer:test",
+               "command": ["python", "-m", "kubetune_trainer", "adapter-sync", "--dir",
+                           "/adapters", "--host", "$(POD_IP)", "--port", "8090"],
+               "env": engine["env"],
+               "volumeMounts": [{"name": "adapters", "mountPath": "/adapters"}]}
+    pod["containers"].append(sidecar)
+    pod["volumes"].append({"name": "adapters", "emptyDir": {}})
+    create_deployment(cluster, ns, body)
+    ip = wait_ready(cluster, ns, "vllm", 1)[0]["ip"]
+    uri, digest = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=9)
+    apply(cluster, ns, {**lora_adapter("sql", uri, "vllm"), "spec": {
+        **lora_adapter("sql", uri, "vllm")["spec"],
+        "target": {"deployment": "vllm", "runtime": "vllm", "syncPort": 8090}}})
+    ia3_uri, _ = published(storage, s3_server.bucket, tmp_path, "IA3", seed=9)
+    apply(cluster, ns, {**lora_adapter("ia3", ia3_uri, "vllm"), "spec": {
+        **lora_adapter("ia3", ia3_uri, "vllm")["spec"], "mode": "HotSwap",
+        "target": {"deployment": "vllm", "runtime": "vllm"}}})
+    ready = wait_for(lambda: (a := adapter(cluster, ns, "sql")) and
+                     condition(a, "Ready").get("status") == "True" and a, timeout=90,
+                     message="vllm adapter Ready")
+    assert ready["status"]["loadedReplicas"] == "1/1"
+    from servingutil import call
+    listed = {m["id"]: m["root"] for m in call(ip, "/v1/models")[1]["data"]}
+    assert listed["sql"] == f"/adapters/sql-{digest[:12]}"  # a local folder, like vLLM needs
+    bad = wait_for(lambda: (a := adapter(cluster, ns, "ia3")) and
+                   condition(a, "Compatible").get("status") == "False" and a, timeout=60,
+                   message="IA3 not servable by vLLM")
+    assert condition(bad, "Compatible")["reason"] == "MethodNotServable"
+    assert "ia3" not in models(ip)

@@ -1,4 +1,4 @@
-"""`python -m kubetune_trainer train|merge|verify|serve`: the trainer image's entry point."""
+"""`python -m kubetune_trainer train|merge|verify|serve|adapter-sync`: the trainer image's entry point."""
 
 from __future__ import annotations
 
@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--download", type=Path, default=None)
     sub.add_parser("serve", help="the serving runtime (same as `kubetune serve`)",
                    add_help=False)
+    sub.add_parser("adapter-sync", help="sidecar that puts verified S3 adapters where vLLM "
+                                        "can load them", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         from .serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["adapter-sync"]:
+        from .adaptersync import main as sync_main
+
+        return sync_main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "train":
