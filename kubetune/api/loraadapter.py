@@ -192,6 +192,8 @@ class LoRAAdapterStatus(KubeModel):
     """Model revision actually served (Deployment revision in merged mode, manifest digest in hot-swap)."""
     merged_model_uri: Optional[Annotated[str, Field(max_length=1024)]] = None
     """Merged model, in merged mode."""
+    served_target: Optional[DnsName] = None
+    """Deployment the adapter was last served on (a changed spec.target unloads it there)."""
 
 
 class LoRAAdapter(KubeModel):

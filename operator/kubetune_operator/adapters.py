@@ -149,6 +149,12 @@ class LoRAAdapterController:
         ns, name = key
         spec = adapter.spec
         target = spec.target
+        api_key = None
+        if target.api_key_secret:
+            api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
+        moved_from = (body.get("status") or {}).get("servedTarget")
+        left_behind = moved_from if moved_from and moved_from != target.deployment and \
+            not self._unload_from(body, ns, moved_from, adapter, api_key) else None
         deployment = self.kube.get_deployment(ns, target.deployment)
         if deployment is None:
             if deleting:
@@ -164,9 +170,6 @@ class LoRAAdapterController:
                     ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels")
                     or {})
         self.selectors[key] = selector
-        api_key = None
-        if target.api_key_secret:
-            api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
         pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
         # Desired: every replica the Deployment wants (a starting replica lacks the adapter
         # until it is ready and loaded), or more while a rollout surges.
@@ -215,13 +218,38 @@ class LoRAAdapterController:
                 self.queue.add(key, 1)
             return
         status = rec.status(inputs, now)
+        if left_behind:  # not yet unloaded everywhere on the old target: look again
+            status["servedTarget"] = left_behind
         metrics.observe_adapter(key, (ns, target.deployment, status.get("replicas") or {}))
         self._write(body, status)
         pending = decision.want == "hold" or bool(load or unload or replace or errors) or \
+            bool(left_behind) or \
             (status.get("replicas") or {}).get("loaded") != \
             (status.get("replicas") or {}).get("desired")
         self.queue.add(key, min(self.settings.adapter_resync_seconds, 2.0) if pending else
                        self.settings.adapter_resync_seconds)
+
+    def _unload_from(self, body: dict, ns: str, deployment_name: str, adapter, api_key) -> bool:
+        """spec.target changed (promotion to another Deployment): unload from the old one.
+        True when no reachable replica there serves it any more."""
+        old = self.kube.get_deployment(ns, deployment_name)
+        if old is None:
+            return True
+        selector = ((old.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
+        engines = {p["metadata"]["name"]: Engine(p["status"]["podIP"], adapter.spec.target.port,
+                                                 api_key) for p in pods}
+        replicas = self._observe(engines)
+        _, unload, _ = rec.actions(replicas, adapter.spec.serving_name, "", "unload")
+        errors: dict[str, rec.Failure] = {}
+        self._act(engines, adapter.spec.serving_name, "", [], unload, [], errors)
+        for r in unload:
+            if r.pod not in errors:
+                self.kube.event(body, "Normal", "UnloadedFromReplica",
+                                f"Unloaded {adapter.spec.serving_name} from pod {r.pod} of "
+                                f"{deployment_name} (spec.target is now "
+                                f"{adapter.spec.target.deployment})")
+        return not errors
 
     # ---- replicas --------------------------------------------------------------------------
     def _observe(self, engines: dict[str, Engine]) -> list[rec.Replica]:

@@ -230,3 +230,12 @@ def test_training_inputs_immutable_once_started_but_scheduling_mutable(cluster, 
     got = api.get_namespaced_custom_object(*group)
     assert got["spec"]["scheduling"] == {"suspend": True, "queueName": "team-b"}
     assert got["spec"]["method"]["lora"]["r"] == 8
+
+
+SERVING = sorted((ROOT / "examples" / "serving").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SERVING, ids=[p.stem for p in SERVING])
+def test_serving_example_validates_on_the_apiserver(cluster, namespace, path):
+    out = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
+    assert "(server dry run)" in out.stdout

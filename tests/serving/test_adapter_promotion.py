@@ -130,3 +130,29 @@ def test_new_version_replaces_old_without_a_gap_and_revert_restores_it(
     final = adapter(cluster, ns, "support-v3")
     assert condition(final, "EvalPassed")["status"] == "True"  # kept by the operator
     assert condition(final, "Promoted")["status"] == "True"
+
+
+def test_promotion_to_another_target_moves_the_adapter(cluster, operator, job_namespace,
+                                                       s3_server, tmp_path):
+    """Promotion as a Git change of spec.stage/spec.target: candidate on the staging
+    Deployment → production Deployment; it is unloaded from staging once there."""
+    ns = job_namespace
+    custom = client.CustomObjectsApi(cluster.api)
+    storage = Storage(s3_server.endpoint, access_key=s3_server.access_key,
+                      secret_key=s3_server.secret_key)
+    for name in ("staging", "prod"):
+        create_deployment(cluster, ns, serve_deployment(name, 1, endpoint=s3_server.endpoint))
+    staging = wait_ready(cluster, ns, "staging", 1)[0]["ip"]
+    prod = wait_ready(cluster, ns, "prod", 1)[0]["ip"]
+    uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=6)
+    obj = version("sql-v1", uri)
+    obj["spec"].update(stage="candidate", target={"deployment": "staging"})
+    custom.create_namespaced_custom_object(*API, ns, "loraadapters", obj)
+    wait_for(lambda: ready(cluster, ns, "sql-v1") and "sql-v1" in models(staging),
+             timeout=90, message="candidate on staging")
+    custom.patch_namespaced_custom_object(*API, ns, "loraadapters", "sql-v1", {
+        "spec": {"stage": "production", "target": {"deployment": "prod"}}})
+    wait_for(lambda: ready(cluster, ns, "sql-v1") and "sql-v1" in models(prod) and
+             "sql-v1" not in models(staging), timeout=90, message="moved to production")
+    a = adapter(cluster, ns, "sql-v1")
+    assert a["status"]["servedTarget"] == "prod" and a["status"]["observedGeneration"] == 2

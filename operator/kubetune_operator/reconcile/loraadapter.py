@@ -300,6 +300,7 @@ def status(inp: StatusInputs, now: datetime) -> dict:
     loaded = sum(1 for r in inp.replicas if r.models is not None and
                  r.models.get(inp.adapter.spec.serving_name) == inp.path)
     failed = len(inp.failures) if d and d.want == "load" else 0
+    out["servedTarget"] = inp.adapter.spec.target.deployment
     out["replicas"] = {"desired": desired if d and d.want != "unload" else 0,
                        "loaded": loaded, "failed": failed}
     out["loadedReplicas"] = f"{loaded}/{out['replicas']['desired']}"
