@@ -14,7 +14,6 @@ import structlog
 
 from kubetune.api.validation import SpecError, parse
 
-from . import conditions as cond
 from . import metrics
 from .cache import Key
 from .engine import Engine, EngineError
@@ -370,7 +369,3 @@ class LoRAAdapterController:
                 f for f in finalizers if f != rec.FINALIZER]}})
             log.info("Unloaded everywhere; released", namespace=body["metadata"]["namespace"],
                      name=body["metadata"]["name"])
-
-
-def condition(body: dict, kind: str) -> dict | None:
-    return cond.find((body.get("status") or {}).get("conditions") or [], kind)

@@ -61,20 +61,26 @@ def merge(base_path: Path, adapter_dir: Path, method: str, dtype: str = "float32
     return merged, tokenizer, diff
 
 
+def _merge_checked(base_path: Path, adapter_dir: Path, method: str, dtype: str, out: Path,
+                   trust_remote_code: bool = False) -> tuple[Path, float, float]:
+    """Merge, refuse a merge whose logits drift beyond the dtype's tolerance, save shards."""
+    merged, tokenizer, diff = merge(base_path, adapter_dir, method, dtype, trust_remote_code)
+    tolerance = MERGE_TOLERANCE[dtype]
+    if diff > tolerance:
+        raise MergeError(f"merged logits differ from base + adapter by {diff:.2e} "
+                         f"(> {tolerance:.0e} for {dtype})")
+    merged.save_pretrained(str(out), safe_serialization=True, max_shard_size="1MB")
+    tokenizer.save_pretrained(str(out))
+    return out, diff, tolerance
+
+
 def merge_and_publish(cfg: TrainerConfig, base_path: Path, adapter_dir: Path, storage,
                       work: Path) -> dict:
     from . import artifacts
 
     dtype = cfg.merge.dtype if cfg.merge else "float32"
-    merged, tokenizer, diff = merge(base_path, adapter_dir, cfg.method.type, dtype,
-                                    cfg.model.trust_remote_code)
-    tolerance = MERGE_TOLERANCE[dtype]
-    if diff > tolerance:
-        raise MergeError(f"merged logits differ from base + adapter by {diff:.2e} "
-                         f"(> {tolerance:.0e} for {dtype})")
-    out = work / "merged"
-    merged.save_pretrained(str(out), safe_serialization=True, max_shard_size="1MB")
-    tokenizer.save_pretrained(str(out))
+    out, diff, tolerance = _merge_checked(base_path, adapter_dir, cfg.method.type, dtype,
+                                          work / "merged", cfg.model.trust_remote_code)
     uri = cfg.merge.uri if cfg.merge and cfg.merge.uri else cfg.output.merged_uri
     manifest = artifacts.build_manifest(
         out, kind="merged-model", method={"type": cfg.method.type},
@@ -110,14 +116,7 @@ def publish_merged(base_uri: str, revision: str | None, adapter_uri: str, out_ur
     manifest, digest = artifacts.verify(adapter_uri, storage, adapter_dir)
     base_path = resolve_model(base_uri, revision, work / "cache", storage)
     method = manifest["method"]["type"]
-    merged, tokenizer, diff = merge(base_path, adapter_dir, method, dtype)
-    tolerance = MERGE_TOLERANCE[dtype]
-    if diff > tolerance:
-        raise MergeError(f"merged logits differ from base + adapter by {diff:.2e} "
-                         f"(> {tolerance:.0e} for {dtype})")
-    out = work / "merged"
-    merged.save_pretrained(str(out), safe_serialization=True, max_shard_size="1MB")
-    tokenizer.save_pretrained(str(out))
+    out, diff, tolerance = _merge_checked(base_path, adapter_dir, method, dtype, work / "merged")
     merged_manifest = artifacts.build_manifest(
         out, kind="merged-model", method={"type": method},
         base_model={"uri": base_uri, "revision": revision}, dataset=None,
