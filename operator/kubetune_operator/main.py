@@ -22,8 +22,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--health-port", type=int, default=None)
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--bind", default="0.0.0.0", help="address of /healthz and /metrics")
-    parser.add_argument("--peering", default=None,
-                        help="kopf peering name (active/standby); default: standalone")
+    parser.add_argument("--leader-elect", action="store_true", default=None,
+                        help="active/standby: act only while holding a Lease (run 2 replicas)")
+    parser.add_argument("--leader-election-namespace", default=None,
+                        help="namespace of the Lease (default: $POD_NAMESPACE or default)")
+    parser.add_argument("--leader-election-name", default=None,
+                        help="name of the Lease (default: kubetune-operator)")
     parser.add_argument("--json-logs", action="store_true", default=None)
     return parser
 
@@ -47,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         overrides = {k: v for k, v in {
             "namespaces": args.namespace, "health_port": args.health_port,
-            "metrics_port": args.metrics_port, "peering": args.peering}.items() if v}
+            "metrics_port": args.metrics_port, "leader_election": args.leader_elect,
+            "leader_election_namespace": args.leader_election_namespace,
+            "leader_election_name": args.leader_election_name}.items() if v}
         if args.all_namespaces:
             overrides["namespaces"] = []
         settings = OperatorSettings(**overrides)
@@ -117,12 +123,45 @@ def run(args: argparse.Namespace) -> int:
         log.info("Started operator", namespaces=controller.settings.namespaces or "all")
 
     metrics.serve(settings.metrics_port, args.bind)
+    if settings.leader_election:
+        _lead(api, settings, args.bind, log)
     logging.getLogger("kopf").setLevel(logging.WARNING)
     kopf.run(registry=registry, clusterwide=not settings.namespaces,
              namespaces=settings.namespaces,
              liveness_endpoint=f"http://{args.bind}:{settings.health_port}/healthz",
-             standalone=settings.peering is None, peering_name=settings.peering)
+             standalone=True)
     return 0
+
+
+def _lead(api, settings, bind: str, log) -> None:
+    """Wait for the Lease (serving /healthz meanwhile: a standby is healthy), then keep it."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from .leader import LeaderElector
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "8")
+            self.end_headers()
+            self.wfile.write(b"standby\n")
+
+        def log_message(self, *args):
+            pass
+
+    standby = HTTPServer((bind, settings.health_port), Health)
+    threading.Thread(target=standby.serve_forever, daemon=True).start()
+    namespace = settings.leader_election_namespace or os.environ.get("POD_NAMESPACE") or \
+        "default"
+    identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}"
+    elector = LeaderElector(api, namespace, settings.leader_election_name, identity,
+                            settings.lease_seconds, max(settings.lease_seconds / 3, 0.5))
+    elector.acquire()
+    standby.shutdown()
+    standby.server_close()
+    elector.keep()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,5 +43,11 @@ class OperatorSettings(BaseSettings):
     """Port of /healthz."""
     metrics_port: int = 8081
     """Port of /metrics."""
-    peering: Optional[str] = None
-    """kopf peering name for an active/standby pair; None runs standalone."""
+    leader_election: bool = False
+    """Active/standby: run only while holding the Lease (coordination.k8s.io/v1)."""
+    leader_election_namespace: Optional[str] = None
+    """Namespace of the Lease (default: $POD_NAMESPACE, else default)."""
+    leader_election_name: str = "kubetune-operator"
+    """Name of the Lease."""
+    lease_seconds: int = Field(default=15, ge=2, le=300)
+    """How long a Lease outlives its last renewal before a standby takes over."""

@@ -58,10 +58,9 @@ def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values
     rendered = helm(cluster, "template", "kt", str(CHART), "--namespace", ns,
                     "--kube-version", KUBE_VERSION, *values).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    # CRDs first (the peering objects need theirs), then the rest: server-side dry run.
+    # CRDs first, then the rest: server-side dry run.
     crd_docs = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
-    peering = [d for d in docs if d["kind"] in ("KopfPeering", "ClusterKopfPeering")]
-    rest = [d for d in docs if d not in crd_docs and d not in peering]
+    rest = [d for d in docs if d not in crd_docs]
     if crd_docs:
         out = cluster.kubectl("apply", "--dry-run=server", "-f", "-",
                               input=yaml.safe_dump_all(crd_docs))
@@ -79,7 +78,11 @@ def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values
     if "operator.watchNamespaces" in " ".join(values):
         assert "ClusterRole" not in kinds and "Role" in kinds
         assert deployment["spec"]["replicas"] == 2 and "Service" not in kinds
-        assert f"--namespace={ns}" in ctr["args"]
+        assert f"--namespace={ns}" in ctr["args"] and "--leader-elect" in ctr["args"]
+        lease_role = next(d for d in docs if d["kind"] == "Role" and
+                          d["metadata"]["name"].endswith("-leader"))
+        assert lease_role["metadata"]["namespace"] == ns  # the release namespace only
+        assert {r["resources"][0] for r in lease_role["rules"]} == {"leases"}
     else:
         assert "ClusterRole" in kinds and deployment["spec"]["strategy"]["type"] in (
             "Recreate", "RollingUpdate")

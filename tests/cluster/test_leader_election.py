@@ -1,0 +1,66 @@
+"""Active/standby: two operators with --leader-elect on one Lease. Only the leader acts; when
+it dies without releasing, the standby takes over within the lease time and acts."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+from kubernetes import client
+
+from helpers import start_operator, stop_operator, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def _job(name: str) -> dict:
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
+                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
+                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
+                     "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"}},
+                     "output": {"uri": f"s3://kubetune/le/{name}"}}}
+
+
+def test_only_the_leader_acts_and_the_standby_takes_over(cluster, crds, s3_server, tmp_path):
+    ns = f"kt-le-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    env = {"KUBETUNE_LEADER_ELECTION": "true", "KUBETUNE_LEADER_ELECTION_NAMESPACE": ns,
+           "KUBETUNE_LEASE_SECONDS": "4"}
+    coord = client.CoordinationV1Api(cluster.api)
+    custom = client.CustomObjectsApi(cluster.api)
+    batch = client.BatchV1Api(cluster.api)
+    first = start_operator(cluster, s3_server, tmp_path, namespaces=[ns], extra_env=env)
+    second = None
+    try:
+        lease = wait_for(lambda: coord.read_namespaced_lease("kubetune-operator", ns),
+                         timeout=30, message="lease")
+        leader = lease.spec.holder_identity
+        second = start_operator(cluster, s3_server, tmp_path, namespaces=[ns], extra_env=env)
+        wait_for(lambda: "Standing by" in second.log.read_text(), timeout=30,
+                 message="second operator standing by")
+        custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs",
+                                               _job("one"))
+        wait_for(lambda: batch.list_namespaced_job(ns).items, timeout=30, message="Job")
+        time.sleep(2)
+        assert "Created Job" in first.log.read_text()
+        assert "Created Job" not in second.log.read_text()  # the standby did nothing
+
+        first.proc.kill()  # dies holding the lease
+        first.proc.wait()
+        lease = wait_for(lambda: (le := coord.read_namespaced_lease("kubetune-operator", ns))
+                         and le.spec.holder_identity != leader and le, timeout=30,
+                         message="standby takes the lease")
+        assert lease.spec.lease_transitions == 1
+        custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs",
+                                               _job("two"))
+        wait_for(lambda: [j for j in batch.list_namespaced_job(ns).items
+                          if j.metadata.name == "two-0"], timeout=30, message="Job of two")
+        assert "Leading" in second.log.read_text()
+    finally:
+        for op in (first, second):
+            if op is not None and op.proc.poll() is None:
+                stop_operator(op)
+        cluster.kubectl("delete", "namespace", ns, "--wait=false")
