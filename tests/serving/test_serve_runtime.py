@@ -173,3 +173,46 @@ def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp
     assert "bad" not in ids and "wide" not in ids and "m5" not in ids
     for i in range(5):
         call(server, "/v1/unload_lora_adapter", {"lora_name": f"m{i}"})
+
+
+def sse(url: str, path: str, body: dict) -> list:
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers["Content-Type"] == "text/event-stream"
+        for line in resp:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streaming_sends_the_same_text_piece_by_piece(server, tmp_path):
+    for method in ("LoRA", "PrefixTuning"):
+        path = make_adapter(tmp_path / f"s-{method}", method, seed=21)
+        name = f"stream-{method.lower()}"
+        assert call(server, "/v1/load_lora_adapter", {"lora_name": name,
+                                                      "lora_path": str(path)})[0] == 200
+        body = {"model": name, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}
+        whole = complete(server, name)
+        _, full = call(server, "/v1/completions", {**body})
+        chunks = sse(server, "/v1/completions", {**body, "stream": True})
+        assert len(chunks) > 2, chunks  # really piece by piece
+        assert all(c["object"] == "text_completion" and c["model"] == name for c in chunks)
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert text == full["choices"][0]["text"], (method, text, full)
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert chunks[-1]["usage"]["completion_tokens"] == full["usage"]["completion_tokens"]
+        assert whole  # the 8-token answer exists too
+        call(server, "/v1/unload_lora_adapter", {"lora_name": name})
+    chat = sse(server, "/v1/chat/completions", {
+        "model": "base", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6,
+        "stream": True})
+    assert chat[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chat)
+    assert chat[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    status, err = call(server, "/v1/completions", {"model": "nope", "prompt": "x",
+                                                   "stream": True})
+    assert status == 404 and err["object"] == "error"

@@ -18,6 +18,7 @@ adapters never see each other's weights.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import threading
 import time
@@ -159,23 +160,11 @@ class AdapterServer:
         import torch
 
         with self.lock:
-            if model == self.served_name:
-                target = self.base
-            elif model in self.adapters:
-                loaded = self.adapters[model]
-                target = self.families[loaded.family]
-                if hasattr(target, "set_adapter") and loaded.method != "Adapter":
-                    target.set_adapter(model)
-            else:
-                raise ServeError(f"The model `{model}` does not exist.", 404, "NotFoundError")
+            target = self._activate(model)
             inputs = self.tokenizer(prompt, return_tensors="pt")
-            kwargs = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-            if temperature and temperature > 0:
-                kwargs.update(do_sample=True, temperature=temperature)
-            else:
-                kwargs.update(do_sample=False)
+            kwargs = self._generate_kwargs(max_tokens, temperature)
             with torch.no_grad():
-                if model != self.served_name and self.adapters[model].method == "PrefixTuning":
+                if self._needs_full_decode(model):
                     out = _decode_full(target, inputs, max_tokens, temperature,
                                        self.tokenizer.eos_token_id)
                 else:
@@ -185,20 +174,130 @@ class AdapterServer:
         finish = "stop" if len(new) and new[-1] == self.tokenizer.eos_token_id else "length"
         return text, finish, int(inputs["input_ids"].shape[1]), int(len(new))
 
-    def completion(self, body: dict, chat: bool) -> dict:
-        model = body.get("model") or self.served_name
-        max_tokens = int(body.get("max_tokens") or 16)
-        temperature = float(body.get("temperature") or 0.0)
+    def _activate(self, model: str):
+        """The module tree serving `model`, with its adapter active (call under the lock)."""
+        if model == self.served_name:
+            return self.base
+        if model not in self.adapters:
+            raise ServeError(f"The model `{model}` does not exist.", 404, "NotFoundError")
+        loaded = self.adapters[model]
+        target = self.families[loaded.family]
+        if hasattr(target, "set_adapter") and loaded.method != "Adapter":
+            target.set_adapter(model)
+        return target
+
+    def _needs_full_decode(self, model: str) -> bool:
+        return model != self.served_name and self.adapters[model].method == "PrefixTuning"
+
+    def _generate_kwargs(self, max_tokens: int, temperature: float) -> dict:
+        kwargs = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if temperature and temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def stream(self, model: str, prompt: str, max_tokens: int, temperature: float):
+        """Yield text pieces as they are generated, then (finish, prompt tokens, completion
+        tokens). Holds the lock for its whole life, like a non-streamed request."""
+        import torch
+
+        with self.lock:
+            target = self._activate(model)
+            inputs = self.tokenizer(prompt, return_tensors="pt")
+            n_prompt = int(inputs["input_ids"].shape[1])
+            eos = self.tokenizer.eos_token_id
+            produced: list[int] = []
+            if self._needs_full_decode(model):
+                shown = ""
+                with torch.no_grad():
+                    for out in _decode_steps(target, inputs, max_tokens, temperature, eos):
+                        produced.append(int(out))
+                        text = self.tokenizer.decode(produced, skip_special_tokens=True)
+                        piece, shown = text[len(shown):], text
+                        if piece:
+                            yield piece
+            else:
+                from transformers import TextIteratorStreamer
+
+                streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                                skip_special_tokens=True, timeout=600)
+                result: dict = {}
+
+                def run():
+                    try:
+                        with torch.no_grad():
+                            result["out"] = target.generate(
+                                **inputs, **self._generate_kwargs(max_tokens, temperature),
+                                streamer=streamer)
+                    except Exception as exc:  # noqa: BLE001 - reported to the client
+                        result["error"] = exc
+                        streamer.end()
+                worker = threading.Thread(target=run, daemon=True)
+                worker.start()
+                try:
+                    for piece in streamer:
+                        if piece:
+                            yield piece
+                finally:
+                    worker.join()  # never leave a generation running outside the lock
+                if "error" in result:
+                    raise ServeError(f"generation failed: {result['error']}", 500,
+                                     "InternalServerError")
+                produced = result["out"][0][n_prompt:].tolist()
+            finish = "stop" if produced and produced[-1] == eos else "length"
+            yield (finish, n_prompt, len(produced))
+
+    def _prompt(self, body: dict, chat: bool) -> str:
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ServeError("'messages' must be a non-empty list")
-            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                        add_generation_prompt=True)
-        else:
-            prompt = body.get("prompt")
-            if not isinstance(prompt, str):
-                raise ServeError("'prompt' must be a string")
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=True)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ServeError("'prompt' must be a string")
+        return prompt
+
+    def completion_chunks(self, body: dict, chat: bool):
+        """`stream: true`: OpenAI/vLLM server-sent-event chunks, as dicts."""
+        model = body.get("model") or self.served_name
+        prompt = self._prompt(body, chat)
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(piece: str | None, finish: str | None, first: bool = False) -> dict:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if first else
+                         {"content": piece} if piece is not None else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece or "", "finish_reason": finish,
+                          "logprobs": None}
+            return {"id": ident, "object": kind, "created": created, "model": model,
+                    "choices": [choice]}
+
+        pieces = self.stream(model, prompt, int(body.get("max_tokens") or 16),
+                             float(body.get("temperature") or 0.0))
+        first = next(pieces)  # errors (unknown model) surface before any byte is sent
+        if chat:
+            yield chunk(None, None, first=True)
+        while not isinstance(first, tuple):
+            yield chunk(first, None)
+            first = next(pieces)
+        finish, prompt_tokens, completion_tokens = first
+        last = chunk(None, finish)
+        last["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+        yield last
+
+    def completion(self, body: dict, chat: bool) -> dict:
+        model = body.get("model") or self.served_name
+        max_tokens = int(body.get("max_tokens") or 16)
+        temperature = float(body.get("temperature") or 0.0)
+        prompt = self._prompt(body, chat)
         text, finish, prompt_tokens, completion_tokens = self.generate(model, prompt, max_tokens,
                                                                        temperature)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
@@ -211,10 +310,10 @@ class AdapterServer:
                           "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _decode_full(model, inputs, max_tokens: int, temperature: float, eos: int | None):
-    """Token-by-token decoding with a full forward per step. PEFT's prefix tuning injects its
-    virtual tokens as past key/values, which transformers 5's generate() drops (it takes the
-    cache under a new name); a plain forward applies them correctly."""
+def _decode_steps(model, inputs, max_tokens: int, temperature: float, eos: int | None):
+    """Token-by-token decoding with a full forward per step, yielding each new token id.
+    PEFT's prefix tuning injects its virtual tokens as past key/values, which transformers 5's
+    generate() drops (it takes the cache under a new name); a plain forward applies them."""
     import torch
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -226,9 +325,17 @@ def _decode_full(model, inputs, max_tokens: int, temperature: float, eos: int | 
             token = logits.argmax(dim=-1, keepdim=True)
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        yield int(token[0, 0])
         if eos is not None and int(token[0, 0]) == eos:
             break
-    return ids
+
+
+def _decode_full(model, inputs, max_tokens: int, temperature: float, eos: int | None):
+    """All of `_decode_steps`, as generate() returns it (prompt + new tokens)."""
+    import torch
+
+    new = list(_decode_steps(model, inputs, max_tokens, temperature, eos))
+    return torch.cat([inputs["input_ids"], torch.tensor([new], dtype=torch.long)], dim=1)
 
 
 def make_handler(server: AdapterServer):
@@ -245,6 +352,27 @@ def make_handler(server: AdapterServer):
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _stream(self, chunks) -> None:
+            """Server-sent events; the first chunk is computed before the headers go out, so
+            an error still gets a proper status. The connection closes at the end."""
+            first = next(chunks)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                for chunk in itertools.chain([first], chunks):
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away; closing the generator ends the generation
+            finally:
+                chunks.close()
 
         def _body(self) -> dict:
             length = int(self.headers.get("Content-Length") or 0)
@@ -269,10 +397,12 @@ def make_handler(server: AdapterServer):
                                                 body.get("lora_path", "")), text=True)
                 elif self.path == "/v1/unload_lora_adapter":
                     self._send(200, server.unload(body.get("lora_name", "")), text=True)
-                elif self.path == "/v1/completions":
-                    self._send(200, server.completion(body, chat=False))
-                elif self.path == "/v1/chat/completions":
-                    self._send(200, server.completion(body, chat=True))
+                elif self.path in ("/v1/completions", "/v1/chat/completions"):
+                    chat = self.path == "/v1/chat/completions"
+                    if body.get("stream"):
+                        self._stream(server.completion_chunks(body, chat))
+                    else:
+                        self._send(200, server.completion(body, chat))
                 else:
                     raise ServeError(f"no route {self.path}", 404, "NotFoundError")
             except ServeError as exc:
