@@ -55,7 +55,15 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, t
                                                       "finetunejobs")["items"]
             return all((i.get("status") or {}).get("phase") == "Running" for i in items) and items
 
-        items = wait_for(converged, timeout=120, message="all Running")
+        try:
+            items = wait_for(converged, timeout=120, message="all Running")
+        except AssertionError as exc:
+            items = api.list_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
+                                                      "finetunejobs")["items"]
+            states = [(i["metadata"]["name"], (i.get("status") or {}).get("phase"),
+                       [c.get("message") for c in (i.get("status") or {}).get("conditions", [])
+                        if c["type"] == "Ready"]) for i in items]
+            raise AssertionError(f"{exc}\n{states}\n{op.tail(40)}") from None
         jobs = batch.list_namespaced_job(ns).items
         names = sorted(j.metadata.name for j in jobs)
         assert names == sorted(f"job-{i}-0" for i in range(N)), names  # one attempt each
