@@ -30,6 +30,7 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, t
     core = client.CoreV1Api(cluster.api)
     ns = f"restart-{int(time.time())}"
     core.create_namespace({"metadata": {"name": ns}})
+    op = None
     try:
         op = start_operator(cluster, s3_server, tmp_path, namespaces=[ns])
         manifests = "\n---\n".join(yaml.safe_dump(_ftj(f"job-{i}")) for i in range(N))
@@ -73,6 +74,7 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, t
             assert [a["number"] for a in st["attempts"]] == [0]
             assert st["observedGeneration"] == 1
         assert killed_at <= N
-        stop_operator(op)
     finally:
+        if op is not None and op.proc.poll() is None:
+            stop_operator(op)  # also when the test fails: never leave an operator behind
         core.delete_namespace(ns)
