@@ -134,8 +134,6 @@ class FineTuneJobController:
             self.kube.delete_custom("FineTuneJob", ns, name)
         if plan.requeue_after is not None:
             self.queue.add_after(key, plan.requeue_after + 0.05)
-        elif (plan.status.get("phase") or "Pending") not in ("Succeeded", "Failed"):
-            self.queue.add_after(key, self.settings.finetunejob_resync_seconds)
 
     # ---- cache maintenance (called by the kopf handlers) -----------------------------------
     def on_finetunejob(self, event_type: str, body: dict) -> None:

@@ -31,9 +31,6 @@ class OperatorSettings(BaseSettings):
     """Node selector added to GPU pods unless the spec sets one."""
     retry_base_seconds: Optional[int] = None
     """Override every job's retryPolicy.backoffSeconds (tests)."""
-    finetunejob_resync_seconds: float = Field(default=60.0, gt=0)
-    """Unfinished FineTuneJobs are reconciled at least this often, even without events (an
-    informer resync: status converges even if a watch event was lost)."""
     adapter_resync_seconds: float = Field(default=30.0, gt=0)
     """How often each served adapter is re-checked on every replica (drift repair)."""
     vllm_adapter_dir: str = "/adapters"
