@@ -74,19 +74,8 @@ class LoRAAdapterController:
 
     # ---- reconcile -------------------------------------------------------------------------
     def reconcile(self, key: Key) -> None:
-        with metrics.reconcile_timer("LoRAAdapter") as outcome:
-            body = self.adapters.get(key)
-            if body is None:
-                outcome("skipped")
-                return
-            try:
-                self._reconcile(key, body)
-                outcome("success")
-            except Exception:
-                outcome("error")
-                log.exception("Reconcile failed", kind="LoRAAdapter", namespace=key[0],
-                              name=key[1])
-                self.queue.add(key, 5)
+        metrics.run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
+                              lambda k: self.queue.add(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key

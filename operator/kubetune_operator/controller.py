@@ -36,18 +36,12 @@ class FineTuneJobController:
             return self._locks[key]
 
     def reconcile(self, key: Key) -> None:
-        with self._lock(key), metrics.reconcile_timer("FineTuneJob") as outcome:
+        with self._lock(key):
             body = self.caches.finetunejobs.get(key)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                outcome("skipped")
-                return
-            try:
-                self._reconcile(key, body)
-                outcome("success")
-            except Exception:
-                outcome("error")
-                log.exception("Reconcile failed", namespace=key[0], name=key[1])
-                self.queue.add_after(key, 5)
+            if body is not None and body["metadata"].get("deletionTimestamp"):
+                body = None  # being deleted: owner references clean up the children
+            metrics.run_reconcile("FineTuneJob", key, body, self._reconcile,
+                                  lambda k: self.queue.add_after(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key

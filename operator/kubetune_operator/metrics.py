@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as _Counter
-from contextlib import contextmanager
+from typing import Callable
 
+import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = structlog.get_logger("kubetune.operator")
 
 RECONCILES = Counter("kubetune_reconciles_total", "Reconciles by kind and result",
                      ["kind", "result"])
@@ -55,19 +58,25 @@ def observe_adapter(key, where: tuple | None) -> None:
                 ADAPTER_REPLICAS.labels(namespace=ns, target=target, state=state).set(total)
 
 
-@contextmanager
-def reconcile_timer(kind: str):
-    result = {"value": "success"}
+def run_reconcile(kind: str, key, body: dict | None,
+                  reconcile: Callable[[object, dict], None],
+                  retry: Callable[[object], None]) -> None:
+    """One reconcile with its duration and result (success/skipped/error) recorded. No body
+    means nothing to do (skipped); an exception is logged and the key handed to `retry`."""
     start = time.perf_counter()
-
-    def outcome(value: str) -> None:
-        result["value"] = value
-
+    result = "skipped"
     try:
-        yield outcome
+        if body is not None:
+            try:
+                reconcile(key, body)
+                result = "success"
+            except Exception:
+                result = "error"
+                log.exception("Reconcile failed", kind=kind, namespace=key[0], name=key[1])
+                retry(key)
     finally:
         RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - start)
-        RECONCILES.labels(kind=kind, result=result["value"]).inc()
+        RECONCILES.labels(kind=kind, result=result).inc()
 
 
 def serve(port: int, host: str = "0.0.0.0") -> None:
