@@ -65,9 +65,11 @@ def wait_ready(cluster, ns: str, app: str, count: int, timeout: float = 180) -> 
                     and pods, timeout=timeout, message=f"{count} ready {app} pods")
 
 
-def call(ip: str, path: str, body: dict | None = None, timeout: float = 60):
+def call(where: str, path: str, body: dict | None = None, timeout: float = 120):
+    """JSON request to a server: `where` is a base URL, or a pod IP (port 8000)."""
+    base = where if where.startswith("http") else f"http://{where}:8000"
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{ip}:8000{path}", data=data,
+    req = urllib.request.Request(base + path, data=data,
                                  method="POST" if data else "GET",
                                  headers={"Content-Type": "application/json"})
     try:
@@ -85,8 +87,8 @@ def models(ip: str) -> set[str]:
     return {m["id"] for m in call(ip, "/v1/models", timeout=5)[1]["data"] if m.get("parent")}
 
 
-def complete(ip: str, model: str, prompt: str = PROMPT) -> str:
-    status, body = call(ip, "/v1/completions", {"model": model, "prompt": prompt,
+def complete(where: str, model: str, prompt: str = PROMPT) -> str:
+    status, body = call(where, "/v1/completions", {"model": model, "prompt": prompt,
                                                 "max_tokens": 8, "temperature": 0})
     assert status == 200, body
     return body["choices"][0]["text"]

@@ -15,35 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from adapterfactory import make_adapter, published
+from servingutil import PROMPT, call, complete
 from kubetune_trainer.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
-
-PROMPT = "What color is the apple?"
-
-
-def call(url: str, path: str, body: dict | None = None) -> tuple[int, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url + path, data=data, method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            raw = resp.read().decode()
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
-
-
-def complete(url: str, model: str, prompt: str = PROMPT) -> str:
-    status, body = call(url, "/v1/completions", {"model": model, "prompt": prompt,
-                                                 "max_tokens": 8, "temperature": 0})
-    assert status == 200, body
-    return body["choices"][0]["text"]
-
 
 @pytest.fixture(scope="module")
 def server(s3_server, tmp_path_factory):
