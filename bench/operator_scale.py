@@ -23,7 +23,7 @@ from pathlib import Path
 from kubernetes import client, config
 
 from kubetune.devcluster import procs
-from kubetune.devcluster.cluster import DevCluster, NodeSpec, node_manifest
+from kubetune.devcluster.cluster import DevCluster, NodeSpec, kwok_finetunejob, node_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = {"nvidia.com/gpu.present": "true", "kubetune.io/pool": "gpu"}
@@ -91,8 +91,9 @@ def main() -> int:
         before = _requests(metrics)
         t0 = time.monotonic()
         for i in range(n):
+            body = kwok_finetunejob(f"ftj-{i}", f"s3://kubetune/bench/ftj-{i}")
             custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
-                                                   "finetunejobs", _ftj(f"ftj-{i}"))
+                                                   "finetunejobs", body)
 
         def operator_running():
             items = custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
@@ -115,16 +116,6 @@ def main() -> int:
     finally:
         dev.down(progress=lambda m: None)
     return 0
-
-
-def _ftj(name: str) -> dict:
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
-                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
-                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
-                     "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"}},
-                     "output": {"uri": f"s3://kubetune/bench/{name}"}}}
 
 
 def _ok(url: str) -> bool:

@@ -66,6 +66,21 @@ def node_manifest(spec: NodeSpec) -> dict:
     }
 
 
+def kwok_finetunejob(name: str, output_uri: str, node_selector: dict | None = None,
+                     tolerations: list[dict] | None = None) -> dict:
+    """A small LoRA FineTuneJob for KWOK GPU nodes: its pod is scheduled and "runs" but never
+    trains (for operator behaviour at scale, not training)."""
+    resources: dict = {"gpusPerNode": 1, "nodeSelector": node_selector or {"type": "kwok"}}
+    if tolerations:
+        resources["tolerations"] = tolerations
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
+                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
+                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
+                     "resources": resources, "output": {"uri": output_uri}}}
+
+
 @dataclass
 class ClusterState:
     dir: Path

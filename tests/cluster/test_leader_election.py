@@ -10,18 +10,9 @@ import pytest
 from kubernetes import client
 
 from helpers import start_operator, stop_operator, wait_for
+from kubetune.devcluster.cluster import kwok_finetunejob
 
 pytestmark = pytest.mark.cluster
-
-
-def _job(name: str) -> dict:
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
-                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
-                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
-                     "resources": {"gpusPerNode": 1, "nodeSelector": {"type": "kwok"}},
-                     "output": {"uri": f"s3://kubetune/le/{name}"}}}
 
 
 def test_only_the_leader_acts_and_the_standby_takes_over(cluster, crds, s3_server, tmp_path):
@@ -42,7 +33,7 @@ def test_only_the_leader_acts_and_the_standby_takes_over(cluster, crds, s3_serve
         wait_for(lambda: "Standing by" in second.log.read_text(), timeout=30,
                  message="second operator standing by")
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs",
-                                               _job("one"))
+                                               kwok_finetunejob("one", "s3://kubetune/le/one"))
         wait_for(lambda: batch.list_namespaced_job(ns).items, timeout=30, message="Job")
         time.sleep(2)
         assert "Created Job" in first.log.read_text()
@@ -55,7 +46,7 @@ def test_only_the_leader_acts_and_the_standby_takes_over(cluster, crds, s3_serve
                          message="standby takes the lease")
         assert lease.spec.lease_transitions == 1
         custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "finetunejobs",
-                                               _job("two"))
+                                               kwok_finetunejob("two", "s3://kubetune/le/two"))
         wait_for(lambda: [j for j in batch.list_namespaced_job(ns).items
                           if j.metadata.name == "two-0"], timeout=30, message="Job of two")
         assert "Leading" in second.log.read_text()

@@ -10,23 +10,11 @@ import yaml
 from kubernetes import client
 
 from helpers import start_operator, stop_operator, wait_for
-from kubetune.devcluster.cluster import NodeSpec, node_manifest
+from kubetune.devcluster.cluster import NodeSpec, kwok_finetunejob, node_manifest
 
 pytestmark = pytest.mark.cluster
 
 N = 12
-
-
-def _ftj(name: str, pool: str) -> dict:
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
-                     "dataset": {"train": {"uri": "builtin://tiny-chat"}},
-                     "method": {"type": "LoRA"}, "training": {"maxSteps": 10},
-                     "resources": {"gpusPerNode": 1, "nodeSelector": {"kubetune.io/pool": pool},
-                                   "tolerations": [{"key": "kubetune.io/pool", "value": pool,
-                                                    "effect": "NoSchedule"}]},
-                     "output": {"uri": f"s3://kubetune/restart/{name}"}}}
 
 
 def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, tmp_path):
@@ -35,13 +23,14 @@ def test_sigkill_mid_reconcile_never_duplicates_jobs(cluster, crds, s3_server, t
     core.create_namespace({"metadata": {"name": ns}})
     # Its own tainted KWOK node with room for all N: pods of other tests (sharing the dev
     # cluster's GPU nodes) can neither take this capacity nor land here.
-    core.create_node(node_manifest(NodeSpec(ns, N, {"kubetune.io/pool": ns},
-                                            [{"key": "kubetune.io/pool", "value": ns,
-                                              "effect": "NoSchedule"}])))
+    taint = {"key": "kubetune.io/pool", "value": ns, "effect": "NoSchedule"}
+    core.create_node(node_manifest(NodeSpec(ns, N, {"kubetune.io/pool": ns}, [taint])))
     op = None
     try:
         op = start_operator(cluster, s3_server, tmp_path, namespaces=[ns])
-        manifests = "\n---\n".join(yaml.safe_dump(_ftj(f"job-{i}", ns)) for i in range(N))
+        manifests = "\n---\n".join(yaml.safe_dump(kwok_finetunejob(
+            f"job-{i}", f"s3://kubetune/restart/job-{i}", {"kubetune.io/pool": ns}, [taint]))
+            for i in range(N))
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=manifests)
         batch = client.BatchV1Api(cluster.api)
         # Kill it while it is creating children: after some, before all, Jobs exist.
