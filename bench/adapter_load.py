@@ -27,20 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "serving")]
 
 from adapterfactory import make_adapter, publish  # noqa: E402
+from helpers import wait_for  # noqa: E402
 from servingutil import call, ready_pods, serve_deployment  # noqa: E402
 
 from kubetune.devcluster import procs  # noqa: E402
 from kubetune.devcluster.cluster import DevCluster  # noqa: E402
 from kubetune_trainer.storage import Storage  # noqa: E402
-
-
-def wait(predicate, timeout=300, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise SystemExit("timed out")
 
 
 def main() -> int:
@@ -63,12 +55,12 @@ def main() -> int:
                        capture_output=True)
         ns = "bench"
         core.create_namespace({"metadata": {"name": ns}})
-        wait(lambda: core.list_namespaced_service_account(ns).items, 30, 0.2)
+        wait_for(lambda: core.list_namespaced_service_account(ns).items, 30, 0.2)
         core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
         apps.create_namespaced_deployment(ns, serve_deployment("srv", args.replicas,
                                                                endpoint=s3.endpoint))
-        wait(lambda: len(ready_pods(_Cluster(api), ns, "srv")) == args.replicas, 300, 0.5)
+        wait_for(lambda: len(ready_pods(_Cluster(api), ns, "srv")) == args.replicas, 300, 0.5)
         pods = ready_pods(_Cluster(api), ns, "srv")
 
         artifacts = []
@@ -96,7 +88,7 @@ def main() -> int:
                                f"--metrics-port={metrics}", "--bind=127.0.0.1"],
                               env={**env, "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-creds"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), 60, 0.2)
+        wait_for(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), 60, 0.2)
         operated = []
         for i in range(args.rounds):
             uri, digest = artifacts[args.rounds + i]
@@ -110,11 +102,11 @@ def main() -> int:
                                                          "loraadapters", name).get("status") or {}
                 r = st.get("replicas") or {}
                 return r.get("desired") == args.replicas and r.get("loaded") == args.replicas
-            wait(loaded)
+            wait_for(loaded, 300, 0.02)
             operated.append(time.monotonic() - t0)
             custom.delete_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
                                                    "loraadapters", name)
-            wait(lambda: not custom.list_namespaced_custom_object(
+            wait_for(lambda: not custom.list_namespaced_custom_object(
                 "kubetune.io", "v1alpha1", ns, "loraadapters")["items"], 60, 0.1)
         f, o = statistics.median(floor), statistics.median(operated)
         print(f"LoRA rank 8 on tiny Llama, {args.replicas} kubetune serve replicas, "
