@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -103,45 +104,47 @@ class Storage:
             return StorageError(f"{uri}: not found")
         return StorageError(f"{uri}: {exc}")
 
-    # ---- operations -----------------------------------------------------------------------
-    def put_file(self, local: Path, uri: str) -> None:
-        loc = Location.parse(uri)
+    @contextmanager
+    def _mapped(self, uri: str):
+        """Every failure inside becomes one StorageError naming `uri` and the cause."""
         try:
-            if loc.scheme == "file":
-                dest = Path(loc.key)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".tmp")
-                shutil.copyfile(local, tmp)
-                tmp.replace(dest)
-            else:
-                self.s3.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer())
+            yield
         except StorageError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to one clear line
             raise self._error(uri, exc) from exc
 
+    @staticmethod
+    def _write_local(dest: Path, write) -> None:
+        """Write through a `.tmp` sibling and rename: readers never see half a file."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        write(tmp)
+        tmp.replace(dest)
+
+    # ---- operations -----------------------------------------------------------------------
+    def put_file(self, local: Path, uri: str) -> None:
+        loc = Location.parse(uri)
+        with self._mapped(uri):
+            if loc.scheme == "file":
+                self._write_local(Path(loc.key), lambda tmp: shutil.copyfile(local, tmp))
+            else:
+                self.s3.upload_file(str(local), loc.bucket, loc.key, Config=self._transfer())
+
     def put_bytes(self, data: bytes, uri: str) -> None:
         loc = Location.parse(uri)
-        try:
+        with self._mapped(uri):
             if loc.scheme == "file":
-                dest = Path(loc.key)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(dest.name + ".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(dest)
+                self._write_local(Path(loc.key), lambda tmp: tmp.write_bytes(data))
             else:
                 self.s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(uri, exc) from exc
 
     def get_bytes(self, uri: str) -> bytes:
         loc = Location.parse(uri)
-        try:
+        with self._mapped(uri):
             if loc.scheme == "file":
                 return Path(loc.key).read_bytes()
             return self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(uri, exc) from exc
 
     def exists(self, uri: str) -> bool:
         loc = Location.parse(uri)
@@ -160,7 +163,7 @@ class Storage:
         """(uri, size) of every object under a prefix, sorted by uri."""
         loc = Location.parse(prefix_uri)
         out: list[tuple[str, int]] = []
-        try:
+        with self._mapped(prefix_uri):
             if loc.scheme == "file":
                 root = Path(loc.key)
                 if root.is_dir():
@@ -172,13 +175,11 @@ class Storage:
                 for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix):
                     for obj in page.get("Contents", []):
                         out.append((f"s3://{loc.bucket}/{obj['Key']}", obj["Size"]))
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(prefix_uri, exc) from exc
         return sorted(out)
 
     def delete_prefix(self, prefix_uri: str) -> None:
         loc = Location.parse(prefix_uri)
-        try:
+        with self._mapped(prefix_uri):
             if loc.scheme == "file":
                 shutil.rmtree(loc.key, ignore_errors=True)
                 return
@@ -186,16 +187,12 @@ class Storage:
             for i in range(0, len(keys), 1000):
                 self.s3.delete_objects(Bucket=loc.bucket, Delete={
                     "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(prefix_uri, exc) from exc
 
     def get_file(self, uri: str, dest: Path) -> Path:
         """Download one object to `dest`, resuming a partial `.part` download."""
         loc = Location.parse(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with self._mapped(uri):
             if loc.scheme == "file":
                 shutil.copyfile(loc.key, dest)
                 return dest
@@ -216,10 +213,6 @@ class Storage:
                 raise StorageError(f"{uri}: short download ({part.stat().st_size} of {total} bytes)")
             part.replace(dest)
             return dest
-        except StorageError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise self._error(uri, exc) from exc
 
     def download_prefix(self, prefix_uri: str, dest: Path) -> Path:
         """Mirror every object under a prefix into `dest` (relative paths kept)."""
