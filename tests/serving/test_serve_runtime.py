@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import pytest
 
@@ -19,6 +22,7 @@ from servingutil import PROMPT, call, complete
 from kubetune_trainer.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+
 
 @pytest.fixture(scope="module")
 def server(s3_server, tmp_path_factory):
@@ -191,3 +195,69 @@ def test_streaming_sends_the_same_text_piece_by_piece(server, tmp_path):
     status, err = call(server, "/v1/completions", {"model": "nope", "prompt": "x",
                                                    "stream": True})
     assert status == 404 and err["object"] == "error"
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when the series does not exist yet)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    pattern = "^" + re.escape(name + (f"{{{want}}}" if want else "")) + r" (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_limits_ignore_eos_and_a_vanished_stream_stops_generating(server):
+    generated = metric(server, "kubetune_serve_generation_tokens_total", model="base")
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": 20, "temperature": 0,
+            "ignore_eos": True}
+    status, out = call(server, "/v1/completions", body)
+    assert status == 200, out
+    assert out["usage"]["completion_tokens"] == 20 and out["choices"][0]["finish_reason"] == \
+        "length"
+    assert metric(server, "kubetune_serve_generation_tokens_total", model="base") == \
+        generated + 20
+    assert metric(server, "kubetune_serve_requests_total", model="base", finish="length") >= 1
+
+    # Limits, with vLLM's wording for the context length.
+    _, models = call(server, "/v1/models")
+    max_len = models["data"][0]["max_model_len"]
+    assert max_len == 512  # the tiny model's max_position_embeddings
+    errors = metric(server, "kubetune_serve_request_errors_total", status="400")
+    status, err = call(server, "/v1/completions", {**body, "max_tokens": max_len})
+    assert status == 400 and f"maximum context length is {max_len} tokens" in err["message"]
+    status, err = call(server, "/v1/completions", {**body, "max_tokens": 0})
+    assert status == 400 and "max_tokens" in err["message"]
+    status, err = call(server, "/v1/completions", {**body, "temperature": "hot"})
+    assert status == 400 and "temperature" in err["message"]
+    assert metric(server, "kubetune_serve_request_errors_total", status="400") == errors + 3
+
+    # A streaming client that reads one chunk and goes away: generation stops early instead
+    # of running to max_tokens (nobody would read it) and the server keeps serving.
+    long = max_len - 32
+    cancelled = metric(server, "kubetune_serve_requests_total", model="base", finish="cancelled")
+    generated = metric(server, "kubetune_serve_generation_tokens_total", model="base")
+    where = urlparse(server)
+    payload = json.dumps({**body, "max_tokens": long, "stream": True}).encode()
+    with socket.create_connection((where.hostname, where.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: serve\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        received = b""
+        while b"\r\n\r\ndata: " not in received:
+            data = sock.recv(4096)
+            assert data, received
+            received += data
+        assert received.startswith(b"HTTP/1.1 200"), received
+    # The socket is closed here, after one chunk.
+    deadline = time.monotonic() + 120
+    while metric(server, "kubetune_serve_requests_total", model="base",
+                 finish="cancelled") == cancelled:
+        assert time.monotonic() < deadline, "the abandoned stream never stopped"
+        time.sleep(0.1)
+    made = metric(server, "kubetune_serve_generation_tokens_total", model="base") - generated
+    print(f"abandoned stream: {made:.0f} of {long} tokens generated")
+    assert 1 <= made < long, made
+    assert metric(server, "kubetune_serve_requests_running") == 0
+    status, out = call(server, "/v1/completions", body)
+    assert status == 200 and out["usage"]["completion_tokens"] == 20

@@ -3,8 +3,9 @@ of every method we train, speaking vLLM's runtime LoRA API.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
 POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name},
-GET /health. Requests name the adapter in "model" (the base model's served name selects no
-adapter). `lora_path` may be a local folder or an s3:// artifact (downloaded and verified
+GET /health, GET /metrics (Prometheus). Requests name the adapter in "model" (the base model's
+served name selects no adapter); `max_tokens`, `temperature`, `stream` and vLLM's `ignore_eos`
+are honoured, and prompt + max_tokens must fit the model's context (`max_model_len`). `lora_path` may be a local folder or an s3:// artifact (downloaded and verified
 against its manifest). Errors have vLLM's shape: {"object": "error", "message", "type",
 "code"}.
 
@@ -12,7 +13,8 @@ The base weights are read once. Methods that rewrite modules in place cannot sha
 tree, so each method family (LoRA, IA3, prefix tuning, and each bottleneck adapter) gets its
 own in-memory copy of the base, made on first use. Generation is serialised by a lock: an
 adapter is activated and used by one request at a time, so concurrent requests for different
-adapters never see each other's weights.
+adapters never see each other's weights. A streamed request generates in its own thread into a
+queue (a slow reader never holds the lock) and stops when its client goes away.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import queue
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from . import decoding
+from .servemetrics import ServeMetrics
 
 
 class ServeError(Exception):
@@ -66,6 +72,9 @@ class AdapterServer:
         self.adapters: dict[str, Loaded] = {}
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.max_model_len = int(getattr(self.base.config, "max_position_embeddings", 0)
+                                 or 4096)
+        self.metrics = ServeMetrics()
 
     # ---- adapters --------------------------------------------------------------------------
     def _resolve(self, lora_path: str) -> Path:
@@ -85,6 +94,16 @@ class AdapterServer:
         return path
 
     def load(self, name: str, lora_path: str) -> str:
+        try:
+            message = self._load(name, lora_path)
+        except ServeError:
+            self.metrics.inc("kubetune_serve_adapter_loads_total", result="error")
+            raise
+        self.metrics.inc("kubetune_serve_adapter_loads_total", result="success")
+        self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
+        return message
+
+    def _load(self, name: str, lora_path: str) -> str:
         from .loading import adapter_method
 
         if not name or not lora_path:
@@ -145,35 +164,18 @@ class AdapterServer:
             elif hasattr(holder, "delete_adapter"):
                 holder.set_adapter(others[0].name)
                 holder.delete_adapter(name)
+        self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def models(self) -> dict:
         data = [{"id": self.served_name, "object": "model", "created": self.created,
                  "owned_by": "kubetune", "root": self.model_uri, "parent": None,
-                 "max_model_len": None}]
+                 "max_model_len": self.max_model_len}]
         data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": "kubetune",
                   "root": a.path, "parent": self.served_name} for a in self.adapters.values()]
         return {"object": "list", "data": data}
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, model: str, prompt: str, max_tokens: int, temperature: float) -> tuple:
-        import torch
-
-        with self.lock:
-            target = self._activate(model)
-            inputs = self.tokenizer(prompt, return_tensors="pt")
-            kwargs = self._generate_kwargs(max_tokens, temperature)
-            with torch.no_grad():
-                if self._needs_full_decode(model):
-                    out = _decode_full(target, inputs, max_tokens, temperature,
-                                       self.tokenizer.eos_token_id)
-                else:
-                    out = target.generate(**inputs, **kwargs)
-        new = out[0][inputs["input_ids"].shape[1]:]
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        finish = "stop" if len(new) and new[-1] == self.tokenizer.eos_token_id else "length"
-        return text, finish, int(inputs["input_ids"].shape[1]), int(len(new))
-
     def _activate(self, model: str):
         """The module tree serving `model`, with its adapter active (call under the lock)."""
         if model == self.served_name:
@@ -186,67 +188,58 @@ class AdapterServer:
             target.set_adapter(model)
         return target
 
-    def _needs_full_decode(self, model: str) -> bool:
-        return model != self.served_name and self.adapters[model].method == "PrefixTuning"
-
-    def _generate_kwargs(self, max_tokens: int, temperature: float) -> dict:
-        kwargs = {"max_new_tokens": max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if temperature and temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature)
-        else:
-            kwargs.update(do_sample=False)
-        return kwargs
-
-    def stream(self, model: str, prompt: str, max_tokens: int, temperature: float):
-        """Yield text pieces as they are generated, then (finish, prompt tokens, completion
-        tokens). Holds the lock for its whole life, like a non-streamed request."""
-        import torch
-
-        with self.lock:
-            target = self._activate(model)
-            inputs = self.tokenizer(prompt, return_tensors="pt")
-            n_prompt = int(inputs["input_ids"].shape[1])
-            eos = self.tokenizer.eos_token_id
-            produced: list[int] = []
-            if self._needs_full_decode(model):
-                shown = ""
-                with torch.no_grad():
-                    for out in _decode_steps(target, inputs, max_tokens, temperature, eos):
-                        produced.append(int(out))
-                        text = self.tokenizer.decode(produced, skip_special_tokens=True)
-                        piece, shown = text[len(shown):], text
-                        if piece:
-                            yield piece
-            else:
-                from transformers import TextIteratorStreamer
-
-                streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                                skip_special_tokens=True, timeout=600)
-                result: dict = {}
-
-                def run():
-                    try:
-                        with torch.no_grad():
-                            result["out"] = target.generate(
-                                **inputs, **self._generate_kwargs(max_tokens, temperature),
-                                streamer=streamer)
-                    except Exception as exc:  # noqa: BLE001 - reported to the client
-                        result["error"] = exc
-                        streamer.end()
-                worker = threading.Thread(target=run, daemon=True)
-                worker.start()
+    def _run(self, model: str, req: decoding.Request, on_text=None,
+             cancel: threading.Event | None = None) -> decoding.Outcome:
+        """Generate under the lock (one adapter active at a time) and count it."""
+        self.metrics.inc("kubetune_serve_requests_running", 1)
+        try:
+            with self.lock:
+                target = self._activate(model)
+                full_forward = (model != self.served_name
+                                and self.adapters[model].method == "PrefixTuning")
                 try:
-                    for piece in streamer:
-                        if piece:
-                            yield piece
-                finally:
-                    worker.join()  # never leave a generation running outside the lock
-                if "error" in result:
-                    raise ServeError(f"generation failed: {result['error']}", 500,
-                                     "InternalServerError")
-                produced = result["out"][0][n_prompt:].tolist()
-            finish = "stop" if produced and produced[-1] == eos else "length"
-            yield (finish, n_prompt, len(produced))
+                    outcome = decoding.run(target, self.tokenizer, req, full_forward, on_text,
+                                           cancel)
+                except Exception as exc:  # noqa: BLE001 - reported to the client
+                    raise ServeError(f"generation failed: {type(exc).__name__}: {exc}", 500,
+                                     "InternalServerError") from None
+        finally:
+            self.metrics.inc("kubetune_serve_requests_running", -1)
+        self.metrics.finished(model, outcome.finish, outcome.prompt_tokens,
+                              len(outcome.token_ids))
+        return outcome
+
+    def generate(self, model: str, req: decoding.Request) -> tuple:
+        outcome = self._run(model, req)
+        text = self.tokenizer.decode(outcome.token_ids, skip_special_tokens=True)
+        return text, outcome.finish, outcome.prompt_tokens, len(outcome.token_ids)
+
+    def stream(self, model: str, req: decoding.Request):
+        """Yield text pieces as they are generated, then (finish, prompt tokens, completion
+        tokens). Generation runs in its own thread and queues its pieces, so a slow reader
+        never holds the lock; closing this generator (the client went away) stops the
+        generation at its next token."""
+        pieces: queue.Queue = queue.Queue()
+        cancel = threading.Event()
+        end = object()
+
+        def work() -> None:
+            try:
+                outcome = self._run(model, req, pieces.put, cancel)
+                pieces.put((outcome.finish, outcome.prompt_tokens, len(outcome.token_ids)))
+            except ServeError as exc:
+                pieces.put(exc)
+            finally:
+                pieces.put(end)
+
+        threading.Thread(target=work, daemon=True, name=f"generate-{model}").start()
+        try:
+            while (item := pieces.get()) is not end:
+                if isinstance(item, ServeError):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
     def _prompt(self, body: dict, chat: bool) -> str:
         if chat:
@@ -259,6 +252,26 @@ class AdapterServer:
         if not isinstance(prompt, str):
             raise ServeError("'prompt' must be a string")
         return prompt
+
+    def _request(self, body: dict, prompt: str) -> decoding.Request:
+        try:
+            max_tokens = int(16 if body.get("max_tokens") is None else body["max_tokens"])
+            temperature = float(body.get("temperature") or 0.0)
+        except (TypeError, ValueError):
+            raise ServeError("'max_tokens' must be an integer and 'temperature' a number") \
+                from None
+        if max_tokens < 1:
+            raise ServeError(f"'max_tokens' must be at least 1, got {max_tokens}")
+        prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ServeError(f"This model's maximum context length is {self.max_model_len} "
+                             f"tokens. However, you requested {prompt_tokens + max_tokens} "
+                             f"tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                             f"completion). Please reduce the length of the messages or "
+                             f"completion.")
+        if temperature < 0:
+            raise ServeError(f"'temperature' must be >= 0, got {temperature}")
+        return decoding.Request(prompt, max_tokens, temperature, bool(body.get("ignore_eos")))
 
     def completion_chunks(self, body: dict, chat: bool):
         """`stream: true`: OpenAI/vLLM server-sent-event chunks, as dicts."""
@@ -279,14 +292,16 @@ class AdapterServer:
             return {"id": ident, "object": kind, "created": created, "model": model,
                     "choices": [choice]}
 
-        pieces = self.stream(model, prompt, int(body.get("max_tokens") or 16),
-                             float(body.get("temperature") or 0.0))
-        first = next(pieces)  # errors (unknown model) surface before any byte is sent
-        if chat:
-            yield chunk(None, None, first=True)
-        while not isinstance(first, tuple):
-            yield chunk(first, None)
-            first = next(pieces)
+        pieces = self.stream(model, self._request(body, prompt))
+        try:
+            first = next(pieces)  # errors (unknown model) surface before any byte is sent
+            if chat:
+                yield chunk(None, None, first=True)
+            while not isinstance(first, tuple):
+                yield chunk(first, None)
+                first = next(pieces)
+        finally:
+            pieces.close()  # the client went away: stop generating
         finish, prompt_tokens, completion_tokens = first
         last = chunk(None, finish)
         last["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -295,11 +310,9 @@ class AdapterServer:
 
     def completion(self, body: dict, chat: bool) -> dict:
         model = body.get("model") or self.served_name
-        max_tokens = int(body.get("max_tokens") or 16)
-        temperature = float(body.get("temperature") or 0.0)
         prompt = self._prompt(body, chat)
-        text, finish, prompt_tokens, completion_tokens = self.generate(model, prompt, max_tokens,
-                                                                       temperature)
+        text, finish, prompt_tokens, completion_tokens = self.generate(
+            model, self._request(body, prompt))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                    "finish_reason": finish} if chat else
                   {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
@@ -308,34 +321,6 @@ class AdapterServer:
                 "created": int(time.time()), "model": model, "choices": [choice],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
-
-
-def _decode_steps(model, inputs, max_tokens: int, temperature: float, eos: int | None):
-    """Token-by-token decoding with a full forward per step, yielding each new token id.
-    PEFT's prefix tuning injects its virtual tokens as past key/values, which transformers 5's
-    generate() drops (it takes the cache under a new name); a plain forward applies them."""
-    import torch
-
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    for _ in range(max_tokens):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
-        if temperature and temperature > 0:
-            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
-        else:
-            token = logits.argmax(dim=-1, keepdim=True)
-        ids = torch.cat([ids, token], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        yield int(token[0, 0])
-        if eos is not None and int(token[0, 0]) == eos:
-            break
-
-
-def _decode_full(model, inputs, max_tokens: int, temperature: float, eos: int | None):
-    """All of `_decode_steps`, as generate() returns it (prompt + new tokens)."""
-    import torch
-
-    new = list(_decode_steps(model, inputs, max_tokens, temperature, eos))
-    return torch.cat([inputs["input_ids"], torch.tensor([new], dtype=torch.long)], dim=1)
 
 
 def make_handler(server: AdapterServer):
@@ -386,6 +371,8 @@ def make_handler(server: AdapterServer):
                 self._send(200, "", text=True)
             elif self.path == "/v1/models":
                 self._send(200, server.models())
+            elif self.path == "/metrics":
+                self._send(200, server.metrics.render(), text=True)
             else:
                 self._send(404, ServeError(f"no route {self.path}", 404, "NotFoundError").body())
 
@@ -406,10 +393,14 @@ def make_handler(server: AdapterServer):
                 else:
                     raise ServeError(f"no route {self.path}", 404, "NotFoundError")
             except ServeError as exc:
-                self._send(exc.status, exc.body())
+                self._error(exc)
             except Exception as exc:  # noqa: BLE001
-                self._send(500, ServeError(f"{type(exc).__name__}: {exc}", 500,
-                                           "InternalServerError").body())
+                self._error(ServeError(f"{type(exc).__name__}: {exc}", 500,
+                                       "InternalServerError"))
+
+        def _error(self, exc: ServeError) -> None:
+            server.metrics.inc("kubetune_serve_request_errors_total", status=str(exc.status))
+            self._send(exc.status, exc.body())
 
     return Handler
 
