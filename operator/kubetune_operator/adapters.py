@@ -57,7 +57,7 @@ class LoRAAdapterController:
         else:
             self.adapters[key] = body
             self.queue.add(key)
-        self._poke_group(body)
+        self._poke_target(body)
 
     def on_pod(self, event_type: str, pod: dict) -> None:
         ns = pod["metadata"]["namespace"]
@@ -66,10 +66,16 @@ class LoRAAdapterController:
             if key[0] == ns and selector and all(labels.get(k) == v for k, v in selector.items()):
                 self.queue.add(key, 0.2)  # a burst of pod updates becomes one look
 
-    def _poke_group(self, body: dict) -> None:
-        ns = body["metadata"]["namespace"]
+    def _poke_target(self, body: dict) -> None:
+        """Adapters on the same target Deployment look again: versions of an alias hand over
+        to each other, and a merged adapter waits for the one holding the Deployment."""
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        mine = ((body.get("spec") or {}).get("target") or {}).get("deployment")
+        if mine is None:
+            return
         for key, other in list(self.adapters.items()):
-            if key[0] == ns and rec.same_group(body, other):
+            if key[0] == ns and key[1] != name and \
+                    ((other.get("spec") or {}).get("target") or {}).get("deployment") == mine:
                 self.queue.add(key, 0.1)
 
     # ---- reconcile -------------------------------------------------------------------------
@@ -119,7 +125,8 @@ class LoRAAdapterController:
         if mode == "Merged":
             decision = rec.decide(body, eligible, self._members(ns, body))
             inputs.merged = self.merged.reconcile(body, adapter, v, decision, deleting,
-                                                  storage=self._storage(ns, adapter))
+                                                  storage=self._storage(ns, adapter),
+                                                  rivals=self._rivals(ns, body))
             if deleting:
                 if inputs.merged.get("finalized"):
                     self._drop_finalizer(body)
@@ -276,6 +283,15 @@ class LoRAAdapterController:
         return [b for k, b in list(self.adapters.items()) if k[0] == ns and
                 rec.same_group(body, b)]
 
+    def _rivals(self, ns: str, body: dict) -> frozenset[str]:
+        """Other adapters on the same target Deployment that are not versions of this alias."""
+        mine = ((body.get("spec") or {}).get("target") or {}).get("deployment")
+        return frozenset(
+            b["metadata"]["name"] for k, b in list(self.adapters.items())
+            if k[0] == ns and k[1] != body["metadata"]["name"]
+            and ((b.get("spec") or {}).get("target") or {}).get("deployment") == mine
+            and not rec.same_group(body, b))  # one being deleted holds it until restored
+
     def _source_job(self, ns: str, body: dict, adapter) -> dict | None:
         ref = adapter.spec.source.from_fine_tune_job
         name = ref.name if ref else (body["metadata"].get("labels") or {}).get(
@@ -330,7 +346,7 @@ class LoRAAdapterController:
             return
         self._events(body, old, status)
         body["status"] = status
-        self._poke_group(body)
+        self._poke_target(body)
 
     def _events(self, body: dict, old: dict, new: dict) -> None:
         before = {c["type"]: c for c in old.get("conditions") or []}

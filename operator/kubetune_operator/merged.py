@@ -121,9 +121,11 @@ class MergedRollout:
         self.settings = settings
 
     def reconcile(self, body: dict, adapter, v, decision, deleting: bool,
-                  storage=None) -> dict:
+                  storage=None, rivals: frozenset[str] = frozenset()) -> dict:
         """`decision` (from the alias group): only the version that should serve switches
-        the Deployment; the others leave it alone."""
+        the Deployment; the others leave it alone. `rivals`: the other live adapters on the
+        same Deployment outside this alias group; one of them holding it blocks this one (a
+        Deployment serves one merged model; two would take turns rolling it forever)."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         target = adapter.spec.target
         deployment = self.kube.get_deployment(ns, target.deployment)
@@ -140,6 +142,13 @@ class MergedRollout:
             phase = "Superseded" if decision.reason == "Superseded" else "Pending"
             reason = decision.reason if decision.reason != "NotPromoted" else "PromotionPending"
             return {**state, "phase": phase, "reason": reason, "message": decision.message}
+        holder = (deployment["metadata"].get("annotations") or {}).get(ADAPTER)
+        if holder in rivals:
+            return {**state, "phase": "Failed", "reason": "TargetInUse",
+                    "message": f"deployment {target.deployment} already serves the merged "
+                               f"adapter {holder} (not a version of this alias); a Deployment "
+                               f"serves one merged model: delete {holder} or target another "
+                               f"Deployment"}
         if not self._merged_ready(storage, out_uri, v.digest):
             return {**state, **self._merge(body, adapter, v, out_uri)}
         annotations = deployment["metadata"].get("annotations") or {}

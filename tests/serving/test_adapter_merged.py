@@ -75,9 +75,36 @@ def test_merged_rollout_serves_base_plus_adapter(cluster, operator, job_namespac
     assert complete(pod["ip"], "base") == expected
     assert any(e.reason == "Merging" for e in events(cluster, ns, "support"))
 
-    # A Git revert (the adapter deleted) gives the Deployment its previous model back.
+    # A second merged adapter (not a version of this one) on the same Deployment does not
+    # take it over: one merged model per Deployment, the holder keeps it.
+    other_uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=6)
+    client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
+        *API, ns, "loraadapters", merged("other", other_uri, "srv"))
+    blocked = wait_for(lambda: (a := adapter(cluster, ns, "other")) and
+                       condition(a, "Degraded").get("status") == "True" and a, timeout=60,
+                       message="other Degraded")
+    assert condition(blocked, "Degraded")["reason"] == "TargetInUse"
+    assert "support" in condition(blocked, "Degraded")["message"]
+    assert condition(blocked, "Ready")["status"] == "False"
+    assert model_arg(cluster, ns, "srv") == uri + "-merged"
+    assert condition(adapter(cluster, ns, "support"), "Ready")["status"] == "True"
+
+    # A Git revert (the holder deleted) gives the Deployment its previous model back; then the
+    # waiting adapter rolls out, with the original model as the one to roll back to.
     client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(
         *API, ns, "loraadapters", "support")
+    try:
+        wait_for(lambda: (a := adapter(cluster, ns, "other")) and
+                 condition(a, "RolledOut").get("status") == "True", timeout=300,
+                 message="other RolledOut")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{explain(cluster, ns, 'other', operator)}") from None
+    assert model_arg(cluster, ns, "srv") == other_uri + "-merged"
+    dep = client.AppsV1Api(cluster.api).read_namespaced_deployment("srv", ns)
+    assert dep.metadata.annotations["kubetune.io/previous-model"] == "builtin://tiny-llama"
+    assert dep.metadata.annotations["kubetune.io/merged-adapter"] == "other"
+    client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(
+        *API, ns, "loraadapters", "other")
     wait_for(lambda: model_arg(cluster, ns, "srv") == "builtin://tiny-llama", timeout=60,
              message="previous model restored")
 
