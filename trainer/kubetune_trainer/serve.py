@@ -5,9 +5,9 @@ Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
 POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name},
 GET /health, GET /metrics (Prometheus). Requests name the adapter in "model" (the base model's
 served name selects no adapter); `max_tokens`, `temperature`, `stream` and vLLM's `ignore_eos`
-are honoured, and prompt + max_tokens must fit the model's context (`max_model_len`). `lora_path` may be a local folder or an s3:// artifact (downloaded and verified
-against its manifest). Errors have vLLM's shape: {"object": "error", "message", "type",
-"code"}.
+are honoured, and prompt + max_tokens must fit the model's context (`max_model_len`).
+`lora_path` may be a local folder or an s3:// artifact (downloaded and verified against its
+manifest). Errors have vLLM's shape: {"object": "error", "message", "type", "code"}.
 
 The base weights are read once. Methods that rewrite modules in place cannot share one module
 tree, so each method family (LoRA, IA3, prefix tuning, and each bottleneck adapter) gets its
@@ -349,9 +349,14 @@ def make_handler(server: AdapterServer):
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                for chunk in itertools.chain([first], chunks):
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-                    self.wfile.flush()
+                try:
+                    for chunk in itertools.chain([first], chunks):
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                except ServeError as exc:  # after the headers: an error event, as vLLM does
+                    server.metrics.inc("kubetune_serve_request_errors_total",
+                                       status=str(exc.status))
+                    self.wfile.write(f"data: {json.dumps(exc.body())}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
