@@ -18,6 +18,7 @@ from . import metrics
 from .cache import Key
 from .engine import Engine, EngineError
 from .kube import Kube
+from .runner import run_reconcile
 from .merged import MergedRollout
 from .reconcile import loraadapter as rec
 from .settings import OperatorSettings
@@ -80,7 +81,7 @@ class LoRAAdapterController:
 
     # ---- reconcile -------------------------------------------------------------------------
     def reconcile(self, key: Key) -> None:
-        metrics.run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
+        run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
                               lambda k: self.queue.add(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:

@@ -14,6 +14,7 @@ from kubetune.api.validation import SpecError, parse
 from . import metrics
 from .cache import Caches, Key
 from .kube import Kube
+from .runner import run_reconcile
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
 from .settings import OperatorSettings
@@ -40,7 +41,7 @@ class FineTuneJobController:
             body = self.caches.finetunejobs.get(key)
             if body is not None and body["metadata"].get("deletionTimestamp"):
                 body = None  # being deleted: owner references clean up the children
-            metrics.run_reconcile("FineTuneJob", key, body, self._reconcile,
+            run_reconcile("FineTuneJob", key, body, self._reconcile,
                                   lambda k: self.queue.add_after(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter as _Counter
-from typing import Callable
 
-import structlog
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
-
-log = structlog.get_logger("kubetune.operator")
 
 RECONCILES = Counter("kubetune_reconciles_total", "Reconciles by kind and result",
                      ["kind", "result"])
@@ -56,27 +51,6 @@ def observe_adapter(key, where: tuple | None) -> None:
                 total = sum(w[2].get(state, 0) for w in _adapters.values()
                             if (w[0], w[1]) == (ns, target))
                 ADAPTER_REPLICAS.labels(namespace=ns, target=target, state=state).set(total)
-
-
-def run_reconcile(kind: str, key, body: dict | None,
-                  reconcile: Callable[[object, dict], None],
-                  retry: Callable[[object], None]) -> None:
-    """One reconcile with its duration and result (success/skipped/error) recorded. No body
-    means nothing to do (skipped); an exception is logged and the key handed to `retry`."""
-    start = time.perf_counter()
-    result = "skipped"
-    try:
-        if body is not None:
-            try:
-                reconcile(key, body)
-                result = "success"
-            except Exception:
-                result = "error"
-                log.exception("Reconcile failed", kind=kind, namespace=key[0], name=key[1])
-                retry(key)
-    finally:
-        RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - start)
-        RECONCILES.labels(kind=kind, result=result).inc()
 
 
 def serve(port: int, host: str = "0.0.0.0") -> None:
