@@ -89,7 +89,7 @@ def models(ip: str) -> set[str]:
 
 def complete(where: str, model: str, prompt: str = PROMPT) -> str:
     status, body = call(where, "/v1/completions", {"model": model, "prompt": prompt,
-                                                "max_tokens": 8, "temperature": 0})
+                                                   "max_tokens": 8, "temperature": 0})
     assert status == 200, body
     return body["choices"][0]["text"]
 
