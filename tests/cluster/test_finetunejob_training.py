@@ -2,7 +2,6 @@
 Live progress, a verified artifact and a LoRAAdapter; preemption resumes without using a retry;
 application failures use retries up to the limit."""
 
-import copy
 import time
 
 import pytest

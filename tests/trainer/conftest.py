@@ -3,7 +3,6 @@ test S3."""
 
 from __future__ import annotations
 
-import json
 import secrets
 from pathlib import Path
 
