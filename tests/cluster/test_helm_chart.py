@@ -5,12 +5,10 @@ FineTuneJob → LoRAAdapter → hot-swap flow, `kubectl auth can-i` limits, upgr
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -159,8 +157,8 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
 
     # The operator with exactly that identity runs the whole flow in the team namespace.
     sys.path.insert(0, str(ROOT / "tests" / "serving"))
-    from servingutil import (AGENT, adapter, complete, condition, create_deployment, models,
-                             serve_deployment, wait_ready)
+    from servingutil import (AGENT, complete, create_deployment, models, serve_deployment,
+                             wait_condition, wait_ready)
     op = start_operator(cluster, s3_server, tmp_path, namespaces=[team], extra_env={
         "KUBECONFIG": str(kubeconfig), "KUBETUNE_ADAPTER_RESYNC_SECONDS": "2"})
     try:
@@ -180,9 +178,7 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
                                    "createAdapter": {"servingName": "rbac",
                                                      "target": {"deployment": "srv"}}}}}
         cluster.kubectl("apply", "-n", team, "-f", "-", input=yaml.safe_dump(job))
-        ready = wait_for(lambda: (a := adapter(cluster, team, "rbac")) and
-                         condition(a, "Ready").get("status") == "True" and a, timeout=300,
-                         message=f"adapter Ready with the chart's identity; {op.tail(20)}")
+        ready = wait_condition(cluster, team, "rbac", "Ready", timeout=300, op=op)
         assert ready["status"]["loadedReplicas"] == "1/1"
         assert "rbac" in models(pod["ip"]) and complete(pod["ip"], "rbac") != base
         ftj = cluster.kubectl("get", "finetunejob", "rbac", "-n", team, "-o", "yaml").stdout

@@ -109,15 +109,28 @@ def events(cluster, ns: str, name: str) -> list:
             if e.involved_object.name == name]
 
 
+def wait_condition(cluster, ns: str, name: str, kind: str, status: str = "True",
+                   timeout: float = 60, op=None) -> dict:
+    """The adapter, once its condition `kind` has `status`. On timeout the failure carries
+    explain() when the operator `op` is given."""
+    try:
+        return wait_for(lambda: (a := adapter(cluster, ns, name)) and
+                        condition(a, kind).get("status") == status and a, timeout=timeout,
+                        message=f"{name} {kind}={status}")
+    except AssertionError as exc:
+        if op is None:
+            raise
+        raise AssertionError(f"{exc}\n{explain(cluster, ns, name, op)}") from None
+
+
 def explain(cluster, ns: str, name: str, op) -> str:
     """The adapter's status, Jobs, pods, Events and the operator's log tail (for failures)."""
-    import json
-
     a = adapter(cluster, ns, name)
     jobs = client.BatchV1Api(cluster.api).list_namespaced_job(ns).items
     pods = client.CoreV1Api(cluster.api).list_namespaced_pod(ns).items
+    events = [(e.involved_object.name, e.reason, e.message)
+              for e in client.CoreV1Api(cluster.api).list_namespaced_event(ns).items]
     return (f"status: {json.dumps(a.get('status'), indent=1)}\njobs: "
             f"{[(j.metadata.name, j.status.conditions) for j in jobs]}\npods: "
             f"{[(p.metadata.name, p.status.phase, p.status.container_statuses) for p in pods]}"
-            f"\nevents: {[(e.involved_object.name, e.reason, e.message) for e in client.CoreV1Api(cluster.api).list_namespaced_event(ns).items]}"
-            f"\noperator: {op.tail(30)}")
+            f"\nevents: {events}\noperator: {op.tail(30)}")

@@ -13,7 +13,7 @@ from adapterfactory import published
 from helpers import wait_for
 from kubetune_trainer.storage import Storage
 from servingutil import (adapter, complete, condition, create_deployment, events, models,
-                         ready_pods, serve_deployment, wait_ready)
+                         ready_pods, serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -79,9 +79,7 @@ def test_hot_swap_per_replica_truth_restart_scale_drift_delete(
     uri, digest = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=7)
     apply(cluster, ns, lora_adapter("support", uri, "srv", source={"uri": uri, "sha256": digest}))
 
-    done = wait_for(lambda: (a := adapter(cluster, ns, "support")) and
-                    condition(a, "Ready").get("status") == "True" and a, timeout=120,
-                    message="adapter Ready")
+    done = wait_condition(cluster, ns, "support", "Ready", timeout=120, op=operator)
     st = done["status"]
     assert st["replicas"] == {"desired": 2, "loaded": 2, "failed": 0}
     assert st["loadedReplicas"] == "2/2" and st["observedGeneration"] == 1
@@ -160,17 +158,14 @@ def test_corrupted_artifact_and_rank_above_max_load_nothing(
     apply(cluster, ns, lora_adapter("wide", wide_uri, "srv",
                                     compatibility={"maxRank": 16}))
 
-    bad = wait_for(lambda: (a := adapter(cluster, ns, "corrupt")) and
-                   condition(a, "ArtifactVerified").get("status") == "False" and a, timeout=60,
-                   message="ArtifactVerified=False")
+    bad = wait_condition(cluster, ns, "corrupt", "ArtifactVerified", "False", timeout=60,
+                         op=operator)
     verified = condition(bad, "ArtifactVerified")
     assert verified["reason"] == "DigestMismatch"
     assert "adapter_model.safetensors" in verified["message"]
     assert condition(bad, "Ready")["status"] == "False"
     assert condition(bad, "Degraded")["status"] == "True"
-    wide = wait_for(lambda: (a := adapter(cluster, ns, "wide")) and
-                    condition(a, "Compatible").get("status") == "False" and a, timeout=60,
-                    message="Compatible=False")
+    wide = wait_condition(cluster, ns, "wide", "Compatible", "False", timeout=60, op=operator)
     assert condition(wide, "Compatible")["reason"] == "RankTooHigh"
     assert "32" in condition(wide, "Compatible")["message"]
     assert condition(wide, "ArtifactVerified")["status"] == "True"
@@ -210,15 +205,11 @@ def test_vllm_runtime_loads_from_the_sidecar_synced_volume(
     apply(cluster, ns, {**lora_adapter("ia3", ia3_uri, "vllm"), "spec": {
         **lora_adapter("ia3", ia3_uri, "vllm")["spec"], "mode": "HotSwap",
         "target": {"deployment": "vllm", "runtime": "vllm"}}})
-    ready = wait_for(lambda: (a := adapter(cluster, ns, "sql")) and
-                     condition(a, "Ready").get("status") == "True" and a, timeout=90,
-                     message="vllm adapter Ready")
+    ready = wait_condition(cluster, ns, "sql", "Ready", timeout=90, op=operator)
     assert ready["status"]["loadedReplicas"] == "1/1"
     from servingutil import call
     listed = {m["id"]: m["root"] for m in call(ip, "/v1/models")[1]["data"]}
     assert listed["sql"] == f"/adapters/sql-{digest[:12]}"  # a local folder, like vLLM needs
-    bad = wait_for(lambda: (a := adapter(cluster, ns, "ia3")) and
-                   condition(a, "Compatible").get("status") == "False" and a, timeout=60,
-                   message="IA3 not servable by vLLM")
+    bad = wait_condition(cluster, ns, "ia3", "Compatible", "False", timeout=60, op=operator)
     assert condition(bad, "Compatible")["reason"] == "MethodNotServable"
     assert "ia3" not in models(ip)

@@ -13,8 +13,8 @@ from adapterfactory import published
 from helpers import wait_for
 from kubetune_trainer import artifacts
 from kubetune_trainer.storage import Storage
-from servingutil import (adapter, call, explain, complete, condition, create_deployment, events,
-                         ready_pods, serve_deployment, wait_ready)
+from servingutil import (adapter, call, complete, condition, create_deployment, events,
+                         ready_pods, serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 API = ("kubetune.io", "v1alpha1")
@@ -57,12 +57,7 @@ def test_merged_rollout_serves_base_plus_adapter(cluster, operator, job_namespac
 
     client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
         *API, ns, "loraadapters", merged("support", uri, "srv"))
-    try:
-        done = wait_for(lambda: (a := adapter(cluster, ns, "support")) and
-                        condition(a, "RolledOut").get("status") == "True" and a, timeout=300,
-                        message="RolledOut")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{explain(cluster, ns, 'support', operator)}") from None
+    done = wait_condition(cluster, ns, "support", "RolledOut", timeout=300, op=operator)
     st = done["status"]
     assert st["resolvedMode"] == "Merged" and condition(done, "Ready")["status"] == "True"
     assert st["mergedModelUri"] == uri + "-merged"
@@ -80,9 +75,7 @@ def test_merged_rollout_serves_base_plus_adapter(cluster, operator, job_namespac
     other_uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=6)
     client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
         *API, ns, "loraadapters", merged("other", other_uri, "srv"))
-    blocked = wait_for(lambda: (a := adapter(cluster, ns, "other")) and
-                       condition(a, "Degraded").get("status") == "True" and a, timeout=60,
-                       message="other Degraded")
+    blocked = wait_condition(cluster, ns, "other", "Degraded", timeout=60, op=operator)
     assert condition(blocked, "Degraded")["reason"] == "TargetInUse"
     assert "support" in condition(blocked, "Degraded")["message"]
     assert condition(blocked, "Ready")["status"] == "False"
@@ -93,12 +86,7 @@ def test_merged_rollout_serves_base_plus_adapter(cluster, operator, job_namespac
     # waiting adapter rolls out, with the original model as the one to roll back to.
     client.CustomObjectsApi(cluster.api).delete_namespaced_custom_object(
         *API, ns, "loraadapters", "support")
-    try:
-        wait_for(lambda: (a := adapter(cluster, ns, "other")) and
-                 condition(a, "RolledOut").get("status") == "True", timeout=300,
-                 message="other RolledOut")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{explain(cluster, ns, 'other', operator)}") from None
+    wait_condition(cluster, ns, "other", "RolledOut", timeout=300, op=operator)
     assert model_arg(cluster, ns, "srv") == other_uri + "-merged"
     dep = client.AppsV1Api(cluster.api).read_namespaced_deployment("srv", ns)
     assert dep.metadata.annotations["kubetune.io/previous-model"] == "builtin://tiny-llama"
@@ -127,9 +115,7 @@ def test_merged_model_that_crashes_the_server_is_rolled_back(
 
     client.CustomObjectsApi(cluster.api).create_namespaced_custom_object(
         *API, ns, "loraadapters", merged("broken", uri, "srv"))
-    done = wait_for(lambda: (a := adapter(cluster, ns, "broken")) and
-                    condition(a, "Degraded").get("status") == "True" and a, timeout=240,
-                    message="Degraded")
+    done = wait_condition(cluster, ns, "broken", "Degraded", timeout=240, op=operator)
     assert condition(done, "Degraded")["reason"] == "RolledBack"
     assert "crash-loops" in condition(done, "Degraded")["message"]
     assert condition(done, "Ready")["status"] == "False"

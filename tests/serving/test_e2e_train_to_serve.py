@@ -10,10 +10,8 @@ import time
 import pytest
 import yaml
 
-from helpers import wait_for
-from servingutil import (AGENT, adapter, complete, condition, create_deployment, explain,
-                         models,
-                         serve_deployment, wait_ready)
+from servingutil import (AGENT, complete, condition, create_deployment, models,
+                         serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.e2e]
 
@@ -44,12 +42,7 @@ def test_finetunejob_to_adapter_served_on_two_replicas(cluster, operator, job_na
     pods = wait_ready(cluster, ns, "chat", 2)
     base = {p["name"]: complete(p["ip"], "base") for p in pods}
 
-    try:
-        ready = wait_for(lambda: (a := adapter(cluster, ns, "colors-v1")) and
-                         condition(a, "Ready").get("status") == "True" and a, timeout=420,
-                         message="LoRAAdapter colors-v1 Ready")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{explain(cluster, ns, 'colors-v1', operator)}") from None
+    ready = wait_condition(cluster, ns, "colors-v1", "Ready", timeout=420, op=operator)
     assert ready["status"]["replicas"] == {"desired": 2, "loaded": 2, "failed": 0}
     assert condition(ready, "Promoted")["status"] == "True"
     ftj = cluster.kubectl("get", "finetunejob", "colors", "-n", ns, "-o", "yaml").stdout
