@@ -18,9 +18,9 @@ from . import metrics
 from .cache import Key
 from .engine import Engine, EngineError
 from .kube import Kube
-from .runner import run_reconcile
 from .merged import MergedRollout
 from .reconcile import loraadapter as rec
+from .runner import run_reconcile
 from .settings import OperatorSettings
 from .verification import Verifier
 from .workqueue import WorkQueue
@@ -82,7 +82,7 @@ class LoRAAdapterController:
     # ---- reconcile -------------------------------------------------------------------------
     def reconcile(self, key: Key) -> None:
         run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
-                              lambda k: self.queue.add(k, 5))
+                      lambda k: self.queue.add(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key

@@ -14,9 +14,9 @@ from kubetune.api.validation import SpecError, parse
 from . import metrics
 from .cache import Caches, Key
 from .kube import Kube
-from .runner import run_reconcile
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
+from .runner import run_reconcile
 from .settings import OperatorSettings
 from .workqueue import DelayQueue
 
@@ -42,7 +42,7 @@ class FineTuneJobController:
             if body is not None and body["metadata"].get("deletionTimestamp"):
                 body = None  # being deleted: owner references clean up the children
             run_reconcile("FineTuneJob", key, body, self._reconcile,
-                                  lambda k: self.queue.add_after(k, 5))
+                          lambda k: self.queue.add_after(k, 5))
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key

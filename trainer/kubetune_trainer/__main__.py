@@ -1,4 +1,5 @@
-"""`python -m kubetune_trainer train|merge|verify|serve|adapter-sync`: the trainer image's entry point."""
+"""`python -m kubetune_trainer train|merge|verify|serve|adapter-sync`: the trainer image's entry
+point."""
 
 from __future__ import annotations
 
