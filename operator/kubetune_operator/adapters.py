@@ -29,6 +29,11 @@ log = structlog.get_logger("kubetune.operator")
 TRANSIENT = ("StorageError", "SourceNotReady")
 
 
+def _target_of(body: dict) -> str | None:
+    """The Deployment an adapter body targets (from the raw object; None without a target)."""
+    return ((body.get("spec") or {}).get("target") or {}).get("deployment")
+
+
 def _ready(pod: dict) -> bool:
     status = pod.get("status") or {}
     return not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" \
@@ -71,12 +76,11 @@ class LoRAAdapterController:
         """Adapters on the same target Deployment look again: versions of an alias hand over
         to each other, and a merged adapter waits for the one holding the Deployment."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        mine = ((body.get("spec") or {}).get("target") or {}).get("deployment")
+        mine = _target_of(body)
         if mine is None:
             return
         for key, other in list(self.adapters.items()):
-            if key[0] == ns and key[1] != name and \
-                    ((other.get("spec") or {}).get("target") or {}).get("deployment") == mine:
+            if key[0] == ns and key[1] != name and _target_of(other) == mine:
                 self.queue.add(key, 0.1)
 
     # ---- reconcile -------------------------------------------------------------------------
@@ -176,9 +180,7 @@ class LoRAAdapterController:
         path = rec.lora_path(adapter, v, self.settings.vllm_adapter_dir) if v.ok else ""
         inputs.decision, inputs.path = decision, path
 
-        engines = {p["metadata"]["name"]: Engine(p["status"]["podIP"], target.port, api_key,
-                                                 load_timeout=self.settings.
-                                                 engine_load_timeout_seconds) for p in pods}
+        engines = self._engines(pods, target.port, api_key)
         replicas = self._observe(engines)
         load, unload, replace = rec.actions(replicas, spec.serving_name, path, decision.want)
         errors: dict[str, rec.Failure] = {}
@@ -233,8 +235,7 @@ class LoRAAdapterController:
             return True
         selector = ((old.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
-        engines = {p["metadata"]["name"]: Engine(p["status"]["podIP"], adapter.spec.target.port,
-                                                 api_key) for p in pods}
+        engines = self._engines(pods, adapter.spec.target.port, api_key)
         replicas = self._observe(engines)
         _, unload, _ = rec.actions(replicas, adapter.spec.serving_name, "", "unload")
         errors: dict[str, rec.Failure] = {}
@@ -248,6 +249,12 @@ class LoRAAdapterController:
         return not errors
 
     # ---- replicas --------------------------------------------------------------------------
+    def _engines(self, pods: list[dict], port: int, api_key: str | None) -> dict[str, Engine]:
+        """The serving API of each ready pod, by pod name."""
+        return {p["metadata"]["name"]: Engine(p["status"]["podIP"], port, api_key,
+                                              load_timeout=self.settings.
+                                              engine_load_timeout_seconds) for p in pods}
+
     def _observe(self, engines: dict[str, Engine]) -> list[rec.Replica]:
         def one(item):
             pod, engine = item
@@ -286,11 +293,10 @@ class LoRAAdapterController:
 
     def _rivals(self, ns: str, body: dict) -> frozenset[str]:
         """Other adapters on the same target Deployment that are not versions of this alias."""
-        mine = ((body.get("spec") or {}).get("target") or {}).get("deployment")
+        mine = _target_of(body)
         return frozenset(
             b["metadata"]["name"] for k, b in list(self.adapters.items())
-            if k[0] == ns and k[1] != body["metadata"]["name"]
-            and ((b.get("spec") or {}).get("target") or {}).get("deployment") == mine
+            if k[0] == ns and k[1] != body["metadata"]["name"] and _target_of(b) == mine
             and not rec.same_group(body, b))  # one being deleted holds it until restored
 
     def _source_job(self, ns: str, body: dict, adapter) -> dict | None:
