@@ -16,7 +16,7 @@ from typing import Callable
 
 @dataclass
 class Request:
-    prompt: str
+    inputs: dict  # the tokenized prompt (input_ids, attention_mask as tensors)
     max_tokens: int
     temperature: float = 0.0
     ignore_eos: bool = False
@@ -60,7 +60,7 @@ def run(model, tokenizer, req: Request, full_forward: bool,
 
     cancel = cancel or threading.Event()
     eos = tokenizer.eos_token_id
-    inputs = tokenizer(req.prompt, return_tensors="pt")
+    inputs = req.inputs
     n_prompt = int(inputs["input_ids"].shape[1])
     with torch.no_grad():
         if full_forward:

@@ -262,7 +262,8 @@ class AdapterServer:
                 from None
         if max_tokens < 1:
             raise ServeError(f"'max_tokens' must be at least 1, got {max_tokens}")
-        prompt_tokens = len(self.tokenizer(prompt)["input_ids"])
+        inputs = self.tokenizer(prompt, return_tensors="pt")  # once: checked, then generated
+        prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens + max_tokens > self.max_model_len:
             raise ServeError(f"This model's maximum context length is {self.max_model_len} "
                              f"tokens. However, you requested {prompt_tokens + max_tokens} "
@@ -271,7 +272,7 @@ class AdapterServer:
                              f"completion.")
         if temperature < 0:
             raise ServeError(f"'temperature' must be >= 0, got {temperature}")
-        return decoding.Request(prompt, max_tokens, temperature, bool(body.get("ignore_eos")))
+        return decoding.Request(inputs, max_tokens, temperature, bool(body.get("ignore_eos")))
 
     def completion_chunks(self, body: dict, chat: bool):
         """`stream: true`: OpenAI/vLLM server-sent-event chunks, as dicts."""
