@@ -236,9 +236,10 @@ class PodRun:
         argv = [expand(part, env) for part in (ctr.get("command") or []) + (ctr.get("args") or [])]
         term_file = self.dir / f"{name}.termination-log"
         term_file.write_text("")
+        host_paths = {v["name"] for v in self.pod["spec"].get("volumes") or [] if "hostPath" in v}
         mounts = [{"source": str(volumes[m["name"]] / m["subPath"]) if m.get("subPath")
                    else str(volumes[m["name"]]), "target": m["mountPath"],
-                   "readOnly": bool(m.get("readOnly"))}
+                   "readOnly": bool(m.get("readOnly")), "hostPath": m["name"] in host_paths}
                   for m in ctr.get("volumeMounts") or []]
         mounts.append({"source": str(term_file),
                        "target": ctr.get("terminationMessagePath", "/dev/termination-log"),
@@ -251,8 +252,11 @@ class PodRun:
             self._set_terminated(name, restarts, code, reason, message, _now(), prev)
             return code
         spec_file = self.dir / f"{name}.exec.json"
+        scratch = self.dir / f"{name}.scratch"  # podexec's private tmpfs for missing targets
+        scratch.mkdir(exist_ok=True)
         spec_file.write_text(json.dumps({"mounts": mounts, "env": env, "argv": argv,
                                          "cwd": "/",  # a container's default
+                                         "scratch": str(scratch),
                                          "workingDir": ctr.get("workingDir"),
                                          "imagePaths": image_paths()}))
         started = _now()

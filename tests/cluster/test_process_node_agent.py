@@ -1,6 +1,8 @@
 """The process node agent (test stand-in for kubelet + container runtime) runs real processes
 for pods bound to its node, and the real Job controller judges them by the status it writes."""
 
+import os
+import stat
 import textwrap
 
 import pytest
@@ -116,3 +118,56 @@ def test_readiness_probe_and_graceful_delete(cluster, namespace):
 
     wait_for(gone, message="pod web deleted after graceful stop")
     assert mark.read_text() == "got SIGTERM"
+
+
+def test_pod_mount_targets_never_touch_the_host(cluster, namespace):
+    """Mount targets missing on the host (the service-account token folder, a ConfigMap file, a
+    termination-message path) are made inside the pod's private mount namespace; an emptyDir at
+    /tmp hides the host's /tmp. The host's paths are exactly as they were."""
+    batch, core = client.BatchV1Api(cluster.api), client.CoreV1Api(cluster.api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"},
+                                                  "data": {"config.yaml": "steps: 9\n"}})
+    config_dir = f"/etc/kubetune-{namespace}"
+    term_path = f"/dev/kubetune-{namespace}.termination"
+    tmp_file = f"/tmp/kubetune-{namespace}.written-by-pod"
+    token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    host_paths = ["/run/secrets", "/var/run/secrets", token_dir, config_dir, term_path, tmp_file]
+    for unique in (config_dir, term_path, tmp_file):
+        assert not os.path.lexists(unique), unique
+    before = {path: _host_state(path) for path in host_paths}
+    listings = {folder: set(os.listdir(folder)) for folder in ("/run", "/etc", "/dev")}
+
+    code = textwrap.dedent(f"""
+        import os, pathlib
+        token = pathlib.Path('{token_dir}/token').read_text()
+        cfg = pathlib.Path('{config_dir}/config.yaml').read_text().strip()
+        pathlib.Path('{tmp_file}').write_text('pod')
+        only = sorted(os.listdir('/tmp'))
+        pathlib.Path('{term_path}').write_text(f"{{cfg}}|{{len(token) > 100}}|{{only}}")
+    """)
+    job = _job("host-untouched", code, container={
+        "terminationMessagePath": term_path,
+        "volumeMounts": [{"name": "cfg", "mountPath": f"{config_dir}/config.yaml",
+                          "subPath": "config.yaml", "readOnly": True},
+                         {"name": "scratch", "mountPath": "/tmp"}]},
+        volumes=[{"name": "cfg", "configMap": {"name": "cfg"}},
+                 {"name": "scratch", "emptyDir": {}}])
+    batch.create_namespaced_job(namespace, job)
+    wait_for(lambda: _condition(batch, "host-untouched", namespace).get("Complete"),
+             message="Job host-untouched Complete")
+    pod = _pod_of(core, "host-untouched", namespace)
+    assert any(v.projected for v in pod.spec.volumes)  # the service-account token, projected
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.message == f"steps: 9|True|['kubetune-{namespace}.written-by-pod']"
+
+    assert {path: _host_state(path) for path in host_paths} == before
+    assert {folder: set(os.listdir(folder)) for folder in listings} == listings
+
+
+def _host_state(path: str):
+    """What is at ``path`` on the host: nothing, or its kind and modification time."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.S_IFMT(info.st_mode), info.st_mtime_ns)
