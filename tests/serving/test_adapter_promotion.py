@@ -82,7 +82,10 @@ def test_new_version_replaces_old_without_a_gap_and_revert_restores_it(
     wait_for(lambda: ready(cluster, ns, "support-v2") and
              all(models(ip) & names == {"support-v2"} for ip in ips), timeout=90,
              message="v2 loaded and v1 unloaded")
-    v1 = adapter(cluster, ns, "support-v1")
+    # v1's status is written after its unload: wait for it rather than race it.
+    v1 = wait_for(lambda: (a := adapter(cluster, ns, "support-v1")) and
+                  condition(a, "Ready").get("reason") == "Superseded" and a, timeout=30,
+                  message="v1 Ready=False/Superseded")
     assert condition(v1, "Ready")["reason"] == "Superseded"
     assert "support-v2" in condition(v1, "Ready")["message"]
     assert condition(v1, "Loaded")["status"] == "False"
