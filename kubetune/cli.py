@@ -14,10 +14,15 @@ def _dev_cluster(args: argparse.Namespace) -> int:
     from .devcluster.cluster import DevCluster
 
     if args.action == "build":
+        from .devcluster import realnode
+
+        if not args.no_real_node:
+            realnode.install_requirements(lambda msg: print(msg, file=sys.stderr, flush=True))
         for name, path in toolchain.ensure_built().items():
             print(f"{name}\t{path}", file=sys.stderr if args.quiet else sys.stdout)
         return 0
-    cluster = DevCluster(args.dir)
+    images = tuple(i for i in args.images.split(",") if i and i != "none")
+    cluster = DevCluster(args.dir, real_node=not args.no_real_node, images=images)
     if args.action == "up":
         cluster.up()
         _print_env(cluster.env())
@@ -57,7 +62,7 @@ def _print_status(status: dict) -> None:
     if "s3" in status:
         print(f"  s3: {status['s3']['endpoint']} (bucket {status['s3']['bucket']})")
     for node in status.get("nodes", []):
-        kind = "process agent" if node["agent"] else "kwok"
+        kind = "process agent" if node["agent"] else "real" if node.get("real") else "kwok"
         print(f"  node {node['name']:<20} ready={node['ready']!s:<5} gpus={node['gpus']:<3} "
               f"({kind})")
     if "nodes_error" in status:
@@ -101,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cluster folder (default: $XDG_STATE_HOME/kubetune/dev-cluster)")
     dev.add_argument("--json", action="store_true", help="status as JSON")
     dev.add_argument("--quiet", action="store_true", help="build: list binaries on stderr")
+    dev.add_argument("--no-real-node", action="store_true",
+                     help="up: only KWOK nodes and the process node agent (no kubelet, no "
+                          "images); build: no Debian packages for the real node")
+    dev.add_argument("--images", default="operator,trainer,serve",
+                     help="up: project images (Dockerfile targets) to build and load into the "
+                          "real node, comma-separated, or 'none' (default: all three)")
     dev.set_defaults(func=_dev_cluster)
 
     run = sub.add_parser("run", help="run a FineTuneJob on this machine, without a cluster")

@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import images as images_mod
 from . import pki as pki_mod
-from . import procs, s3, toolchain
+from . import procs, realnode, s3, toolchain
+from .nodestart import RealNodeStarter
 
 GPU_RESOURCE = "nvidia.com/gpu"
 AGENT_NODE = "kubetune-agent-0"
@@ -89,6 +91,7 @@ class ClusterState:
     etcd_port: int = 0
     procs: list[dict] = field(default_factory=list)
     s3: dict = field(default_factory=dict)
+    node: dict = field(default_factory=dict)  # the real node: index, sandbox pid, images
 
     @property
     def file(self) -> Path:
@@ -97,7 +100,8 @@ class ClusterState:
     def save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"kubeconfig": self.kubeconfig, "api_port": self.api_port,
-                "etcd_port": self.etcd_port, "procs": self.procs, "s3": self.s3}
+                "etcd_port": self.etcd_port, "procs": self.procs, "s3": self.s3,
+                "node": self.node}
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.file)
@@ -117,26 +121,15 @@ class ClusterState:
         return s3.S3Info(**self.s3) if self.s3 else None
 
 
-def _kubeconfig(path: Path, server: str, pki: pki_mod.Pki, cert: Path, key: Path,
-                user: str = "kubetune-admin") -> None:
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kubetune-dev",
-        "clusters": [{"name": "kubetune-dev", "cluster": {
-            "server": server, "certificate-authority": str(pki.ca_cert)}}],
-        "users": [{"name": user, "user": {"client-certificate": str(cert),
-                                          "client-key": str(key)}}],
-        "contexts": [{"name": "kubetune-dev", "context": {"cluster": "kubetune-dev",
-                                                          "user": user}}],
-    }, indent=2))
-    path.chmod(0o600)
-
-
 class DevCluster:
     def __init__(self, directory: Path | None = None, *, with_agent: bool = True,
-                 with_s3: bool = True):
+                 with_s3: bool = True, real_node: bool = True,
+                 images: tuple[str, ...] = images_mod.PROJECT_TARGETS):
         self.dir = (directory or default_dir()).resolve()
         self.with_agent = with_agent
         self.with_s3 = with_s3
+        self.real_node = real_node
+        self.images = images  # project images to build and load into the real node
 
     @property
     def kubeconfig(self) -> Path:
@@ -161,10 +154,11 @@ class DevCluster:
         if self.state():
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
+        built = self._build_images(progress) if self.real_node else {}
         self.dir.mkdir(parents=True, exist_ok=True)
         state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
         try:
-            self._start(state, bins, progress)
+            self._start(state, bins, built, progress)
         except BaseException:
             progress("Start-up failed; stopping what was started")
             self._stop(state)
@@ -176,10 +170,39 @@ class DevCluster:
         state.save()
         return proc
 
-    def _start(self, state: ClusterState, bins: dict[str, Path], progress) -> None:
+    def _build_images(self, progress) -> dict[str, images_mod.Image]:
+        """Every image the real node runs (built once per input digest, cached)."""
+        missing = realnode.missing_requirements()
+        if missing:
+            raise realnode.RealNodeError(
+                "this machine cannot run the dev cluster's real node; missing:\n  - "
+                + "\n  - ".join(missing) + "\n(`kubetune dev-cluster build` installs the "
+                "Debian packages when run as root)")
+        t0 = time.monotonic()
+        buildah = images_mod.Buildah()
+        built = {"pause": images_mod.pause_image(buildah),
+                 "coredns": images_mod.coredns_image(buildah)}
+        if self.images:
+            base = images_mod.python_base(buildah)
+            built.update(images_mod.project_images(buildah, base, self.images))
+        progress(f"Images ready in {time.monotonic() - t0:.1f}s: "
+                 + ", ".join(i.name for i in built.values()))
+        return built
+
+    def _start(self, state: ClusterState, bins: dict[str, Path],
+               built: dict[str, images_mod.Image], progress) -> None:
         t0 = time.monotonic()
         logs = self.dir / "logs"
-        pki = pki_mod.generate(self.dir / "pki")
+        host = "127.0.0.1"
+        if self.real_node:
+            net = realnode.choose_net()
+            sandbox = self._track(state, realnode.start_sandbox(self.dir / "node", net, logs))
+            state.node = {"index": net.index, "sandbox_pid": realnode.sandbox_init_pid(sandbox)}
+            state.save()
+            host = net.host_ip
+            progress(f"Started the real node's sandbox ({net.link}: host {net.host_ip}, "
+                     f"node {net.node_ip}, pods {net.pod_cidr})")
+        pki = pki_mod.generate(self.dir / "pki", host_ip=host)
         self.bin_dir.mkdir(exist_ok=True)
         for name in ("kubectl", "helm"):
             link = self.bin_dir / name
@@ -204,11 +227,19 @@ class DevCluster:
         progress(f"Started etcd on 127.0.0.1:{state.etcd_port}")
 
         state.api_port = procs.free_port()
-        server = f"https://127.0.0.1:{state.api_port}"
+        server = f"https://{host}:{state.api_port}"
+        # With a real node the apiserver serves on the node link's host side, where pods
+        # reach it through the `kubernetes` Service (kube-proxy) with in-cluster config.
+        node_flags = [
+            "--endpoint-reconciler-type=lease",
+            f"--kubelet-client-certificate={pki.admin_cert}",
+            f"--kubelet-client-key={pki.admin_key}",
+            "--kubelet-preferred-address-types=InternalIP",
+        ] if self.real_node else ["--endpoint-reconciler-type=none"]
         apiserver = self._track(state, procs.start("kube-apiserver", [
             str(bins["kube-apiserver"]), f"--etcd-servers=http://127.0.0.1:{state.etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={state.api_port}",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--bind-address={host}", f"--secure-port={state.api_port}",
+            f"--advertise-address={host}", *node_flags,
             f"--tls-cert-file={pki.server_cert}", f"--tls-private-key-file={pki.server_key}",
             f"--client-ca-file={pki.ca_cert}",
             f"--service-account-key-file={pki.sa_pub}",
@@ -218,9 +249,9 @@ class DevCluster:
             "--allow-privileged=true", "--max-requests-inflight=2000",
             "--max-mutating-requests-inflight=1000", "--event-ttl=2h", "--v=1",
         ], logs / "kube-apiserver.log"))
-        procs.wait_port(state.api_port, apiserver, timeout=60)
-        _kubeconfig(self.kubeconfig, server, pki, pki.admin_cert, pki.admin_key)
-        self._wait_readyz(pki, state.api_port, apiserver)
+        procs.wait_port(state.api_port, apiserver, timeout=60, host=host)
+        pki_mod.write_kubeconfig(self.kubeconfig, server, pki, pki.admin_cert, pki.admin_key)
+        self._wait_readyz(pki, server, apiserver)
         api = self._api()
         progress(f"Started kube-apiserver on {server}")
 
@@ -271,14 +302,24 @@ class DevCluster:
             progress(f"Started the process node agent (node {AGENT_NODE})")
 
         if self.with_s3:
-            proc, info = s3.start(self.dir / "s3")
+            proc, info = s3.start(self.dir / "s3", host=host)
             self._track(state, proc)
             state.s3 = info.__dict__.copy()
             state.save()
             progress(f"Started SeaweedFS S3 on {info.endpoint} (bucket {info.bucket})")
 
-        names = [n.name for n in kwok_nodes()] + ([AGENT_NODE] if self.with_agent else [])
+        if self.real_node:
+            node = RealNodeStarter(self.dir / "node", realnode.NodeNet(state.node["index"]),
+                                   state.node["sandbox_pid"], pki, server, built, logs)
+            node.start(lambda proc: self._track(state, proc), progress)
+            state.node["images"] = {k: v.name for k, v in built.items()}
+            state.save()
+
+        names = [n.name for n in kwok_nodes()] + ([AGENT_NODE] if self.with_agent else []) + \
+            ([realnode.NODE_NAME] if self.real_node else [])
         self._wait_nodes_ready(core, names, state)
+        if self.real_node:
+            node.after_ready(api, progress)
         self._wait_default_sa(core)
         state.save()
         progress(f"Dev cluster ready in {time.monotonic() - t0:.1f}s")
@@ -288,7 +329,7 @@ class DevCluster:
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
-    def _wait_readyz(self, pki: pki_mod.Pki, port: int, proc: procs.Proc,
+    def _wait_readyz(self, pki: pki_mod.Pki, server: str, proc: procs.Proc,
                      timeout: float = 90) -> None:
         import ssl
         import urllib.request
@@ -301,7 +342,7 @@ class DevCluster:
             if not procs.alive(proc):
                 raise RuntimeError(f"kube-apiserver exited:\n{procs.tail(Path(proc.log))}")
             try:
-                with urllib.request.urlopen(f"https://127.0.0.1:{port}/readyz", context=ctx,
+                with urllib.request.urlopen(f"{server}/readyz", context=ctx,
                                             timeout=5) as resp:
                     if resp.status == 200:
                         return
@@ -352,9 +393,16 @@ class DevCluster:
 
     @staticmethod
     def _stop(state: ClusterState) -> None:
-        # Reverse start order: agents and controllers first, etcd last.
+        # Reverse start order: agents and controllers first, etcd last, the node's sandbox
+        # (whose end ends every process of the node) at the very end.
         for proc in reversed(state.proc_objs()):
             procs.stop(proc)
+        if state.node:
+            net = realnode.NodeNet(state.node["index"])
+            left = realnode.remove_cgroups(net.cgroup)
+            realnode.remove_link(net)
+            if left:
+                raise RuntimeError(f"could not remove the real node's cgroups: {left[:5]}")
         state.procs = []
         state.save()
         state.file.unlink(missing_ok=True)
@@ -370,6 +418,9 @@ class DevCluster:
         if info:
             env.update(info.env())
             env["KUBETUNE_S3_ENDPOINT"] = info.endpoint
+        for target, name in (state.node.get("images") or {}).items():
+            if target in images_mod.PROJECT_TARGETS:
+                env[f"KUBETUNE_{target.upper()}_IMAGE"] = name
         return env
 
     def status(self) -> dict:
@@ -389,6 +440,7 @@ class DevCluster:
                              for c in n.status.conditions or []),
                 "gpus": (n.status.allocatable or {}).get(GPU_RESOURCE, "0"),
                 "agent": (n.metadata.labels or {}).get("kubetune.io/process-agent") == "true",
+                "real": (n.metadata.labels or {}).get("kubetune.io/real-node") == "true",
             } for n in core.list_node().items]
         except Exception as exc:  # noqa: BLE001 - status reports, never raises
             result["nodes_error"] = str(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,9 @@ def _write_cert(cert: x509.Certificate, path: Path) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def generate(directory: Path) -> Pki:
-    """Create every certificate the cluster needs (idempotent: existing files are kept)."""
+def generate(directory: Path, host_ip: str = "127.0.0.1") -> Pki:
+    """Create every certificate the cluster needs (idempotent: existing files are kept).
+    ``host_ip``: the address the apiserver serves on, besides loopback."""
     pki = Pki(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if pki.sa_pub.exists():
@@ -113,7 +115,8 @@ def generate(directory: Path) -> Pki:
     sans = [x509.DNSName(n) for n in ("localhost", "kubernetes", "kubernetes.default",
                                       "kubernetes.default.svc",
                                       "kubernetes.default.svc.cluster.local")]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "10.96.0.1")]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip))
+             for ip in sorted({"127.0.0.1", "10.96.0.1", host_ip})]
     server = _cert(_name("kube-apiserver"), server_key, ca_name, ca_key, ca=False,
                    usages=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans)
     _write_key(server_key, pki.server_key)
@@ -130,3 +133,37 @@ def generate(directory: Path) -> Pki:
     pki.sa_pub.write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     return pki
+
+
+def issue(pki: Pki, name: str, cn: str, org: str | None = None, *, server_ips: tuple = (),
+          client: bool = True) -> tuple[Path, Path]:
+    """A certificate signed by the cluster's CA (a node's or a component's identity), written
+    as ``<name>.crt``/``<name>.key``; kept if it exists."""
+    cert_path, key_path = pki.dir / f"{name}.crt", pki.dir / f"{name}.key"
+    if cert_path.exists():
+        return cert_path, key_path
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_name = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes()).subject
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else []) + \
+        ([ExtendedKeyUsageOID.SERVER_AUTH] if server_ips else [])
+    sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips] or None
+    cert = _cert(_name(cn, org), key, ca_name, ca_key, ca=False, usages=usages, sans=sans)
+    _write_key(key, key_path)
+    _write_cert(cert, cert_path)
+    return cert_path, key_path
+
+
+def write_kubeconfig(path: Path, server: str, pki: Pki, cert: Path, key: Path,
+                     user: str = "kubetune-admin") -> Path:
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kubetune-dev",
+        "clusters": [{"name": "kubetune-dev", "cluster": {
+            "server": server, "certificate-authority": str(pki.ca_cert)}}],
+        "users": [{"name": user, "user": {"client-certificate": str(cert),
+                                          "client-key": str(key)}}],
+        "contexts": [{"name": "kubetune-dev", "context": {"cluster": "kubetune-dev",
+                                                          "user": user}}],
+    }, indent=2))
+    path.chmod(0o600)
+    return path

@@ -49,9 +49,11 @@ def weed_binary() -> str:
     return found
 
 
-def start(directory: Path, bucket: str = DEFAULT_BUCKET) -> tuple[procs.Proc, S3Info]:
-    """Start SeaweedFS in `directory`; a second start in the same folder (after a stop) reuses
-    its data, credentials and ports, like a restarted server."""
+def start(directory: Path, bucket: str = DEFAULT_BUCKET,
+          host: str = "127.0.0.1") -> tuple[procs.Proc, S3Info]:
+    """Start SeaweedFS in `directory` on `host` (loopback, or the address where the real
+    node's pods reach the host); a second start in the same folder (after a stop) reuses its
+    data, credentials and ports, like a restarted server."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data"
     data.mkdir(exist_ok=True)
@@ -80,16 +82,16 @@ def start(directory: Path, bucket: str = DEFAULT_BUCKET) -> tuple[procs.Proc, S3
     saved.chmod(0o600)
     cmd = [
         weed_binary(), "mini", f"-dir={data}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        f"-ip={host}", f"-ip.bind={host}", "-master.telemetry=false",
         f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-webdav=false", "-admin.ui=false", f"-bucket={bucket}",
         "-master.volumeSizeLimitMB=256", "-volume.max=64",
         *[f"-{flag}={port}" for flag, port in ports.items()],
     ]
     proc = procs.start("seaweedfs", cmd, directory / "weed.log")
-    info = S3Info(endpoint=f"http://127.0.0.1:{ports['s3.port']}", access_key=access_key,
+    info = S3Info(endpoint=f"http://{host}:{ports['s3.port']}", access_key=access_key,
                   secret_key=secret_key, bucket=bucket)
-    procs.wait_port(ports["s3.port"], proc, timeout=60)
+    procs.wait_port(ports["s3.port"], proc, timeout=60, host=host)
     _wait_ready(info, proc)
     return proc, info
 

@@ -25,9 +25,11 @@ KUBERNETES_VERSION = "v1.35.4"
 ETCD_VERSION = "v3.6.5"  # the etcd that kubernetes v1.35.4's go.mod pins
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"
+COREDNS_VERSION = "v1.14.7"  # cluster DNS on the real node
 
-K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
-ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm")
+K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
+                "kubelet", "kube-proxy")
+ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm", "coredns")
 
 
 class ToolchainError(RuntimeError):
@@ -57,6 +59,7 @@ def tool(name: str) -> Tool:
         "etcd": ETCD_VERSION,
         "kwok": KWOK_VERSION,
         "helm": HELM_VERSION,
+        "coredns": COREDNS_VERSION,
     }.get(name, KUBERNETES_VERSION)
     return Tool(name, version)
 
@@ -226,6 +229,8 @@ def ensure_built() -> dict[str, Path]:
             _go_install(go, build_root, "kwok", "sigs.k8s.io/kwok/cmd/kwok", KWOK_VERSION)
         if "helm" in todo:
             _go_install(go, build_root, "helm", "helm.sh/helm/v3/cmd/helm", HELM_VERSION)
+        if "coredns" in todo:
+            _go_install(go, build_root, "coredns", "github.com/coredns/coredns", COREDNS_VERSION)
     still = missing()
     if still:
         raise ToolchainError(f"still missing after build: {', '.join(still)}")

@@ -1,0 +1,323 @@
+"""Container images for the real node, built here with buildah (no registry is reachable).
+
+* ``pause``: kubernetes' own ``build/pause/linux/pause.c`` (from the Go module cache), compiled
+  statically into a ``FROM scratch`` image: the pods' sandbox image.
+* ``coredns``: the CoreDNS binary built by the toolchain, ``FROM scratch``: cluster DNS.
+* ``python-base``: Debian bookworm (``debootstrap --variant=minbase``, Python 3.11 from Debian)
+  with a virtual environment on ``PATH``: the dev cluster's stand-in for the Dockerfile's
+  public ``python:3.11-slim`` base (``--build-arg PYTHON_IMAGE``).
+* ``operator``, ``trainer``, ``serve``: the project's ``Dockerfile`` targets, built with the
+  dependencies installed offline from a wheelhouse filled from this machine's pip cache (so
+  torch is never downloaded twice) through a ``pip.conf`` mounted into the build only.
+
+Every image is tagged with a digest of what it is built from, so an unchanged input is never
+rebuilt; buildah's layer cache makes a code change rebuild only the code layer. Builds run in a
+private mount namespace with buildah's storage and caches in kubetune's cache folder: nothing is
+written under the host's ``/var`` or ``/run``. Images reach containerd as OCI layouts, sending
+only the blobs containerd does not hold yet (a code change sends one small layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import toolchain
+
+ROOT = Path(__file__).resolve().parents[2]
+PAUSE_VERSION = "3.10"
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+BASE_PACKAGES = ("python3", "python3-venv")
+PROJECT_TARGETS = ("operator", "trainer", "serve")
+# What a project image is built from (its digest is the image's tag).
+PROJECT_INPUTS = ("Dockerfile", ".dockerignore", "docker", "pyproject.toml", "constraints.txt",
+                  "README.md", "kubetune", "operator", "trainer")
+DEPENDENCY_INPUTS = ("pyproject.toml", "constraints.txt", "docker")
+
+
+class ImageError(RuntimeError):
+    """An image could not be built or loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Image:
+    name: str  # e.g. localhost/kubetune/trainer:3f2a…
+
+    @property
+    def repository(self) -> str:
+        return self.name.rsplit(":", 1)[0]
+
+
+def images_dir() -> Path:
+    return toolchain.cache_dir() / "images"
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _digest_paths(paths: list[Path], extra: str = "") -> str:
+    """A digest of files and folders (names, modes and contents; caches and bytecode skipped)."""
+    h = hashlib.sha256(extra.encode())
+    for top in paths:
+        files = [top] if top.is_file() else sorted(
+            p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+            and not p.name.endswith((".pyc", ".egg-info")) and ".egg-info" not in str(p))
+        for path in files:
+            h.update(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Buildah:
+    """buildah with its storage in kubetune's cache, run in a private mount namespace."""
+
+    def __init__(self):
+        self.dir = images_dir()
+        for sub in ("storage", "run", "tmp", "scratch"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+
+    def command(self, *args: str) -> list[str]:
+        # Paths buildah writes that no flag moves: bound from our cache, privately.
+        private = {"blob-cache": "/var/lib/containers/cache", "cni-conf": "/etc/cni/net.d",
+                   "cni-lib": "/var/lib/cni"}
+        return [sys.executable, "-m", "kubetune.devcluster.privatemounts",
+                f"--scratch={self.dir / 'scratch'}",
+                *[f"--bind={self.dir / src}:{dst}" for src, dst in private.items()], "--",
+                "buildah", f"--root={self.dir / 'storage'}", f"--runroot={self.dir / 'run'}",
+                "--storage-driver=overlay", *args]
+
+    def run(self, *args: str, what: str, log: Path | None = None) -> str:
+        env = {**os.environ, "TMPDIR": str(self.dir / "tmp")}
+        if log is None:
+            proc = subprocess.run(self.command(*args), capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise ImageError(f"{what} failed: {proc.stderr.strip()[-2000:]}")
+            return proc.stdout
+        _timed(self.command(*args), what, log, env)
+        return ""
+
+    def exists(self, name: str) -> bool:
+        proc = subprocess.run(self.command("inspect", "--type=image", name), capture_output=True,
+                              env={**os.environ, "TMPDIR": str(self.dir / "tmp")})
+        return proc.returncode == 0
+
+
+def _timed(cmd: list[str], what: str, log: Path, env: dict | None = None,
+           cwd: Path | None = None) -> None:
+    """Run a long command with a progress line every 15 s; full output goes to ``log``."""
+    start = time.monotonic()
+    done = threading.Event()
+
+    def ticker() -> None:
+        while not done.wait(15):
+            elapsed = int(time.monotonic() - start)
+            _progress(f"  ... {what}: {elapsed // 60}m{elapsed % 60:02d}s")
+
+    _progress(f"{what} (first time for these inputs; cached afterwards)")
+    threading.Thread(target=ticker, daemon=True).start()
+    try:
+        with open(log, "ab") as out:
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+    finally:
+        done.set()
+    if rc != 0:
+        raise ImageError(f"{what} failed (exit {rc}); see {log}:\n"
+                         f"{log.read_text(errors='replace')[-3000:]}")
+    elapsed = int(time.monotonic() - start)
+    _progress(f"Done: {what} in {elapsed // 60}m{elapsed % 60:02d}s")
+
+
+def _build_context(buildah: Buildah, name: str, context: Path, containerfile: str) -> Image:
+    (context / "Containerfile").write_text(containerfile)
+    buildah.run("bud", "--isolation=chroot", "--layers", f"--tag={name}",
+                f"--file={context / 'Containerfile'}", str(context), what=f"building {name}",
+                log=buildah.dir / "build.log")
+    return Image(name)
+
+
+def pause_image(buildah: Buildah) -> Image:
+    name = f"localhost/kubetune/pause:{PAUSE_VERSION}"
+    if buildah.exists(name):
+        return Image(name)
+    source = _module_file("build/pause/linux/pause.c")
+    context = buildah.dir / "context-pause"
+    context.mkdir(exist_ok=True)
+    if not shutil.which("gcc"):
+        raise ImageError("gcc is needed to compile the pause container (Debian package gcc)")
+    subprocess.run(["gcc", "-Os", "-static", "-o", str(context / "pause"), str(source),
+                    f'-DVERSION={PAUSE_VERSION}-kubetune'], check=True, capture_output=True)
+    return _build_context(buildah, name, context, "FROM scratch\nCOPY pause /pause\n"
+                          "USER 65535:65535\nENTRYPOINT [\"/pause\"]\n")
+
+
+def _module_file(relative: str) -> Path:
+    go = shutil.which("go")
+    if not go:
+        raise ImageError("the Go toolchain is missing (the pause source is in its module cache)")
+    mod = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True).stdout.strip()
+    path = Path(mod) / f"k8s.io/kubernetes@{toolchain.KUBERNETES_VERSION}" / relative
+    if not path.exists():
+        raise ImageError(f"{path} is missing: run `kubetune dev-cluster build` first")
+    return path
+
+
+def coredns_image(buildah: Buildah) -> Image:
+    name = f"localhost/kubetune/coredns:{toolchain.COREDNS_VERSION}"
+    if buildah.exists(name):
+        return Image(name)
+    context = buildah.dir / "context-coredns"
+    context.mkdir(exist_ok=True)
+    shutil.copy2(toolchain.binary("coredns"), context / "coredns")
+    return _build_context(buildah, name, context, "FROM scratch\nCOPY coredns /coredns\n"
+                          "USER 65532:65532\nENTRYPOINT [\"/coredns\"]\n")
+
+
+def python_base(buildah: Buildah) -> Image:
+    key = hashlib.sha256(f"{DEBIAN_SUITE} {' '.join(BASE_PACKAGES)} v1".encode()).hexdigest()[:12]
+    name = f"localhost/kubetune/python-base:{DEBIAN_SUITE}-{key}"
+    if buildah.exists(name):
+        return Image(name)
+    if not shutil.which("debootstrap"):
+        raise ImageError("debootstrap is missing (Debian package debootstrap)")
+    context = buildah.dir / f"context-base-{key}"
+    if not (context / "rootfs.tar").exists():
+        _debootstrap(buildah, context)
+    image = _build_context(buildah, name, context, (
+        "FROM scratch\nADD rootfs.tar /\n"
+        "ENV LANG=C.UTF-8 PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+        "/usr/bin:/sbin:/bin\n"
+        "RUN python3 -m venv /opt/python && python --version\nCMD [\"python3\"]\n"))
+    shutil.rmtree(context)
+    return image
+
+
+def _debootstrap(buildah: Buildah, context: Path) -> None:
+    """A minimal Debian with Python, as ``context/rootfs.tar`` (written last)."""
+    rootfs = context / "rootfs"
+    shutil.rmtree(context, ignore_errors=True)
+    context.mkdir(parents=True)
+    _timed([sys.executable, "-m", "kubetune.devcluster.privatemounts",
+            f"--scratch={buildah.dir / 'scratch'}", "--", "debootstrap", "--variant=minbase",
+            f"--include={','.join(BASE_PACKAGES)}", DEBIAN_SUITE, str(rootfs), DEBIAN_MIRROR],
+           f"bootstrapping Debian {DEBIAN_SUITE} with Python (the images' base)",
+           buildah.dir / "debootstrap.log")
+    for junk in ("var/cache/apt", "var/lib/apt/lists"):
+        for path in (rootfs / junk).glob("*"):
+            if path.is_file():
+                path.unlink()
+    partial = context / "rootfs.tar.part"
+    with tarfile.open(partial, "w") as tar:
+        for entry in sorted(rootfs.iterdir()):
+            tar.add(entry, arcname=entry.name,
+                    filter=lambda info: None if info.name.split("/")[0] in ("dev", "proc", "sys")
+                    and "/" in info.name else info)
+    shutil.rmtree(rootfs)
+    partial.rename(context / "rootfs.tar")
+
+
+def wheelhouse() -> Path:
+    """Every wheel the project images install, from this machine's pip cache."""
+    key = _digest_paths([ROOT / p for p in DEPENDENCY_INPUTS], sys.version)
+    house = images_dir() / f"wheelhouse-{key}"
+    if (house / ".complete").exists():
+        return house
+    for old in images_dir().glob("wheelhouse-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    house.mkdir(parents=True)
+    requirements = house / "requirements.txt"
+    lines = set()
+    for extra in ("operator", "trainer"):
+        out = subprocess.run([sys.executable, str(ROOT / "docker" / "deps.py"), extra],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
+        lines.update(out.split())
+    lines.update(("setuptools>=69", "wheel"))  # to build our own wheel in the image
+    requirements.write_text("\n".join(sorted(lines)) + "\n")
+    _timed([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+            "-d", str(house), "-r", str(requirements), "-c", str(ROOT / "constraints.txt")],
+           "collecting the images' wheels (from pip's cache)", images_dir() / "wheelhouse.log")
+    (house / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
+    (house / ".complete").write_text("")
+    return house
+
+
+def project_images(buildah: Buildah, base: Image,
+                   targets: tuple[str, ...] = PROJECT_TARGETS) -> dict[str, Image]:
+    key = _digest_paths([ROOT / p for p in PROJECT_INPUTS], base.name)
+    out = {t: Image(f"localhost/kubetune/{t}:{key}") for t in targets}
+    todo = [t for t in targets if not buildah.exists(out[t].name)]
+    if not todo:
+        return out
+    house = wheelhouse()
+    for target in todo:
+        buildah.run("bud", "--isolation=chroot", "--layers", f"--target={target}",
+                    f"--build-arg=PYTHON_IMAGE={base.name}", f"--volume={house}:/wheels:ro",
+                    f"--volume={house / 'pip.conf'}:/etc/pip.conf:ro",
+                    f"--tag={out[target].name}", str(ROOT),
+                    what=f"building the {target} image", log=buildah.dir / "build.log")
+    return out
+
+
+def export_layout(buildah: Buildah, images: list[Image]) -> Path:
+    """Push images into one OCI layout folder (blobs it holds already are not written again)."""
+    layout = buildah.dir / "oci"
+    for image in images:
+        tag = image.name.replace("/", "_").replace(":", "_")
+        buildah.run("push", "--disable-compression", "--quiet", image.name,
+                    f"oci:{layout}:{tag}", what=f"exporting {image.name}")
+    return layout
+
+
+def import_into(ctr: list[str], layout: Path, images: list[Image]) -> None:
+    """Load images into containerd from the OCI layout, sending only the blobs it lacks."""
+    have = set(subprocess.run([*ctr, "content", "ls", "-q"], capture_output=True,
+                              text=True).stdout.split())
+    index = json.loads((layout / "index.json").read_text())
+    wanted = {i.name.replace("/", "_").replace(":", "_"): i.name for i in images}
+    manifests = []
+    for desc in index["manifests"]:
+        ref = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
+        if ref in wanted:
+            manifests.append({**desc, "annotations": {
+                "io.containerd.image.name": wanted[ref],
+                "org.opencontainers.image.ref.name": wanted[ref].rsplit(":", 1)[1]}})
+    blobs: set[str] = set()
+    for desc in manifests:
+        manifest = json.loads(_blob(layout, desc["digest"]).read_bytes())
+        blobs.add(desc["digest"])
+        blobs.add(manifest["config"]["digest"])
+        blobs.update(layer["digest"] for layer in manifest["layers"])
+    send = sorted(d for d in blobs if d not in have)
+    reader, writer = os.pipe()
+    proc = subprocess.Popen([*ctr, "images", "import", "-"], stdin=reader,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(reader)
+    with os.fdopen(writer, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        for name, data in (("oci-layout", (layout / "oci-layout").read_bytes()),
+                           ("index.json", json.dumps({"schemaVersion": 2,
+                                                      "manifests": manifests}).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for digest in send:
+            tar.add(_blob(layout, digest), arcname=f"blobs/{digest.replace(':', '/')}")
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise ImageError(f"importing {', '.join(i.name for i in images)} into containerd "
+                         f"failed: {err.decode(errors='replace')[-2000:]}")
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algo, hexdigest = digest.split(":", 1)
+    return layout / "blobs" / algo / hexdigest
