@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     n = args.jobs
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-op-"))
-    dev = DevCluster(work / "cluster", with_agent=False)
+    dev = DevCluster(work / "cluster", real_node=False)  # KWOK nodes only
     dev.up(progress=lambda m: None)
     try:
         api = config.new_client_from_config(config_file=str(dev.kubeconfig))

@@ -62,7 +62,7 @@ def _print_status(status: dict) -> None:
     if "s3" in status:
         print(f"  s3: {status['s3']['endpoint']} (bucket {status['s3']['bucket']})")
     for node in status.get("nodes", []):
-        kind = "process agent" if node["agent"] else "real" if node.get("real") else "kwok"
+        kind = "real: kubelet + containerd" if node.get("real") else "kwok"
         print(f"  node {node['name']:<20} ready={node['ready']!s:<5} gpus={node['gpus']:<3} "
               f"({kind})")
     if "nodes_error" in status:
@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--json", action="store_true", help="status as JSON")
     dev.add_argument("--quiet", action="store_true", help="build: list binaries on stderr")
     dev.add_argument("--no-real-node", action="store_true",
-                     help="up: only KWOK nodes and the process node agent (no kubelet, no "
-                          "images); build: no Debian packages for the real node")
+                     help="up: KWOK nodes only (no kubelet, no images); build: no Debian "
+                          "packages for the real node")
     dev.add_argument("--images", default="operator,trainer,serve",
                      help="up: project images (Dockerfile targets) to build and load into the "
                           "real node, comma-separated, or 'none' (default: all three)")

@@ -1,7 +1,8 @@
 """Session fixtures: the real control plane (etcd, kube-apiserver, controller manager,
-scheduler, KWOK nodes, the process node agent) and real S3 (SeaweedFS), started once per run.
+scheduler, KWOK nodes), the real node (kubelet + containerd running the project's images built
+from its Dockerfile) and real S3 (SeaweedFS), started once per run.
 
-Nothing here skips: a missing binary or toolchain fails the run with a clear message."""
+Nothing here skips: a missing binary, package or toolchain fails the run with a clear message."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Cluster:
     kubeconfig: Path
     env: dict[str, str]
     api: object  # kubernetes.client.ApiClient
+    s3: s3_mod.S3Info
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess:
@@ -37,13 +39,10 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A real SeaweedFS S3 on loopback with one credentialed identity."""
-    from kubetune.devcluster import procs
-
-    proc, info = s3_mod.start(tmp_path_factory.mktemp("s3"))
-    yield info
-    procs.stop(proc)
+def s3_server(cluster):
+    """The dev cluster's real SeaweedFS S3 (one credentialed identity), on the address where
+    both this machine and the real node's pods reach it."""
+    return cluster.s3
 
 
 @pytest.fixture(scope="session")
@@ -57,24 +56,31 @@ def s3_client(s3_server):
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory, s3_server):
-    """The real control plane with KWOK GPU nodes and the process node agent."""
+def cluster(tmp_path_factory):
+    """The real control plane with KWOK GPU nodes, the real node and S3. The images it runs
+    (``KUBETUNE_{OPERATOR,TRAINER,SERVE}_IMAGE``) are exported to the tests' environment."""
     from kubernetes import config
 
-    dev = DevCluster(tmp_path_factory.mktemp("cluster"), with_s3=False)
+    dev = DevCluster(tmp_path_factory.mktemp("cluster"))
     dev.up(progress=lambda msg: print(msg))
     try:
         env = dev.env()
-        env.update(s3_server.env())
+        images = {k: v for k, v in env.items() if k.endswith("_IMAGE")}
+        os.environ.update(images)
         api = config.new_client_from_config(config_file=str(dev.kubeconfig))
-        yield Cluster(dir=dev.dir, kubeconfig=dev.kubeconfig, env=env, api=api)
+        yield Cluster(dir=dev.dir, kubeconfig=dev.kubeconfig, env=env, api=api,
+                      s3=dev.state().s3_info())
     finally:
         dev.down(progress=lambda msg: print(msg))
 
 
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
 @pytest.fixture
 def namespace(cluster, request):
-    """A fresh namespace per test, deleted afterwards."""
+    """A fresh namespace per test, enforcing the restricted Pod Security Standard (every pod
+    of ours runs non-root on a read-only root filesystem), deleted afterwards."""
     from kubernetes import client
 
     core = client.CoreV1Api(cluster.api)
@@ -82,7 +88,7 @@ def namespace(cluster, request):
 
     base = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
     name = f"t-{base.strip('-')}-{secrets.token_hex(3)}".replace("--", "-")
-    core.create_namespace({"metadata": {"name": name}})
+    core.create_namespace({"metadata": {"name": name, "labels": RESTRICTED}})
     import time
 
     deadline = time.monotonic() + 30
@@ -108,9 +114,9 @@ def crds(cluster):
     return ROOT / "crds"
 
 
-# Faster drift checks than the default 30 s; merge Jobs run on the process node agent.
+# Faster drift checks than the default 30 s; merge Jobs run on the real node.
 OPERATOR_TEST_ENV = {"KUBETUNE_ADAPTER_RESYNC_SECONDS": "2",
-                     "KUBETUNE_MERGE_NODE_SELECTOR": '{"kubetune.io/process-agent": "true"}'}
+                     "KUBETUNE_MERGE_NODE_SELECTOR": '{"kubetune.io/real-node": "true"}'}
 
 
 @pytest.fixture(scope="session")

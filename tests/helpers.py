@@ -54,7 +54,7 @@ def start_operator(cluster, s3_server, tmp_dir: Path, namespaces: list[str] | No
     scope = [f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"]
     env = {**os.environ, **cluster.env, "KUBETUNE_S3_ENDPOINT": s3_server.endpoint,
            "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-creds", "KUBETUNE_RETRY_BASE_SECONDS": "1",
-           "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test", **(extra_env or {})}
+           "KUBETUNE_TRAINER_IMAGE": cluster.env["KUBETUNE_TRAINER_IMAGE"], **(extra_env or {})}
     out = open(log, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator", *scope,
                              f"--health-port={health}", f"--metrics-port={metrics}",
@@ -80,3 +80,53 @@ def stop_operator(op: Operator) -> None:
     except subprocess.TimeoutExpired:
         op.proc.kill()
         op.proc.wait()
+
+
+class PodLogs:
+    """The log of an operator running as a pod (read through the kubelet, `kubectl logs`),
+    with the `tail()` that failure messages use."""
+
+    def __init__(self, cluster, namespace: str, selector: str):
+        self.cluster, self.namespace, self.selector = cluster, namespace, selector
+
+    def pod(self):
+        from kubernetes import client
+
+        pods = client.CoreV1Api(self.cluster.api).list_namespaced_pod(
+            self.namespace, label_selector=self.selector).items
+        assert len(pods) == 1, [p.metadata.name for p in pods]
+        return pods[0]
+
+    def tail(self, lines: int = 60) -> str:
+        out = self.cluster.kubectl("logs", "-n", self.namespace, "-l", self.selector,
+                                   f"--tail={lines}", check=False)
+        return out.stdout + out.stderr
+
+
+def host_state() -> dict:
+    """What a dev cluster must leave as it found it on this machine: network links, routes,
+    iptables rules, mounts, top-level cgroups, and the folders the node's programs would
+    write by default."""
+    def run(*cmd: str) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout
+
+    def listing(folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+
+    mounts = sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text()
+                    .splitlines())
+    cgroups = {str(h): listing(str(h)) for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir()}
+    return {"links": sorted(line.split(":")[1].split("@")[0].strip()
+                            for line in run("ip", "-o", "link").splitlines()),
+            "routes": sorted(run("ip", "route").splitlines()),
+            "iptables": {table: run("iptables", "-t", table, "-S").splitlines()
+                         for table in ("filter", "nat", "mangle", "raw")},
+            "mounts": mounts, "cgroups": cgroups,
+            **{folder: listing(folder) for folder in ("/run", "/var/lib", "/var/log", "/etc",
+                                                       "/opt", "/var/run/netns")},
+            "sysctl": {k: Path(f"/proc/sys/{k}").read_text() for k in (
+                "vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops",
+                "net/ipv4/ip_forward")}}

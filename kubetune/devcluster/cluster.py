@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import time
@@ -20,7 +19,6 @@ from . import procs, realnode, s3, toolchain
 from .nodestart import RealNodeStarter
 
 GPU_RESOURCE = "nvidia.com/gpu"
-AGENT_NODE = "kubetune-agent-0"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 
@@ -122,11 +120,10 @@ class ClusterState:
 
 
 class DevCluster:
-    def __init__(self, directory: Path | None = None, *, with_agent: bool = True,
-                 with_s3: bool = True, real_node: bool = True,
+    def __init__(self, directory: Path | None = None, *, with_s3: bool = True,
+                 real_node: bool = True,
                  images: tuple[str, ...] = images_mod.PROJECT_TARGETS):
         self.dir = (directory or default_dir()).resolve()
-        self.with_agent = with_agent
         self.with_s3 = with_s3
         self.real_node = real_node
         self.images = images  # project images to build and load into the real node
@@ -202,6 +199,7 @@ class DevCluster:
             host = net.host_ip
             progress(f"Started the real node's sandbox ({net.link}: host {net.host_ip}, "
                      f"node {net.node_ip}, pods {net.pod_cidr})")
+        shutil.rmtree(self.dir / "pki", ignore_errors=True)  # a new cluster, a new address
         pki = pki_mod.generate(self.dir / "pki", host_ip=host)
         self.bin_dir.mkdir(exist_ok=True)
         for name in ("kubectl", "helm"):
@@ -289,18 +287,6 @@ class DevCluster:
             _create(lambda body=node_manifest(spec): core.create_node(body))
         progress("Started kwok with nodes " + ", ".join(n.name for n in kwok_nodes()))
 
-        if self.with_agent:
-            third = random.randint(16, 250)
-            self._track(state, procs.start("nodeagent", [
-                sys.executable, "-m", "kubetune.devcluster.nodeagent",
-                f"--kubeconfig={self.kubeconfig}", f"--node-name={AGENT_NODE}",
-                f"--workdir={self.dir / 'agent'}", f"--ip-prefix=127.{third}.",
-                "--capacity=cpu=16,memory=64Gi,pods=110,nvidia.com/gpu=8",
-                "--labels=kubetune.io/pool=gpu,nvidia.com/gpu.present=true",
-                f"--taints={GPU_TAINT['key']}={GPU_TAINT['value']}:{GPU_TAINT['effect']}",
-            ], logs / "nodeagent.log"))
-            progress(f"Started the process node agent (node {AGENT_NODE})")
-
         if self.with_s3:
             proc, info = s3.start(self.dir / "s3", host=host)
             self._track(state, proc)
@@ -313,10 +299,10 @@ class DevCluster:
                                    state.node["sandbox_pid"], pki, server, built, logs)
             node.start(lambda proc: self._track(state, proc), progress)
             state.node["images"] = {k: v.name for k, v in built.items()}
+            state.node["kubelet"] = node.kubelet_cmd
             state.save()
 
-        names = [n.name for n in kwok_nodes()] + ([AGENT_NODE] if self.with_agent else []) + \
-            ([realnode.NODE_NAME] if self.real_node else [])
+        names = [n.name for n in kwok_nodes()] + ([realnode.NODE_NAME] if self.real_node else [])
         self._wait_nodes_ready(core, names, state)
         if self.real_node:
             node.after_ready(api, progress)
@@ -382,6 +368,29 @@ class DevCluster:
                 time.sleep(0.3)
         raise RuntimeError("the service-account controller created no default ServiceAccount")
 
+    # ---- the real node's kubelet (node failure tests) -----------------------------------------
+    def stop_kubelet(self) -> None:
+        """Stop the real node's kubelet (its containers keep running, as on a node whose
+        kubelet died); the node goes NotReady once its lease expires."""
+        state = self.state()
+        kubelet = next(p for p in state.proc_objs() if p.name == "kubelet")
+        procs.stop(kubelet)
+        state.procs = [p for p in state.procs if p["name"] != "kubelet"]
+        state.save()
+
+    def start_kubelet(self, timeout: float = 90) -> None:
+        """Start the kubelet again; returns once the node is Ready, its GPUs advertised."""
+        from .nodestart import advertise_gpus
+
+        state = self.state()
+        if any(p["name"] == "kubelet" for p in state.procs):
+            return
+        cmd = realnode.node_command(state.node["sandbox_pid"], state.node["kubelet"])
+        self._track(state, procs.start("kubelet", cmd, self.dir / "logs" / "kubelet.log"))
+        api = self._api()
+        self._wait_nodes_ready(_core(api), [realnode.NODE_NAME], state, timeout=timeout)
+        advertise_gpus(api)
+
     # ---- down ------------------------------------------------------------------------------
     def down(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
         state = self.state()
@@ -401,6 +410,8 @@ class DevCluster:
             net = realnode.NodeNet(state.node["index"])
             left = realnode.remove_cgroups(net.cgroup)
             realnode.remove_link(net)
+            # Unpacked images (gigabytes): pulled again from the registry by the next `up`.
+            shutil.rmtree(state.dir / "node" / "containerd", ignore_errors=True)
             if left:
                 raise RuntimeError(f"could not remove the real node's cgroups: {left[:5]}")
         state.procs = []
@@ -439,7 +450,6 @@ class DevCluster:
                 "ready": any(c.type == "Ready" and c.status == "True"
                              for c in n.status.conditions or []),
                 "gpus": (n.status.allocatable or {}).get(GPU_RESOURCE, "0"),
-                "agent": (n.metadata.labels or {}).get("kubetune.io/process-agent") == "true",
                 "real": (n.metadata.labels or {}).get("kubetune.io/real-node") == "true",
             } for n in core.list_node().items]
         except Exception as exc:  # noqa: BLE001 - status reports, never raises

@@ -13,14 +13,14 @@
 Every image is tagged with a digest of what it is built from, so an unchanged input is never
 rebuilt; buildah's layer cache makes a code change rebuild only the code layer. Builds run in a
 private mount namespace with buildah's storage and caches in kubetune's cache folder: nothing is
-written under the host's ``/var`` or ``/run``. Images reach containerd as OCI layouts, sending
-only the blobs containerd does not hold yet (a code change sends one small layer).
+written under the host's ``/var`` or ``/run``. Images reach the node through a registry (the
+CNCF distribution registry, on the cluster's host address, its storage in kubetune's cache):
+buildah pushes only the layers it lacks, and containerd pulls ``localhost/kubetune/…`` from it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import toolchain
+from . import procs, toolchain
 
 ROOT = Path(__file__).resolve().parents[2]
 PAUSE_VERSION = "3.10"
@@ -269,55 +269,38 @@ def project_images(buildah: Buildah, base: Image,
     return out
 
 
-def export_layout(buildah: Buildah, images: list[Image]) -> Path:
-    """Push images into one OCI layout folder (blobs it holds already are not written again)."""
-    layout = buildah.dir / "oci"
-    for image in images:
-        tag = image.name.replace("/", "_").replace(":", "_")
-        buildah.run("push", "--disable-compression", "--quiet", image.name,
-                    f"oci:{layout}:{tag}", what=f"exporting {image.name}")
-    return layout
+def start_registry(host: str, logs: Path) -> tuple[procs.Proc, str]:
+    """The CNCF distribution registry on ``host`` (where both buildah and the node's containerd
+    reach it), its storage in kubetune's cache: an image pushed once is never pushed again."""
+    storage = images_dir() / "registry"
+    storage.mkdir(parents=True, exist_ok=True)
+    port = procs.free_port()
+    config = logs.parent / "registry.yaml"
+    config.write_text(json.dumps({
+        "version": 0.1, "log": {"level": "warn", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(storage)},
+                    "delete": {"enabled": True}, "redirect": {"disable": True}},
+        "http": {"addr": f"{host}:{port}"}}))
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"}
+    proc = procs.start("registry", [str(toolchain.binary("registry")), "serve", str(config)],
+                       logs / "registry.log", env=env)
+    procs.wait_port(port, proc, timeout=30, host=host)
+    return proc, f"{host}:{port}"
 
 
-def import_into(ctr: list[str], layout: Path, images: list[Image]) -> None:
-    """Load images into containerd from the OCI layout, sending only the blobs it lacks."""
-    have = set(subprocess.run([*ctr, "content", "ls", "-q"], capture_output=True,
-                              text=True).stdout.split())
-    index = json.loads((layout / "index.json").read_text())
-    wanted = {i.name.replace("/", "_").replace(":", "_"): i.name for i in images}
-    manifests = []
-    for desc in index["manifests"]:
-        ref = desc.get("annotations", {}).get("org.opencontainers.image.ref.name")
-        if ref in wanted:
-            manifests.append({**desc, "annotations": {
-                "io.containerd.image.name": wanted[ref],
-                "org.opencontainers.image.ref.name": wanted[ref].rsplit(":", 1)[1]}})
-    blobs: set[str] = set()
-    for desc in manifests:
-        manifest = json.loads(_blob(layout, desc["digest"]).read_bytes())
-        blobs.add(desc["digest"])
-        blobs.add(manifest["config"]["digest"])
-        blobs.update(layer["digest"] for layer in manifest["layers"])
-    send = sorted(d for d in blobs if d not in have)
-    reader, writer = os.pipe()
-    proc = subprocess.Popen([*ctr, "images", "import", "-"], stdin=reader,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    os.close(reader)
-    with os.fdopen(writer, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
-        for name, data in (("oci-layout", (layout / "oci-layout").read_bytes()),
-                           ("index.json", json.dumps({"schemaVersion": 2,
-                                                      "manifests": manifests}).encode())):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for digest in send:
-            tar.add(_blob(layout, digest), arcname=f"blobs/{digest.replace(':', '/')}")
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        raise ImageError(f"importing {', '.join(i.name for i in images)} into containerd "
-                         f"failed: {err.decode(errors='replace')[-2000:]}")
+def push(buildah: Buildah, image: Image, registry: str) -> None:
+    """Push an image (layers the registry holds already are skipped: a code change sends one
+    small layer). Uncompressed: nothing to gain from gzip on one machine."""
+    buildah.run("push", "--quiet", "--disable-compression", "--tls-verify=false", image.name,
+                f"docker://{registry}/{image.name.split('/', 1)[1]}",
+                what=f"pushing {image.name}")
 
 
-def _blob(layout: Path, digest: str) -> Path:
-    algo, hexdigest = digest.split(":", 1)
-    return layout / "blobs" / algo / hexdigest
+def write_registry_hosts(directory: Path, registry: str) -> Path:
+    """containerd's host configuration: ``localhost/…`` images come from our registry."""
+    hosts = directory / "certs.d"
+    (hosts / "localhost").mkdir(parents=True, exist_ok=True)
+    (hosts / "localhost" / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n'
+        f'  capabilities = ["pull", "resolve"]\n')
+    return hosts

@@ -28,9 +28,19 @@ class RealNodeStarter:
 
     def start(self, track: Callable[[procs.Proc], procs.Proc], progress) -> None:
         t0 = time.monotonic()
+        buildah = images_mod.Buildah()
+        registry_proc, registry = images_mod.start_registry(self.net.host_ip, self.logs)
+        track(registry_proc)
+        for image in self.built.values():
+            images_mod.push(buildah, image, registry)
+        progress(f"Started the image registry on {registry} with "
+                 f"{len(self.built)} images in {time.monotonic() - t0:.1f}s")
+
+        t0 = time.monotonic()
+        hosts = images_mod.write_registry_hosts(self.dir, registry)
         containerd_root = self.dir / "containerd" / "root"
         config = realnode.write_containerd_config(self.dir, containerd_root,
-                                                  self.built["pause"].name)
+                                                  self.built["pause"].name, hosts)
         realnode.write_cni_config(self.dir, self.net)
         tmp = self.dir / "containerd" / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -40,12 +50,14 @@ class RealNodeStarter:
         progress(f"Started containerd in {time.monotonic() - t0:.1f}s")
 
         t1 = time.monotonic()
-        buildah = images_mod.Buildah()
-        images = list(self.built.values())
-        layout = images_mod.export_layout(buildah, images)
-        images_mod.import_into(["ctr", f"--address={self.sock}", "--namespace=k8s.io"], layout,
-                               images)
-        progress(f"Loaded {len(images)} images into containerd in {time.monotonic() - t1:.1f}s")
+        for image in self.built.values():
+            pulled = realnode.ctr(self.sock, "images", "pull", f"--hosts-dir={hosts}",
+                                  image.name)
+            if pulled.returncode != 0:
+                raise realnode.RealNodeError(f"containerd could not pull {image.name}: "
+                                             f"{pulled.stderr.strip()[-1500:]}")
+        progress(f"Pulled {len(self.built)} images into containerd in "
+                 f"{time.monotonic() - t1:.1f}s")
 
         kubelet_cert, kubelet_key = pki_mod.issue(
             self.pki, "kubelet", f"system:node:{realnode.NODE_NAME}", "system:nodes",
@@ -55,11 +67,12 @@ class RealNodeStarter:
         kubelet_config = realnode.write_kubelet_config(self.dir, self.net, self.pki.dir,
                                                        self.sock)
         labels = ",".join(f"{k}={v}" for k, v in realnode.NODE_LABELS.items())
-        track(self._inside("kubelet", [
+        self.kubelet_cmd = [
             str(toolchain.binary("kubelet")), f"--config={kubelet_config}",
             f"--kubeconfig={kubeconfig}", f"--hostname-override={realnode.NODE_NAME}",
             f"--node-ip={self.net.node_ip}", f"--node-labels={labels}",
-            f"--register-with-taints={realnode.GPU_TAINT}", "--v=1"]))
+            f"--register-with-taints={realnode.GPU_TAINT}", "--v=1"]
+        track(self._inside("kubelet", self.kubelet_cmd))
 
         proxy_cert, proxy_key = pki_mod.issue(self.pki, "kube-proxy", "system:kube-proxy")
         proxy_kubeconfig = pki_mod.write_kubeconfig(self.dir / "kube-proxy.kubeconfig",
@@ -72,13 +85,17 @@ class RealNodeStarter:
 
     def after_ready(self, api, progress) -> None:
         """The GPU stand-in and cluster DNS, once the node is registered and Ready."""
-        from kubernetes import client
-
-        core = client.CoreV1Api(api)
-        core.patch_node_status(realnode.NODE_NAME, {"status": {
-            "capacity": realnode.GPU_STAND_IN, "allocatable": realnode.GPU_STAND_IN}})
+        advertise_gpus(api)
         deploy_coredns(api, self.built["coredns"].name)
         progress(f"Advertised {realnode.GPU_STAND_IN} (stand-in) and deployed CoreDNS")
+
+
+def advertise_gpus(api) -> None:
+    """The GPU STAND-IN: ``nvidia.com/gpu`` as an extended resource of the real node."""
+    from kubernetes import client
+
+    client.CoreV1Api(api).patch_node_status(realnode.NODE_NAME, {"status": {
+        "capacity": realnode.GPU_STAND_IN, "allocatable": realnode.GPU_STAND_IN}})
 
 
 COREFILE = """.:1053 {

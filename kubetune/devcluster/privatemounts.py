@@ -1,8 +1,8 @@
 """Mounts in a private mount namespace that never write the host.
 
-Used by the process node agent's ``podexec`` (a pod's volumes at their ``mountPath``) and by the
-real node's sandbox (``/var/lib/kubelet``, ``/var/lib/cni``, ``/var/log/pods`` … bound from the
-dev cluster's folder). A mount target that does not exist is made inside the namespace only: the
+Used by the real node's sandbox (``/var/lib/kubelet``, ``/var/lib/cni``, ``/var/log/pods`` …
+bound from the dev cluster's folder) and around the image builds (buildah's fixed paths under
+``/var/lib`` and ``/etc``, debootstrap's mounts). A mount target that does not exist is made inside the namespace only: the
 nearest existing folder above it is covered by an overlay whose upper layer lives on a tmpfs
 private to the namespace (the mounts below that folder are bound back on top), and the missing
 folders or file are created in that upper layer. When the nearest existing folder is ``/``

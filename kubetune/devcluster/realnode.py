@@ -252,7 +252,8 @@ def remove_link(net: NodeNet) -> None:
         subprocess.run(["ip", "link", "del", net.link], capture_output=True)
 
 
-def write_containerd_config(directory: Path, root: Path, pause_image: str) -> Path:
+def write_containerd_config(directory: Path, root: Path, pause_image: str,
+                            registry_hosts: Path) -> Path:
     cni = directory / "cni"
     (cni / "net.d").mkdir(parents=True, exist_ok=True)
     config = directory / "containerd" / "config.toml"
@@ -286,6 +287,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN}"
     conf_dir = "{cni / 'net.d'}"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{registry_hosts}"
 ''')
     return config
 

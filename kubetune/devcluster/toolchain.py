@@ -26,10 +26,11 @@ ETCD_VERSION = "v3.6.5"  # the etcd that kubernetes v1.35.4's go.mod pins
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"
 COREDNS_VERSION = "v1.14.7"  # cluster DNS on the real node
+REGISTRY_VERSION = "v3.0.0"  # the CNCF distribution registry: images for the real node
 
 K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
                 "kubelet", "kube-proxy")
-ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm", "coredns")
+ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm", "coredns", "registry")
 
 
 class ToolchainError(RuntimeError):
@@ -60,6 +61,7 @@ def tool(name: str) -> Tool:
         "kwok": KWOK_VERSION,
         "helm": HELM_VERSION,
         "coredns": COREDNS_VERSION,
+        "registry": REGISTRY_VERSION,
     }.get(name, KUBERNETES_VERSION)
     return Tool(name, version)
 
@@ -231,6 +233,9 @@ def ensure_built() -> dict[str, Path]:
             _go_install(go, build_root, "helm", "helm.sh/helm/v3/cmd/helm", HELM_VERSION)
         if "coredns" in todo:
             _go_install(go, build_root, "coredns", "github.com/coredns/coredns", COREDNS_VERSION)
+        if "registry" in todo:
+            _go_install(go, build_root, "registry",
+                        "github.com/distribution/distribution/v3/cmd/registry", REGISTRY_VERSION)
     still = missing()
     if still:
         raise ToolchainError(f"still missing after build: {', '.join(still)}")

@@ -16,6 +16,7 @@ from kubetune_trainer.artifacts import MANIFEST
 from kubetune_trainer.storage import StorageError, join
 
 from .kube import Kube
+from .resources.finetunejob import RESTRICTED_CONTAINER, RESTRICTED_POD
 from .settings import OperatorSettings
 
 log = structlog.get_logger("kubetune.operator")
@@ -89,13 +90,14 @@ def merge_job(body: dict, adapter, digest: str, adapter_uri: str, out_uri: str,
         args += ["--revision", adapter.spec.base_model.revision]
     pod_spec = {
         "restartPolicy": "Never",
+        "securityContext": RESTRICTED_POD,  # as the training pods: restricted namespaces admit it
         "containers": [{"name": "merge", "image": settings.trainer_image,
                         "command": list(settings.trainer_command), "args": args, "env": env,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "volumeMounts": [{"name": "work", "mountPath": "/work"}],
-                        "securityContext": {"allowPrivilegeEscalation": False,
-                                            "capabilities": {"drop": ["ALL"]}}}],
-        "volumes": [{"name": "work", "emptyDir": {}}],
+                        "volumeMounts": [{"name": "work", "mountPath": "/work"},
+                                         {"name": "tmp", "mountPath": "/tmp"}],
+                        "securityContext": RESTRICTED_CONTAINER}],
+        "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
     }
     if settings.merge_node_selector:
         pod_spec["nodeSelector"] = dict(settings.merge_node_selector)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import host_state
+
 pytestmark = pytest.mark.cluster
 
 
@@ -38,27 +40,32 @@ def _alive(pid: int) -> bool:
 
 
 def test_up_status_env_down_leaves_nothing_behind(tmp_path):
+    """A second dev cluster with its own real node (no project images: pause and CoreDNS),
+    while the session's runs: up, status, env, down — and the host is as it was before."""
     directory = tmp_path / "dev"
-    up = _kubetune("dev-cluster", "up", "--dir", str(directory))
+    host_before = host_state()
+    up = _kubetune("dev-cluster", "up", "--dir", str(directory), "--images", "none")
     assert f"export KUBECONFIG={directory / 'kubeconfig'}" in up.stdout
-    assert "export AWS_ENDPOINT_URL_S3=http://127.0.0.1:" in up.stdout
+    assert "export AWS_ENDPOINT_URL_S3=http://10.250." in up.stdout
 
     state = json.loads((directory / "state.json").read_text())
     pids = [p["pid"] for p in state["procs"]]
     names = {p["name"] for p in state["procs"]}
-    assert names == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-                     "kwok", "nodeagent", "seaweedfs"}
+    assert names == {"node-sandbox", "etcd", "kube-apiserver", "kube-controller-manager",
+                     "kube-scheduler", "kwok", "seaweedfs", "registry",
+                     "containerd", "kubelet", "kube-proxy"}
+    host_ip = f"10.250.{state['node']['index']}.1"  # the node link's host side
     ports = {state["api_port"], state["etcd_port"], int(state["s3"]["endpoint"].rsplit(":", 1)[1])}
     assert ports <= _listening_ports()
-    # Loopback only: no listener of ours on a public address.
+    # Loopback and the node link only: no listener of ours on a public address.
     own = _owned_listeners(pids)
-    assert own and all(addr.startswith("127.") for addr, _ in own), own
+    assert own and all(addr.startswith("127.") or addr == host_ip for addr, _ in own), own
 
     status = _kubetune("dev-cluster", "status", "--dir", str(directory), "--json")
     parsed = json.loads(status.stdout)
     assert parsed["running"] is True
     assert {n["name"] for n in parsed["nodes"] if n["ready"]} >= {"kwok-gpu-0", "kwok-gpu-1",
-                                                                  "kwok-cpu-0", "kubetune-agent-0"}
+                                                                  "kwok-cpu-0", "real-0"}
     env = _kubetune("dev-cluster", "env", "--dir", str(directory)).stdout
     assert env == up.stdout
 
@@ -74,6 +81,8 @@ def test_up_status_env_down_leaves_nothing_behind(tmp_path):
     assert not _owned_listeners(pids)
     after = _kubetune("dev-cluster", "status", "--dir", str(directory), check=False)
     assert after.returncode == 1 and "not running" in after.stdout
+    # Links, routes, iptables rules, mounts, cgroups, /run, /var/lib, /etc: as before `up`.
+    assert host_state() == host_before
 
 
 def _owned_listeners(pids: list[int]) -> list[tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""FineTuneJobs that really train: the real trainer runs in pods of the process node agent.
+"""FineTuneJobs that really train: the trainer image runs on the real node (kubelet +
+containerd), as user 65532 on a read-only root filesystem in a restricted namespace.
 Live progress, a verified artifact and a LoRAAdapter; preemption resumes without using a retry;
 application failures use retries up to the limit."""
 
@@ -14,7 +15,7 @@ from kubetune_trainer.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 
-AGENT = {"kubetune.io/process-agent": "true"}
+REAL_NODE = {"kubetune.io/real-node": "true"}
 
 
 def _job(name: str, steps: int, **spec) -> dict:
@@ -27,7 +28,7 @@ def _job(name: str, steps: int, **spec) -> dict:
                     "training": {"maxSteps": steps, "learningRate": 0.003,
                                  "perDeviceBatchSize": 8, "gradientAccumulationSteps": 1,
                                  "loggingSteps": 5},
-                    "resources": {"gpusPerNode": 1, "nodeSelector": AGENT},
+                    "resources": {"gpusPerNode": 1, "nodeSelector": REAL_NODE},
                     "checkpointing": {"everySteps": 100, "keepLast": 2},
                     "output": {"uri": f"s3://kubetune/e2e/{name}-{int(time.time())}"}}}
     for key, value in spec.items():
@@ -137,3 +138,82 @@ def test_application_failure_counts_and_ends_with_backoff_limit_exceeded(cluster
     assert [a["countsAgainstRetries"] for a in st["attempts"]] == [True, True]
     assert st["retries"] == 2
     assert len(client.BatchV1Api(cluster.api).list_namespaced_job(ns).items) == 2
+
+
+def test_memory_limit_below_need_is_oomkilled_and_shown(cluster, operator, job_namespace):
+    """The kernel enforces the container's memory limit (cgroup): a trainer given 160 MiB
+    is OOMKilled, and the FineTuneJob says so."""
+    ns = job_namespace
+    obj = _job("small", 50, retryPolicy={"maxRetries": 0},
+               resources={"memory": "160Mi"})
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    st = wait_for(lambda: (s := _status(cluster, ns, "small")).get("phase") == "Failed" and s,
+                  timeout=240, message="Failed")
+    assert st["attempts"][0]["reason"] == "OOMKilled", st["attempts"]
+    assert st["attempts"][0]["countsAgainstRetries"] is True
+    assert "memory" in _cond(st, "Failed")["message"]
+    pod = client.CoreV1Api(cluster.api).list_namespaced_pod(
+        ns, label_selector="kubetune.io/finetunejob=small").items[0]
+    term = pod.status.container_statuses[0].state.terminated
+    assert term.reason == "OOMKilled" and term.exit_code == 137
+    assert pod.spec.containers[0].resources.limits["memory"] == "160Mi"
+
+
+def test_lost_node_does_not_count_and_the_next_attempt_resumes(cluster, operator, job_namespace):
+    """The node's kubelet dies: the node goes NotReady, the admin marks it out of service (the
+    non-graceful node shutdown procedure), its pod is failed with a DisruptionTarget
+    condition; the attempt does not count, and once the node is back the next attempt
+    resumes from the last checkpoint."""
+    from kubetune.devcluster.cluster import DevCluster
+
+    ns = job_namespace
+    dev = DevCluster(cluster.dir)
+    core = client.CoreV1Api(cluster.api)
+    obj = _job("nodeloss", 1500, retryPolicy={"maxRetries": 0})
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    wait_for(lambda: ((_status(cluster, ns, "nodeloss").get("progress") or {}).get("step") or 0)
+             >= 250, timeout=240, interval=0.2, message="past the first checkpoints")
+    taint = "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute"
+    dev.stop_kubelet()
+    try:
+        wait_for(lambda: next(c.status for c in core.read_node("real-0").status.conditions
+                              if c.type == "Ready") != "True", timeout=120,
+                 message="real-0 NotReady")
+        cluster.kubectl("taint", "node", "real-0", taint)
+        st = wait_for(lambda: (s := _status(cluster, ns, "nodeloss")).get("attempts") and
+                      s["attempts"][0].get("reason") == "NodeLost" and s, timeout=120,
+                      message="attempt 1 ended NodeLost")
+        assert st["attempts"][0]["countsAgainstRetries"] is False
+    finally:
+        dev.start_kubelet()
+        cluster.kubectl("taint", "node", "real-0", f"{taint}-", check=False)
+    st = wait_for(lambda: (s := _status(cluster, ns, "nodeloss")).get("phase") in
+                  ("Succeeded", "Failed") and s, timeout=400, message="finished")
+    assert st["phase"] == "Succeeded", st
+    assert st["attempts"][1]["reason"] == "Succeeded"
+    assert st["attempts"][1]["resumedFromStep"] >= 200  # a checkpoint, not step 0
+    assert st["retries"] == 0
+
+
+def test_two_node_ddp_rendezvous_over_the_headless_service(cluster, operator, job_namespace,
+                                                          s3_server, tmp_path):
+    """nodes: 2 → an indexed Job of two pods; torchrun's rendezvous finds rank 0 by its DNS
+    name under the headless Service; both ranks train (gloo on the CPU) and one artifact is
+    published."""
+    ns = job_namespace
+    obj = _job("ddp", 40, resources={"nodes": 2})
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
+    st = wait_for(lambda: (s := _status(cluster, ns, "ddp")).get("phase") in
+                  ("Succeeded", "Failed") and s, timeout=400, message="finished")
+    assert st["phase"] == "Succeeded", st
+    pods = client.CoreV1Api(cluster.api).list_namespaced_pod(
+        ns, label_selector="kubetune.io/finetunejob=ddp").items
+    assert len(pods) == 2 and {p.spec.hostname for p in pods} == {"ddp-1-0", "ddp-1-1"}
+    assert all(p.status.phase == "Succeeded" for p in pods)
+    logs = {p.spec.hostname: client.CoreV1Api(cluster.api).read_namespaced_pod_log(
+        p.metadata.name, ns) for p in pods}
+    assert '"world_size": 2' in logs["ddp-1-0"], logs["ddp-1-0"][-2000:]  # rank 0 reports
+    manifest, _ = artifacts.verify(st["artifact"]["uri"], Storage(
+        s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key),
+        tmp_path / "adapter")
+    assert manifest["metrics"]["steps"] == 40

@@ -1,10 +1,13 @@
 """The Helm chart against the real control plane: lint, schema, server-side validation of the
-rendered manifests, install, least-privilege RBAC proven by running the operator with exactly
-the chart's ServiceAccount identity (a TokenRequest token in a kubeconfig) through the whole
-FineTuneJob → LoRAAdapter → hot-swap flow, `kubectl auth can-i` limits, upgrade, uninstall."""
+rendered manifests, and `helm install` as a user runs it: the operator as a pod from the
+`operator` image (built from our Dockerfile) on the real node, with the chart's ServiceAccount,
+through the whole FineTuneJob → LoRAAdapter → hot-swap flow (trainer and `kubetune serve` pods
+from their images, in a restricted namespace); `kubectl auth can-i` limits of that identity,
+upgrade, uninstall."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -15,7 +18,11 @@ import pytest
 import yaml
 from kubernetes import client
 
-from helpers import start_operator, stop_operator, wait_for
+from helpers import PodLogs, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
+from servingutil import (REAL_NODE, complete, create_deployment, models,  # noqa: E402
+                         serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +125,7 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
     system, team, other = f"kt-sys-{suffix}", f"kt-team-{suffix}", f"kt-other-{suffix}"
     for ns in (system, team, other):
         cluster.kubectl("create", "namespace", ns)
+        cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
     core = client.CoreV1Api(cluster.api)
     wait_for(lambda: core.read_namespaced_service_account("default", team), timeout=30)
     for ns in (team, other):
@@ -125,11 +133,26 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
             "AWS_ACCESS_KEY_ID": s3_server.access_key,
             "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
     _adopt_crds(cluster, "kt", system)
-    install = helm(cluster, "install", "kt", str(CHART), "--namespace", system,
-                   "--set", "operator.replicas=0", "--set", f"operator.watchNamespaces={{{team}}}",
-                   "--set", f"s3.endpoint={s3_server.endpoint}",
-                   "--set", "s3.credentialsSecret=s3-creds", "--wait", "--timeout", "90s")
+    operator_image, trainer_image = (cluster.env[f"KUBETUNE_{t}_IMAGE"]
+                                     for t in ("OPERATOR", "TRAINER"))
+    install = helm(
+        cluster, "install", "kt", str(CHART), "--namespace", system,
+        "--set", f"operator.watchNamespaces={{{team}}}",
+        "--set", f"operator.image.repository={operator_image.rsplit(':', 1)[0]}",
+        "--set", f"operator.image.tag={operator_image.rsplit(':', 1)[1]}",
+        "--set", f"trainer.image.repository={trainer_image.rsplit(':', 1)[0]}",
+        "--set", f"trainer.image.tag={trainer_image.rsplit(':', 1)[1]}",
+        "--set-json", f'operator.nodeSelector={json.dumps(REAL_NODE)}',
+        "--set-json", 'operator.tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}]',
+        "--set-json", f'gpu.mergeNodeSelector={json.dumps(REAL_NODE)}',
+        "--set", "operator.adapterResyncSeconds=2",
+        "--set", f"s3.endpoint={s3_server.endpoint}",
+        "--set", "s3.credentialsSecret=s3-creds", "--wait", "--timeout", "180s")
     assert "kubectl -n <ns> get finetunejobs -w" in install.stdout  # NOTES tell what's next
+    op = PodLogs(cluster, system, "app.kubernetes.io/name=kubetune")
+    pod = op.pod()
+    assert pod.spec.node_name == "real-0" and pod.status.phase == "Running"
+    assert pod.spec.containers[0].image == operator_image
     account = "kt-kubetune"
     kubeconfig = _token_kubeconfig(cluster, system, account, tmp_path / "sa.kubeconfig")
 
@@ -155,40 +178,33 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
     assert not can("update", "roles.rbac.authorization.k8s.io", "-n", team)
     assert not can("create", "customresourcedefinitions.apiextensions.k8s.io")
 
-    # The operator with exactly that identity runs the whole flow in the team namespace.
-    sys.path.insert(0, str(ROOT / "tests" / "serving"))
-    from servingutil import (AGENT, complete, create_deployment, models, serve_deployment,
-                             wait_condition, wait_ready)
-    op = start_operator(cluster, s3_server, tmp_path, namespaces=[team], extra_env={
-        "KUBECONFIG": str(kubeconfig), "KUBETUNE_ADAPTER_RESYNC_SECONDS": "2"})
-    try:
-        create_deployment(cluster, team, serve_deployment("srv", 1, endpoint=s3_server.endpoint))
-        pod = wait_ready(cluster, team, "srv", 1)[0]
-        base = complete(pod["ip"], "base")
-        job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-               "metadata": {"name": "rbac"},
-               "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
-                        "dataset": {"train": {"uri": "builtin://tiny-chat"},
-                                    "format": "messages", "maxLength": 128},
-                        "method": {"type": "LoRA", "lora": {"r": 8}},
-                        "training": {"maxSteps": 30, "learningRate": 0.01,
-                                     "perDeviceBatchSize": 8, "loggingSteps": 5},
-                        "resources": {"gpusPerNode": 1, "nodeSelector": AGENT},
-                        "output": {"uri": f"s3://{s3_server.bucket}/helm/{suffix}",
-                                   "createAdapter": {"servingName": "rbac",
-                                                     "target": {"deployment": "srv"}}}}}
-        cluster.kubectl("apply", "-n", team, "-f", "-", input=yaml.safe_dump(job))
-        ready = wait_condition(cluster, team, "rbac", "Ready", timeout=300, op=op)
-        assert ready["status"]["loadedReplicas"] == "1/1"
-        assert "rbac" in models(pod["ip"]) and complete(pod["ip"], "rbac") != base
-        ftj = cluster.kubectl("get", "finetunejob", "rbac", "-n", team, "-o", "yaml").stdout
-        assert yaml.safe_load(ftj)["status"]["progress"]["step"] == 30  # trainer's own Role
-        log = op.log.read_text()
-        # Every 403 from the apiserver says "forbidden" ("... is forbidden: User ... cannot");
-        # a bare "403" also matches timestamps and byte counts in the access log.
-        assert "forbidden" not in log.lower(), log[-3000:]
-    finally:
-        stop_operator(op)
+    # The operator pod, with exactly that identity, runs the whole flow in the team namespace.
+    create_deployment(cluster, team, serve_deployment("srv", 1, endpoint=s3_server.endpoint))
+    pod = wait_ready(cluster, team, "srv", 1)[0]
+    base = complete(pod["ip"], "base")
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+           "metadata": {"name": "rbac"},
+           "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+                    "dataset": {"train": {"uri": "builtin://tiny-chat"},
+                                "format": "messages", "maxLength": 128},
+                    "method": {"type": "LoRA", "lora": {"r": 8}},
+                    "training": {"maxSteps": 30, "learningRate": 0.01,
+                                 "perDeviceBatchSize": 8, "loggingSteps": 5},
+                    "resources": {"gpusPerNode": 1, "nodeSelector": REAL_NODE},
+                    "output": {"uri": f"s3://{s3_server.bucket}/helm/{suffix}",
+                               "createAdapter": {"servingName": "rbac",
+                                                 "target": {"deployment": "srv"}}}}}
+    cluster.kubectl("apply", "-n", team, "-f", "-", input=yaml.safe_dump(job))
+    ready = wait_condition(cluster, team, "rbac", "Ready", timeout=300, op=op)
+    assert ready["status"]["loadedReplicas"] == "1/1"
+    assert "rbac" in models(pod["ip"]) and complete(pod["ip"], "rbac") != base
+    ftj = cluster.kubectl("get", "finetunejob", "rbac", "-n", team, "-o", "yaml").stdout
+    assert yaml.safe_load(ftj)["status"]["progress"]["step"] == 30  # trainer's own Role
+    log = op.tail(100000)
+    assert "Created Job" in log  # the operator pod's own log, through the kubelet
+    # Every 403 from the apiserver says "forbidden" ("... is forbidden: User ... cannot");
+    # a bare "403" also matches timestamps and byte counts in the access log.
+    assert "forbidden" not in log.lower(), log[-3000:]
 
     # Upgrade to changed values: namespaced → also watch `other`; metrics Service off.
     helm(cluster, "upgrade", "kt", str(CHART), "--namespace", system, "--reuse-values",

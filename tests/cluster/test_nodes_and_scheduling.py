@@ -14,8 +14,10 @@ def test_kubectl_lists_fake_gpu_nodes_with_gpu_capacity(cluster):
     out = cluster.kubectl("get", "nodes", "-o", "json").stdout
     nodes = {n["metadata"]["name"]: n for n in json.loads(out)["items"]}
     gpu_nodes = [n for n in nodes.values() if n["status"]["capacity"].get("nvidia.com/gpu") == "8"]
-    assert {"kwok-gpu-0", "kwok-gpu-1", "kubetune-agent-0"} <= {n["metadata"]["name"]
-                                                                 for n in gpu_nodes}
+    assert {"kwok-gpu-0", "kwok-gpu-1", "real-0"} <= {n["metadata"]["name"] for n in gpu_nodes}
+    real = nodes["real-0"]  # its GPUs are a stand-in (extended resources), and say so
+    assert real["metadata"]["labels"]["kubetune.io/gpu-stand-in"] == "true"
+    assert real["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     for node in gpu_nodes:  # labelled and tainted like a GPU pool
         assert node["metadata"]["labels"]["nvidia.com/gpu.present"] == "true"
         assert {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"} in \
@@ -29,7 +31,11 @@ def _gpu_pod(name: str, gpus: int) -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
         "nodeSelector": {"type": "kwok", "kubetune.io/pool": "gpu"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{"name": "train", "image": "trainer:dev",
+                        "securityContext": {"allowPrivilegeEscalation": False,
+                                            "capabilities": {"drop": ["ALL"]}},
                         "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}
 
 

@@ -1,9 +1,10 @@
-"""A `kubetune serve` Deployment on the process node agent, and readers of what its replicas
-serve (each pod has its own loopback IP, as a pod IP)."""
+"""A `kubetune serve` Deployment on the real node, from the dev cluster's `serve` image, and
+readers of what its replicas serve (by pod IP: this machine routes to the node's pod range)."""
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 
@@ -11,8 +12,18 @@ from kubernetes import client
 
 from helpers import wait_for
 
-AGENT = {"kubetune.io/process-agent": "true"}
+REAL_NODE = {"kubetune.io/real-node": "true"}
 PROMPT = "What color is the apple?"
+# The restricted Pod Security Standard, as the images run: non-root, read-only root.
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
+
+
+def image(target: str) -> str:
+    """The dev cluster's image of a Dockerfile target (exported by the cluster fixture)."""
+    return os.environ[f"KUBETUNE_{target.upper()}_IMAGE"]
 
 
 def serve_deployment(name: str, replicas: int = 2, model: str = "builtin://tiny-llama",
@@ -23,15 +34,16 @@ def serve_deployment(name: str, replicas: int = 2, model: str = "builtin://tiny-
         "spec": {
             "replicas": replicas, "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}}, "spec": {
-                "nodeSelector": AGENT, "terminationGracePeriodSeconds": 5,
+                "nodeSelector": REAL_NODE, "terminationGracePeriodSeconds": 5,
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                                  "effect": "NoSchedule"}],
+                "securityContext": POD_SECURITY,
                 "containers": [{
-                    "name": "server", "image": "kubetune/serve:test",
-                    "command": ["python", "-m", "kubetune.cli", "serve"],
+                    "name": "server", "image": image("serve"),  # entrypoint `kubetune serve`
                     "args": ["--model", model, "--revision", "v1", "--served-model-name", "base",
                              "--host", "$(POD_IP)", "--port", "8000",
                              f"--max-lora-rank={max_rank}", "--cache-dir", "/cache"],
+                    "securityContext": CONTAINER_SECURITY,
                     "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {
                                 "fieldPath": "status.podIP"}}},
                             {"name": "AWS_ENDPOINT_URL_S3", "value": endpoint},
@@ -41,8 +53,9 @@ def serve_deployment(name: str, replicas: int = 2, model: str = "builtin://tiny-
                     "ports": [{"containerPort": 8000, "name": "http"}],
                     "readinessProbe": {"httpGet": {"path": "/health", "port": 8000},
                                        "periodSeconds": 1},
-                    "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}],
-                "volumes": [{"name": "cache", "emptyDir": {}}]}}}}
+                    "volumeMounts": [{"name": "cache", "mountPath": "/cache"},
+                                     {"name": "tmp", "mountPath": "/tmp"}]}],
+                "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]}}}}
 
 
 def create_deployment(cluster, ns: str, body: dict) -> None:

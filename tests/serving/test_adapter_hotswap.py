@@ -1,6 +1,6 @@
-"""LoRAAdapter hot-swap against the real control plane: `kubetune serve` replicas run by the
-process node agent, the operator loads the adapter on every replica and keeps per-replica truth
-through restarts, scale-out, drift and deletion."""
+"""LoRAAdapter hot-swap against the real control plane: `kubetune serve` replicas (the `serve`
+image) on the real node; the operator loads the adapter on every replica and keeps per-replica
+truth through restarts, scale-out, drift and deletion."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from kubernetes import client, watch
 from adapterfactory import published
 from helpers import wait_for
 from kubetune_trainer.storage import Storage
-from servingutil import (adapter, complete, condition, create_deployment, events, models,
-                         ready_pods, serve_deployment, wait_condition, wait_ready)
+from servingutil import (adapter, complete, condition, create_deployment, events, image,
+                         models, ready_pods, serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -188,11 +188,12 @@ def test_vllm_runtime_loads_from_the_sidecar_synced_volume(
     pod = body["spec"]["template"]["spec"]
     engine = pod["containers"][0]
     engine["volumeMounts"].append({"name": "adapters", "mountPath": "/adapters"})
-    sidecar = {"name": "adapter-sync", "image": "kubetune/trainer:test",
-               "command": ["python", "-m", "kubetune_trainer", "adapter-sync", "--dir",
-                           "/adapters", "--host", "$(POD_IP)", "--port", "8090"],
-               "env": engine["env"],
-               "volumeMounts": [{"name": "adapters", "mountPath": "/adapters"}]}
+    sidecar = {"name": "adapter-sync", "image": image("trainer"),  # python -m kubetune_trainer
+               "args": ["adapter-sync", "--dir", "/adapters", "--host", "$(POD_IP)",
+                        "--port", "8090"],
+               "env": engine["env"], "securityContext": engine["securityContext"],
+               "volumeMounts": [{"name": "adapters", "mountPath": "/adapters"},
+                                {"name": "tmp", "mountPath": "/tmp"}]}
     pod["containers"].append(sidecar)
     pod["volumes"].append({"name": "adapters", "emptyDir": {}})
     create_deployment(cluster, ns, body)

@@ -1,5 +1,5 @@
 """End to end on the real control plane: kubectl apply a FineTuneJob → the real trainer runs in
-a pod of the process node agent → verified artifact → LoRAAdapter (held by the job's evaluation
+a trainer pod on the real node → verified artifact → LoRAAdapter (held by the job's evaluation
 gate until EvalPassed) → loaded on both replicas of a `kubetune serve` Deployment → a completion
 naming the adapter differs from the base model's."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from servingutil import (AGENT, complete, condition, create_deployment, models,
+from servingutil import (REAL_NODE, complete, condition, create_deployment, models,
                          serve_deployment, wait_condition, wait_ready)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer, pytest.mark.e2e]
@@ -30,7 +30,7 @@ def test_finetunejob_to_adapter_served_on_two_replicas(cluster, operator, job_na
             "method": {"type": "LoRA", "lora": {"r": 8}},
             "training": {"maxSteps": 30, "learningRate": 0.01, "perDeviceBatchSize": 8,
                          "gradientAccumulationSteps": 1, "loggingSteps": 5},
-            "resources": {"gpusPerNode": 1, "nodeSelector": AGENT},
+            "resources": {"gpusPerNode": 1, "nodeSelector": REAL_NODE},
             "output": {"uri": f"s3://{s3_server.bucket}/e2e/colors-{int(time.time())}",
                        "createAdapter": {"name": "{job}-v1", "servingName": "colors",
                                          "alias": "colors", "stage": "production",

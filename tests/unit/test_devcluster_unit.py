@@ -1,23 +1,12 @@
-"""Pure parts of the dev cluster: variable expansion, node manifests, toolchain errors."""
+"""Pure parts of the dev cluster: node manifests, toolchain errors, the real node's
+configuration."""
 
 import pytest
 
 from kubetune.devcluster import toolchain
 from kubetune.devcluster.cluster import GPU_TAINT, kwok_nodes, node_manifest
-from kubetune.devcluster.nodeagent import expand
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.mark.parametrize("value,expected", [
-    ("$(A)-x", "1-x"),
-    ("$$(A)", "$(A)"),          # $$ escapes
-    ("$(MISSING)", "$(MISSING)"),  # unknown references stay as written
-    ("no refs", "no refs"),
-    ("$(A)$(B)", "12"),
-])
-def test_expand_follows_kubernetes_rules(value, expected):
-    assert expand(value, {"A": "1", "B": "2"}) == expected
 
 
 def test_gpu_nodes_are_a_tainted_labelled_pool():

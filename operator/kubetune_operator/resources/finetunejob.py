@@ -106,6 +106,9 @@ def _credentials_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict]
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                         "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                         "seccompProfile": {"type": "RuntimeDefault"}}
+# The images' user (Dockerfile: USER 65532); fsGroup makes emptyDir volumes its own.
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                  "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorSettings,
@@ -148,8 +151,7 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
         "restartPolicy": "Never",
         "serviceAccountName": res.service_account_name or trainer_account(name),
         "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
-                            "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": RESTRICTED_POD,
         "containers": [{
             "name": "trainer", "image": res.image or settings.trainer_image,
             "command": command, "args": train_args, "env": env,
