@@ -16,6 +16,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
+# The user every target runs as, with a passwd entry (libraries look the user up) and a home
+# on /tmp: pods run with a read-only root filesystem and an emptyDir at /tmp.
+RUN useradd --no-log-init --uid 65532 --user-group --no-create-home --home-dir /tmp \
+        --shell /usr/sbin/nologin kubetune
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY docker/deps.py docker/install.sh ./docker/
@@ -32,6 +36,7 @@ COPY operator ./operator
 COPY trainer ./trainer
 RUN sh docker/install.sh app && rm -rf /src
 WORKDIR /
+ENV HOME=/tmp
 USER 65532:65532
 EXPOSE 8080 8081
 ENTRYPOINT ["kubetune", "operator"]
@@ -42,8 +47,8 @@ COPY operator ./operator
 COPY trainer ./trainer
 RUN sh docker/install.sh app && rm -rf /src
 WORKDIR /work
-ENV HOME=/work \
-    HF_HOME=/work/.cache/huggingface
+ENV HOME=/tmp \
+    HF_HOME=/tmp/.cache/huggingface
 USER 65532:65532
 ENTRYPOINT ["python", "-m", "kubetune_trainer"]
 

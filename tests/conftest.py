@@ -61,8 +61,12 @@ def cluster(tmp_path_factory):
     (``KUBETUNE_{OPERATOR,TRAINER,SERVE}_IMAGE``) are exported to the tests' environment."""
     from kubernetes import config
 
-    dev = DevCluster(tmp_path_factory.mktemp("cluster"))
-    dev.up(progress=lambda msg: print(msg))
+    # KUBETUNE_TEST_CLUSTER=DIR: run against a dev cluster already up in DIR (left running).
+    reuse = os.environ.get("KUBETUNE_TEST_CLUSTER")
+    dev = DevCluster(Path(reuse) if reuse else tmp_path_factory.mktemp("cluster"))
+    if not (reuse and dev.running()):
+        reuse = None
+        dev.up(progress=lambda msg: print(msg))
     try:
         env = dev.env()
         images = {k: v for k, v in env.items() if k.endswith("_IMAGE")}
@@ -71,7 +75,8 @@ def cluster(tmp_path_factory):
         yield Cluster(dir=dev.dir, kubeconfig=dev.kubeconfig, env=env, api=api,
                       s3=dev.state().s3_info())
     finally:
-        dev.down(progress=lambda msg: print(msg))
+        if not reuse:
+            dev.down(progress=lambda msg: print(msg))
 
 
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}

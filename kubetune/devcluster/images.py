@@ -266,7 +266,23 @@ def project_images(buildah: Buildah, base: Image,
                     f"--volume={house / 'pip.conf'}:/etc/pip.conf:ro",
                     f"--tag={out[target].name}", str(ROOT),
                     what=f"building the {target} image", log=buildah.dir / "build.log")
+    _prune(buildah, set(out.values()))
     return out
+
+
+def _prune(buildah: Buildah, keep: set[Image]) -> None:
+    """Drop earlier builds of the project images (their code layers; the dependency layers
+    they share with the new ones stay)."""
+    try:
+        buildah.run("rm", "--all", what="removing left-over build containers")
+        listed = buildah.run("images", "--format", "{{.Name}}:{{.Tag}}", what="listing images")
+        repos = {i.repository for i in keep}
+        names = {i.name for i in keep}
+        stale = [n for n in listed.split() if n.rsplit(":", 1)[0] in repos and n not in names]
+        if stale:
+            buildah.run("rmi", *stale, what="removing earlier builds")
+    except ImageError as exc:  # disk hygiene only: never fail an `up` for it
+        _progress(f"(could not prune earlier image builds: {exc})")
 
 
 def start_registry(host: str, logs: Path) -> tuple[procs.Proc, str]:

@@ -208,11 +208,11 @@ def test_two_node_ddp_rendezvous_over_the_headless_service(cluster, operator, jo
     assert st["phase"] == "Succeeded", st
     pods = client.CoreV1Api(cluster.api).list_namespaced_pod(
         ns, label_selector="kubetune.io/finetunejob=ddp").items
-    assert len(pods) == 2 and {p.spec.hostname for p in pods} == {"ddp-1-0", "ddp-1-1"}
+    assert len(pods) == 2 and {p.spec.hostname for p in pods} == {"ddp-0-0", "ddp-0-1"}
     assert all(p.status.phase == "Succeeded" for p in pods)
     logs = {p.spec.hostname: client.CoreV1Api(cluster.api).read_namespaced_pod_log(
         p.metadata.name, ns) for p in pods}
-    assert '"world_size": 2' in logs["ddp-1-0"], logs["ddp-1-0"][-2000:]  # rank 0 reports
+    assert '"world_size": 2' in logs["ddp-0-0"], logs["ddp-0-0"][-2000:]  # rank 0 reports
     manifest, _ = artifacts.verify(st["artifact"]["uri"], Storage(
         s3_server.endpoint, access_key=s3_server.access_key, secret_key=s3_server.secret_key),
         tmp_path / "adapter")

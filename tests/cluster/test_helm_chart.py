@@ -31,7 +31,7 @@ KUBE_VERSION = "1.35.4"
 
 
 def helm(cluster, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["helm", *args], capture_output=True, text=True, timeout=180,
+    proc = subprocess.run(["helm", *args], capture_output=True, text=True, timeout=400,
                           env={**os.environ, **cluster.env})
     if check and proc.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -135,6 +135,7 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
     _adopt_crds(cluster, "kt", system)
     operator_image, trainer_image = (cluster.env[f"KUBETUNE_{t}_IMAGE"]
                                      for t in ("OPERATOR", "TRAINER"))
+    op = PodLogs(cluster, system, "app.kubernetes.io/name=kubetune")
     install = helm(
         cluster, "install", "kt", str(CHART), "--namespace", system,
         "--set", f"operator.watchNamespaces={{{team}}}",
@@ -147,9 +148,10 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
         "--set-json", f'gpu.mergeNodeSelector={json.dumps(REAL_NODE)}',
         "--set", "operator.adapterResyncSeconds=2",
         "--set", f"s3.endpoint={s3_server.endpoint}",
-        "--set", "s3.credentialsSecret=s3-creds", "--wait", "--timeout", "180s")
+        "--set", "s3.credentialsSecret=s3-creds", "--wait", "--timeout", "300s",
+        check=False)
+    assert install.returncode == 0, f"{install.stderr}\noperator pod log:\n{op.tail()}"
     assert "kubectl -n <ns> get finetunejobs -w" in install.stdout  # NOTES tell what's next
-    op = PodLogs(cluster, system, "app.kubernetes.io/name=kubetune")
     pod = op.pod()
     assert pod.spec.node_name == "real-0" and pod.status.phase == "Running"
     assert pod.spec.containers[0].image == operator_image

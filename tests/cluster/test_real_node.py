@@ -136,8 +136,8 @@ def test_in_cluster_api_and_dns_with_a_headless_service(cluster, namespace):
     code = textwrap.dedent(f"""
         import socket, time, pathlib
         from kubernetes import client, config
-        config.load_incluster_config()
-        ns = client.CoreV1Api().read_namespace('{namespace}').metadata.name
+        config.load_incluster_config()  # the `kubernetes` Service, the pod's token and CA
+        version = client.VersionApi().get_code().git_version
         for _ in range(60):
             try:
                 peer = socket.gethostbyname('peer-0.rdzv.{namespace}.svc.cluster.local')
@@ -145,14 +145,14 @@ def test_in_cluster_api_and_dns_with_a_headless_service(cluster, namespace):
             except OSError:
                 time.sleep(1)
         api = socket.gethostbyname('kubernetes.default')
-        pathlib.Path('/dev/termination-log').write_text(f"{{ns}}|{{peer}}|{{api}}")
+        pathlib.Path('/dev/termination-log').write_text(f"{{version}}|{{peer}}|{{api}}")
     """)
     batch.create_namespaced_job(namespace, _job("resolver", code))
     wait_for(lambda: _condition(batch, "resolver", namespace).get("Complete"), timeout=120,
              message="Job resolver Complete")
     peer_ip = core.read_namespaced_pod("peer-0", namespace).status.pod_ip
     term = _pod_of(core, "resolver", namespace).status.container_statuses[0].state.terminated
-    assert term.message == f"{namespace}|{peer_ip}|10.96.0.1"
+    assert term.message == f"v1.35.4|{peer_ip}|10.96.0.1", term.message
 
 
 def _host_state(path: str):

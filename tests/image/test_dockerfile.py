@@ -1,5 +1,5 @@
-"""No Docker engine runs here, so the Dockerfile is linted (hadolint) and its exact install
-steps (docker/install.sh, the script each RUN calls) run in a fresh virtual environment."""
+"""The Dockerfile: linted (hadolint), its shape checked, and its images — built by the dev
+cluster with buildah from this very file — run on the real node as their own user."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from kubernetes import client
+
+from helpers import wait_for
 
 pytestmark = pytest.mark.image
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,49 +44,63 @@ def test_dockerfile_shape():
     assert "!tests/" not in ignore and not any(line.startswith("!.git") for line in ignore)
 
 
-def test_operator_install_steps_in_a_fresh_venv(tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
-           "VIRTUAL_ENV": str(venv)}
-    env.pop("PYTHONPATH", None)
-    src = tmp_path / "src"  # what the build context holds (.dockerignore), nothing more
-    src.mkdir()
-    for name in ("pyproject.toml", "constraints.txt", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for folder in ("docker", "kubetune", "operator", "trainer"):
-        shutil.copytree(ROOT / folder, src / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for step in (["deps", "operator"], ["app"]):
-        out = subprocess.run(["sh", "docker/install.sh", *step], cwd=src, env=env,
-                             capture_output=True, text=True, timeout=900)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    python = str(venv / "bin" / "python")
-    probe = subprocess.run([python, "-c", (
-        "import importlib.util as u, kopf, kubetune_operator.main, kubetune_trainer.artifacts;"
-        "print(u.find_spec('torch') is None, u.find_spec('transformers') is None)")],
-        cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == ["True", "True"], "the operator image must not hold torch"
-    help_text = subprocess.run([str(venv / "bin" / "kubetune"), "operator", "--help"],
-                               cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert help_text.returncode == 0 and "--all-namespaces" in help_text.stdout
+def _run_image(cluster, namespace: str, name: str, image: str, args: list[str],
+               command: list[str] | None = None) -> tuple[int, str]:
+    """Run an image on the real node as its own user (restricted namespace): exit code, log."""
+    container = {"name": "main", "image": image, "args": args,
+                 "securityContext": {"allowPrivilegeEscalation": False,
+                                     "readOnlyRootFilesystem": True,
+                                     "capabilities": {"drop": ["ALL"]}},
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    if command:
+        container["command"] = command
+    batch, core = client.BatchV1Api(cluster.api), client.CoreV1Api(cluster.api)
+    batch.create_namespaced_job(namespace, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "nodeSelector": {"kubetune.io/real-node": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "securityContext": {"runAsNonRoot": True,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}}}})
+
+    def finished():
+        pods = core.list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+        state = pods and pods[0].status.container_statuses and \
+            pods[0].status.container_statuses[0].state.terminated
+        return state and (pods[0], state)
+
+    pod, state = wait_for(finished, timeout=180, message=f"{name} finished")
+    return state.exit_code, core.read_namespaced_pod_log(pod.metadata.name, namespace)
 
 
-def test_trainer_install_steps_resolve(tmp_path):
-    """The trainer's dependency step resolves with the pins (a dry run: torch is ~3 GB)."""
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
-           "VIRTUAL_ENV": str(venv)}
-    out = subprocess.run(["sh", "docker/install.sh", "deps", "trainer", "--dry-run",
-                          "--quiet", "--report", str(tmp_path / "report.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    import json
+@pytest.mark.cluster
+def test_operator_image_runs_as_its_user_without_torch(cluster, namespace):
+    """The `operator` target, built from this Dockerfile: its entry point, its user, no torch."""
+    image = os.environ["KUBETUNE_OPERATOR_IMAGE"]
+    code, log = _run_image(cluster, namespace, "entry", image, ["--help"])
+    assert code == 0 and "--all-namespaces" in log, log[-2000:]
+    code, log = _run_image(cluster, namespace, "probe", image, ["-c", (
+        "import importlib.util as u, os, pwd, kopf, kubetune_operator.main;"
+        "print(pwd.getpwuid(os.getuid()).pw_name, os.path.expanduser('~'),"
+        "      u.find_spec('torch') is None, u.find_spec('transformers') is None)")],
+        command=["python"])
+    assert code == 0, log[-3000:]
+    assert log.split() == ["kubetune", "/tmp", "True", "True"], \
+        "the operator image runs as its named user with a writable home, and holds no torch"
 
-    names = {i["metadata"]["name"].lower(): i["metadata"]["version"]
-             for i in json.loads((tmp_path / "report.json").read_text())["install"]}
-    for package in ("torch", "transformers", "peft", "trl", "bitsandbytes"):
-        assert package in names, package
-    assert "kopf" not in names, "the trainer image must not hold kopf"
+
+@pytest.mark.cluster
+def test_trainer_and_serve_images_hold_the_training_stack_and_no_kopf(cluster, namespace):
+    trainer, serve = os.environ["KUBETUNE_TRAINER_IMAGE"], os.environ["KUBETUNE_SERVE_IMAGE"]
+    code, log = _run_image(cluster, namespace, "trainer", trainer, ["-c", (
+        "import importlib.util as u, os, torch, transformers, peft, trl, bitsandbytes;"
+        "import kubetune_trainer.train, kubetune_trainer.serve;"
+        "print(os.getuid(), os.environ['HOME'], u.find_spec('kopf') is None)")],
+        command=["python"])
+    assert code == 0, log[-3000:]
+    assert log.split()[-3:] == ["65532", "/tmp", "True"], "the trainer image must not hold kopf"
+    code, log = _run_image(cluster, namespace, "trainer-entry", trainer, ["--help"])
+    assert code == 0 and "train" in log and "merge" in log, log[-2000:]
+    code, log = _run_image(cluster, namespace, "serve-entry", serve, [])  # CMD: --help
+    assert code == 0 and "--max-lora-rank" in log, log[-2000:]

@@ -34,3 +34,42 @@ def test_versions_are_pinned_and_cache_is_keyed_by_version(tmp_path, monkeypatch
     assert path == tmp_path / "bin" / f"kube-apiserver-{toolchain.KUBERNETES_VERSION}" / \
         "kube-apiserver"
     assert toolchain.KUBERNETES_VERSION.startswith("v1.")
+
+
+def test_real_node_network_reaches_this_machine_only(tmp_path):
+    """The pod network: a bridge with no masquerade and no default route (pods reach the pod
+    range, Services and the host's cluster address, nothing off the machine)."""
+    import json
+
+    from kubetune.devcluster import realnode
+
+    net = realnode.NodeNet(42)
+    assert (net.host_ip, net.node_ip, net.pod_cidr) == ("10.250.42.1", "10.250.42.2",
+                                                        "10.246.42.0/24")
+    (tmp_path / "cni" / "net.d").mkdir(parents=True)
+    realnode.write_cni_config(tmp_path, net)
+    bridge = json.loads((tmp_path / "cni" / "net.d" / "10-kubetune.conflist").read_text())[
+        "plugins"][0]
+    assert bridge["ipMasq"] is False
+    routes = [r["dst"] for r in bridge["ipam"]["routes"]]
+    assert "0.0.0.0/0" not in routes and routes == [realnode.SERVICE_CIDR, net.link_cidr]
+
+
+def test_real_node_leaves_global_kernel_settings_alone(tmp_path):
+    """kube-proxy's conntrack limits are global: zero means "leave them"; containerd must not
+    lower oom_score_adj (this machine withholds CAP_SYS_RESOURCE)."""
+    import json
+
+    from kubetune.devcluster import realnode
+
+    net = realnode.NodeNet(7)
+    proxy = json.loads(realnode.write_kube_proxy_config(tmp_path, net, tmp_path / "kc").read_text())
+    assert all(v in (0, "0s") for v in proxy["conntrack"].values())
+    config = realnode.write_containerd_config(tmp_path, tmp_path / "root", "localhost/p:1",
+                                              tmp_path / "hosts").read_text()
+    assert "restrict_oom_score_adj = true" in config
+    assert f'root = "{tmp_path / "root"}"' in config
+    kubelet = json.loads(realnode.write_kubelet_config(tmp_path, net, tmp_path / "pki",
+                                                       tmp_path / "sock").read_text())
+    assert kubelet["cgroupRoot"] == f"/{net.cgroup}" and kubelet["failCgroupV1"] is False
+    assert kubelet["authentication"]["anonymous"]["enabled"] is False
