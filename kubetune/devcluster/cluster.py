@@ -147,7 +147,10 @@ class DevCluster:
     def up(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> ClusterState:
         if self.running():
             progress(f"Dev cluster already running in {self.dir}")
-            return self.state()
+            state = self.state()
+            if state.node:
+                self._refresh_images(state, progress)
+            return state
         if self.state():
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
@@ -185,6 +188,18 @@ class DevCluster:
         progress(f"Images ready in {time.monotonic() - t0:.1f}s: "
                  + ", ".join(i.name for i in built.values()))
         return built
+
+    def _refresh_images(self, state: ClusterState, progress) -> None:
+        """A running cluster after a code change: build the changed images (their code layer)
+        and load them; `env` then names the new ones."""
+        from .nodestart import load_images
+
+        built = self._build_images(progress)
+        new = [i for i in built.values() if i.name not in state.node["images"].values()]
+        if new:
+            load_images(self.dir / "node", state.node["registry"], new, progress)
+            state.node["images"] = {k: v.name for k, v in built.items()}
+            state.save()
 
     def _start(self, state: ClusterState, bins: dict[str, Path],
                built: dict[str, images_mod.Image], progress) -> None:
@@ -299,6 +314,7 @@ class DevCluster:
                                    state.node["sandbox_pid"], pki, server, built, logs)
             node.start(lambda proc: self._track(state, proc), progress)
             state.node["images"] = {k: v.name for k, v in built.items()}
+            state.node["registry"] = node.registry
             state.node["kubelet"] = node.kubelet_cmd
             state.save()
 

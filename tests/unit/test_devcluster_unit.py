@@ -73,3 +73,22 @@ def test_real_node_leaves_global_kernel_settings_alone(tmp_path):
                                                        tmp_path / "sock").read_text())
     assert kubelet["cgroupRoot"] == f"/{net.cgroup}" and kubelet["failCgroupV1"] is False
     assert kubelet["authentication"]["anonymous"]["enabled"] is False
+
+
+def test_a_machine_that_cannot_run_the_real_node_is_told_exactly_what_is_missing(monkeypatch,
+                                                                                tmp_path):
+    from kubetune.devcluster import realnode
+    from kubetune.devcluster.cluster import DevCluster
+
+    monkeypatch.setattr(realnode.os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("PATH", str(tmp_path))  # none of the node's commands
+    monkeypatch.setattr(realnode, "CNI_BIN", tmp_path / "cni")
+    monkeypatch.setattr(realnode, "REQUIREMENTS", {
+        **realnode.REQUIREMENTS, "containernetworking-plugins": [str(tmp_path / "cni/bridge")]})
+    missing = realnode.missing_requirements()
+    assert missing[0].startswith("root:")
+    assert any("Debian package containerd (containerd, ctr)" == m for m in missing), missing
+    assert any("containernetworking-plugins" in m for m in missing)
+    with pytest.raises(realnode.RealNodeError, match="cannot run the dev cluster's real node"):
+        DevCluster(tmp_path / "c")._build_images(lambda m: None)
+    assert not (tmp_path / "c").exists()  # nothing started, nothing written
