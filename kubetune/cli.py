@@ -23,6 +23,10 @@ def _dev_cluster(args: argparse.Namespace) -> int:
         return 0
     images = tuple(i for i in args.images.split(",") if i and i != "none")
     cluster = DevCluster(args.dir, real_node=not args.no_real_node, images=images)
+    if args.action == "images":
+        for name, image in cluster.build_images().items():
+            print(f"{name}\t{image.name}")
+        return 0
     if args.action == "up":
         cluster.up()
         _print_env(cluster.env())
@@ -101,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     dev = sub.add_parser("dev-cluster", help="a real local control plane, fake GPU nodes and S3")
-    dev.add_argument("action", choices=["up", "down", "env", "status", "build"])
+    dev.add_argument("action", choices=["up", "down", "env", "status", "build", "images"],
+                     help="build: binaries and Debian packages; images: the real node's images "
+                          "(`up` builds them too)")
     dev.add_argument("--dir", type=Path, default=None,
                      help="cluster folder (default: $XDG_STATE_HOME/kubetune/dev-cluster)")
     dev.add_argument("--json", action="store_true", help="status as JSON")

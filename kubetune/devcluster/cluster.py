@@ -154,7 +154,7 @@ class DevCluster:
         if self.state():
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
-        built = self._build_images(progress) if self.real_node else {}
+        built = self.build_images(progress) if self.real_node else {}
         self.dir.mkdir(parents=True, exist_ok=True)
         state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
         try:
@@ -170,7 +170,8 @@ class DevCluster:
         state.save()
         return proc
 
-    def _build_images(self, progress) -> dict[str, images_mod.Image]:
+    def build_images(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)
+                     ) -> dict[str, images_mod.Image]:
         """Every image the real node runs (built once per input digest, cached)."""
         missing = realnode.missing_requirements()
         if missing:
@@ -194,7 +195,7 @@ class DevCluster:
         and load them; `env` then names the new ones."""
         from .nodestart import load_images
 
-        built = self._build_images(progress)
+        built = self.build_images(progress)
         new = [i for i in built.values() if i.name not in state.node["images"].values()]
         if new:
             load_images(self.dir / "node", state.node["registry"], new, progress)
@@ -428,6 +429,9 @@ class DevCluster:
             realnode.remove_link(net)
             # Unpacked images (gigabytes): pulled again from the registry by the next `up`.
             shutil.rmtree(state.dir / "node" / "containerd", ignore_errors=True)
+            images_mod.collect_garbage(state.dir / "registry.yaml",
+                                       list((state.node.get("images") or {}).values()),
+                                       state.dir / "logs" / "registry-gc.log")
             if left:
                 raise RuntimeError(f"could not remove the real node's cgroups: {left[:5]}")
         state.procs = []

@@ -285,10 +285,12 @@ def _prune(buildah: Buildah, keep: set[Image]) -> None:
         _progress(f"(could not prune earlier image builds: {exc})")
 
 
-def start_registry(host: str, logs: Path, keep: list[Image]) -> tuple[procs.Proc, str]:
+REGISTRY_ENV = {"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"}
+
+
+def start_registry(host: str, logs: Path) -> tuple[procs.Proc, str]:
     """The CNCF distribution registry on ``host`` (where both buildah and the node's containerd
-    reach it), its storage in kubetune's cache: an image pushed once is never pushed again.
-    Earlier builds of the images in ``keep`` are garbage-collected first."""
+    reach it), its storage in kubetune's cache: an image pushed once is never pushed again."""
     storage = images_dir() / "registry"
     storage.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
@@ -298,32 +300,30 @@ def start_registry(host: str, logs: Path, keep: list[Image]) -> tuple[procs.Proc
         "storage": {"filesystem": {"rootdirectory": str(storage)},
                     "delete": {"enabled": True}, "redirect": {"disable": True}},
         "http": {"addr": f"{host}:{port}"}}))
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"}
-    _collect_garbage(storage, config, keep, env, logs)
     proc = procs.start("registry", [str(toolchain.binary("registry")), "serve", str(config)],
-                       logs / "registry.log", env=env)
+                       logs / "registry.log", env={**os.environ, **REGISTRY_ENV})
     procs.wait_port(port, proc, timeout=30, host=host)
     return proc, f"{host}:{port}"
 
 
-def _collect_garbage(storage: Path, config: Path, keep: list[Image], env: dict,
-                     logs: Path) -> None:
-    """Untag earlier builds of our images and drop the layers nothing references any more
-    (each dependency change would otherwise leave gigabytes behind)."""
-    repositories = storage / "docker" / "registry" / "v2" / "repositories"
+def collect_garbage(config: Path, keep: list[str], log: Path) -> None:
+    """With the registry stopped: untag earlier builds of the images in ``keep`` and drop the
+    layers nothing references any more (each dependency change would otherwise leave
+    gigabytes behind)."""
+    repositories = images_dir() / "registry" / "docker" / "registry" / "v2" / "repositories"
     untagged = False
-    for image in keep:
-        repo, tag = image.name.split("/", 1)[1].rsplit(":", 1)
+    for name in keep:
+        repo, tag = name.split("/", 1)[1].rsplit(":", 1)
         tags = repositories / repo / "_manifests" / "tags"
         for old in tags.iterdir() if tags.is_dir() else []:
             if old.name != tag:
                 shutil.rmtree(old)
                 untagged = True
-    if untagged:
-        with open(logs / "registry-gc.log", "ab") as out:
+    if untagged and config.exists():
+        with open(log, "ab") as out:
             subprocess.run([str(toolchain.binary("registry")), "garbage-collect",
                             "--delete-untagged", str(config)], stdout=out,
-                           stderr=subprocess.STDOUT, env=env)
+                           stderr=subprocess.STDOUT, env={**os.environ, **REGISTRY_ENV})
 
 
 def push(buildah: Buildah, image: Image, registry: str) -> None:

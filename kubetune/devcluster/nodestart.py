@@ -28,8 +28,7 @@ class RealNodeStarter:
 
     def start(self, track: Callable[[procs.Proc], procs.Proc], progress) -> None:
         t0 = time.monotonic()
-        registry_proc, self.registry = images_mod.start_registry(
-            self.net.host_ip, self.logs, list(self.built.values()))
+        registry_proc, self.registry = images_mod.start_registry(self.net.host_ip, self.logs)
         track(registry_proc)
         progress(f"Started the image registry on {self.registry}")
         hosts = images_mod.write_registry_hosts(self.dir, self.registry)

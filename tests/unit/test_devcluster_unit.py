@@ -90,5 +90,5 @@ def test_a_machine_that_cannot_run_the_real_node_is_told_exactly_what_is_missing
     assert any("Debian package containerd (containerd, ctr)" == m for m in missing), missing
     assert any("containernetworking-plugins" in m for m in missing)
     with pytest.raises(realnode.RealNodeError, match="cannot run the dev cluster's real node"):
-        DevCluster(tmp_path / "c")._build_images(lambda m: None)
+        DevCluster(tmp_path / "c").build_images(lambda m: None)
     assert not (tmp_path / "c").exists()  # nothing started, nothing written
