@@ -51,16 +51,19 @@ class Demo:
         self.cluster = cluster
         self.env: dict[str, str] = {}
 
-    def run(self, *cmd: str, input: str | None = None, check: bool = True) -> str:
-        say("$ " + " ".join(cmd if len(" ".join(cmd)) < 160 else (*cmd[:6], "…")))
+    def run(self, *cmd: str, input: str | None = None, check: bool = True,
+            quiet: bool = False) -> str:
+        if not quiet:  # polling reads are not echoed
+            say("$ " + " ".join(cmd if len(" ".join(cmd)) < 160 else (*cmd[:6], "…")))
         proc = subprocess.run(cmd, input=input, capture_output=True, text=True,
                               env={**os.environ, **self.env}, timeout=600)
         if check and proc.returncode != 0:
             raise DemoError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
         return proc.stdout
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        return self.run("kubectl", *args, input=input, check=check)
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                quiet: bool = False) -> str:
+        return self.run("kubectl", *args, input=input, check=check, quiet=quiet)
 
     def up(self) -> None:
         step("Dev cluster: control plane, the real node (kubelet + containerd), S3, our images")
@@ -71,8 +74,12 @@ class Demo:
     def install(self) -> None:
         step("helm install the chart with the images built from our Dockerfile")
         operator, trainer = self.env["KUBETUNE_OPERATOR_IMAGE"], self.env["KUBETUNE_TRAINER_IMAGE"]
-        self.kubectl("apply", "-f", str(ROOT / "crds"))
-        self.run("helm", "upgrade", "--install", RELEASE, str(ROOT / "charts" / "kubetune"),
+        crds = []
+        if self._crds_outside_helm():  # e.g. applied by the test suite on this cluster
+            say("  (the CRDs exist outside Helm, e.g. from a test run: applied, not by the chart)")
+            self.kubectl("apply", "-f", str(ROOT / "crds"))
+            crds = ["--set", "crds.enabled=false"]
+        self.run("helm", "upgrade", "--install", RELEASE, str(ROOT / "charts" / "kubetune"), *crds,
                  "--namespace", SYSTEM, "--create-namespace",
                  "--set", f"operator.image.repository={operator.rsplit(':', 1)[0]}",
                  "--set", f"operator.image.tag={operator.rsplit(':', 1)[1]}",
@@ -86,6 +93,14 @@ class Demo:
                  "--set", f"s3.endpoint={self.env['KUBETUNE_S3_ENDPOINT']}",
                  "--set", "s3.credentialsSecret=s3-creds", "--wait", "--timeout", "300s")
         say(self.kubectl("get", "pods", "-n", SYSTEM, "-o", "wide"))
+
+    def _crds_outside_helm(self) -> bool:
+        out = self.kubectl("get", "crd", "finetunejobs.kubetune.io", "-o", "json",
+                           "--ignore-not-found")
+        if not out.strip():
+            return False
+        annotations = json.loads(out)["metadata"].get("annotations") or {}
+        return annotations.get("meta.helm.sh/release-name") != RELEASE
 
     def serving(self) -> None:
         step(f"Namespace {NAMESPACE} (restricted pods), S3 credentials, `kubetune serve` x2")
@@ -146,12 +161,14 @@ class Demo:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             adapter = self._get("loraadapter", JOB)
-            ready = next((c for c in (adapter.get("status") or {}).get("conditions") or []
-                          if c["type"] == "Ready"), {})
-            if ready.get("status") == "True":
+            generation = adapter["metadata"]["generation"]
+            conds = {c["type"]: c for c in (adapter.get("status") or {}).get("conditions") or []
+                     if c.get("observedGeneration") == generation}  # not the pre-patch ones
+            if all((conds.get(t) or {}).get("status") == "True" for t in ("Loaded", "Ready")):
                 say(self.kubectl("get", "loraadapter", "-n", NAMESPACE))
                 pods = json.loads(self.kubectl("get", "pods", "-n", NAMESPACE, "-l",
-                                               f"app={SERVE}", "-o", "json"))["items"]
+                                               f"app={SERVE}", "-o", "json",
+                                               quiet=True))["items"]
                 return [p["status"]["podIP"] for p in pods if p["status"].get("podIP")]
             time.sleep(2)
         raise DemoError(f"the adapter was not Ready within 5 minutes: "
@@ -167,7 +184,8 @@ class Demo:
             say(f"  {model:<{width}} │ {text!r}")
 
     def _get(self, kind: str, name: str) -> dict:
-        out = self.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json", check=False)
+        out = self.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json", check=False,
+                           quiet=True)
         return json.loads(out) if out.strip() else {}
 
     def down(self) -> None:
