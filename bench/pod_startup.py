@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,14 +38,20 @@ def pod(name: str, image: str) -> dict:
         "containers": [{"name": "main", "image": image, "command": ["python", "-c", CODE]}]}}
 
 
-def floor(sock: Path, cgroup: str, image: str, rounds: int) -> list[float]:
-    """containerd alone: create + start the container and run it until it exits (in the
-    node's cgroup root, which `down` removes)."""
+def floor(dev: DevCluster, image: str, rounds: int) -> list[float]:
+    """containerd alone: create + start the container and run it until it exits. `ctr` runs
+    inside the node's namespaces (its FIFOs live on the node's /run) and the container in the
+    node's cgroup root, which `down` removes."""
+    node = dev.state().node
+    sock = realnode.socket_path(dev.dir / "node")
+    cgroup = realnode.NodeNet(node["index"]).cgroup
     out = []
     for i in range(rounds):
         t0 = time.monotonic()
-        proc = realnode.ctr(sock, "run", "--rm", f"--cgroup=/{cgroup}/bench-floor-{i}", image,
-                            f"bench-floor-{i}", "python", "-c", CODE)
+        proc = subprocess.run(realnode.node_command(node["sandbox_pid"], [
+            "ctr", f"--address={sock}", "--namespace=k8s.io", "run", "--rm",
+            f"--cgroup=/{cgroup}/bench-floor-{i}", image, f"bench-floor-{i}",
+            "python", "-c", CODE]), capture_output=True, text=True, timeout=300)
         out.append(time.monotonic() - t0)
         assert proc.returncode == 0 and "started" in proc.stdout, proc.stderr
     return out
@@ -84,12 +91,10 @@ def main() -> int:
         core = client.CoreV1Api(api)
         core.create_namespace({"metadata": {"name": "bench"}})
         wait_for(lambda: core.list_namespaced_service_account("bench").items, 30, 0.2)
-        sock = realnode.socket_path(dev.dir / "node")
         print(f"Pod start on the real node, {args.rounds} rounds each (median / p95)")
         for target in ("operator", "trainer"):
             image = env[f"KUBETUNE_{target.upper()}_IMAGE"]
-            base = floor(sock, realnode.NodeNet(dev.state().node["index"]).cgroup, image,
-                         args.rounds)
+            base = floor(dev, image, args.rounds)
             running, finished = kube(core, "bench", image, target, args.rounds)
             f = statistics.median(base)
             print(f"  {target:<9} floor (ctr run → exit):      {f:5.2f}s / {p95(base):5.2f}s")
