@@ -11,6 +11,7 @@ Python) and of the `trainer` image (6.7 GB, torch). Prints medians, p95 and the 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    dev = DevCluster(Path(tempfile.mkdtemp(prefix="kubetune-bench-pods-")) / "cluster",
+    work = Path(tempfile.mkdtemp(prefix="kubetune-bench-pods-"))
+    dev = DevCluster(work / "cluster",
                      images=("operator", "trainer"))
     dev.up(progress=lambda m: None)
     try:
@@ -105,6 +107,7 @@ def main() -> int:
                   f"ratio {statistics.median(finished) / f:.2f}")
     finally:
         dev.down(progress=lambda m: None)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
