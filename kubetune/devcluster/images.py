@@ -63,6 +63,16 @@ def images_dir() -> Path:
     return toolchain.cache_dir() / "images"
 
 
+def registry_storage() -> Path:
+    """The registry's storage: in the cache, so an image pushed once is never pushed again."""
+    return images_dir() / "registry"
+
+
+def registry_hosts(directory: Path) -> Path:
+    """containerd's host configuration folder of the node in ``directory``."""
+    return directory / "certs.d"
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -98,10 +108,15 @@ class Buildah:
                 "buildah", f"--root={self.dir / 'storage'}", f"--runroot={self.dir / 'run'}",
                 "--storage-driver=overlay", *args]
 
-    def run(self, *args: str, what: str, log: Path | None = None) -> str:
+    def run(self, *args: str, what: str, log: Path | None = None,
+            timeout: float | None = None) -> str:
         env = {**os.environ, "TMPDIR": str(self.dir / "tmp")}
         if log is None:
-            proc = subprocess.run(self.command(*args), capture_output=True, text=True, env=env)
+            try:
+                proc = subprocess.run(self.command(*args), capture_output=True, text=True,
+                                      env=env, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise ImageError(f"{what} did not finish within {timeout:.0f}s") from None
             if proc.returncode != 0:
                 raise ImageError(f"{what} failed: {proc.stderr.strip()[-2000:]}")
             return proc.stdout
@@ -286,12 +301,16 @@ def _prune(buildah: Buildah, keep: set[Image]) -> None:
 
 
 REGISTRY_ENV = {"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"}
+# Deadlines (seconds). A first push of the 6.7 GB trainer image takes ~3 min on 2 cores.
+PUSH_TIMEOUT = 1800
+PULL_TIMEOUT = 1800
+GC_TIMEOUT = 600
 
 
 def start_registry(host: str, logs: Path) -> tuple[procs.Proc, str]:
     """The CNCF distribution registry on ``host`` (where both buildah and the node's containerd
     reach it), its storage in kubetune's cache: an image pushed once is never pushed again."""
-    storage = images_dir() / "registry"
+    storage = registry_storage()
     storage.mkdir(parents=True, exist_ok=True)
     port = procs.free_port()
     config = logs.parent / "registry.yaml"
@@ -310,7 +329,7 @@ def collect_garbage(config: Path, keep: list[str], log: Path) -> None:
     """With the registry stopped: untag earlier builds of the images in ``keep`` and drop the
     layers nothing references any more (each dependency change would otherwise leave
     gigabytes behind)."""
-    repositories = images_dir() / "registry" / "docker" / "registry" / "v2" / "repositories"
+    repositories = registry_storage() / "docker" / "registry" / "v2" / "repositories"
     untagged = False
     for name in keep:
         repo, tag = name.split("/", 1)[1].rsplit(":", 1)
@@ -321,9 +340,13 @@ def collect_garbage(config: Path, keep: list[str], log: Path) -> None:
                 untagged = True
     if untagged and config.exists():
         with open(log, "ab") as out:
-            subprocess.run([str(toolchain.binary("registry")), "garbage-collect",
-                            "--delete-untagged", str(config)], stdout=out,
-                           stderr=subprocess.STDOUT, env={**os.environ, **REGISTRY_ENV})
+            try:
+                subprocess.run([str(toolchain.binary("registry")), "garbage-collect",
+                                "--delete-untagged", str(config)], stdout=out,
+                               stderr=subprocess.STDOUT, env={**os.environ, **REGISTRY_ENV},
+                               timeout=GC_TIMEOUT)
+            except subprocess.TimeoutExpired:  # disk hygiene only: `down` goes on
+                out.write(f"garbage-collect did not finish within {GC_TIMEOUT}s\n".encode())
 
 
 def push(buildah: Buildah, image: Image, registry: str) -> None:
@@ -331,12 +354,12 @@ def push(buildah: Buildah, image: Image, registry: str) -> None:
     small layer). Uncompressed: nothing to gain from gzip on one machine."""
     buildah.run("push", "--quiet", "--disable-compression", "--tls-verify=false", image.name,
                 f"docker://{registry}/{image.name.split('/', 1)[1]}",
-                what=f"pushing {image.name}")
+                what=f"pushing {image.name}", timeout=PUSH_TIMEOUT)
 
 
 def write_registry_hosts(directory: Path, registry: str) -> Path:
     """containerd's host configuration: ``localhost/…`` images come from our registry."""
-    hosts = directory / "certs.d"
+    hosts = registry_hosts(directory)
     (hosts / "localhost").mkdir(parents=True, exist_ok=True)
     (hosts / "localhost" / "hosts.toml").write_text(
         f'server = "http://{registry}"\n\n[host."http://{registry}"]\n'

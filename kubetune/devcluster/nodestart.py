@@ -4,6 +4,7 @@ kube-proxy, and then cluster DNS (CoreDNS) and the GPU stand-in on the registere
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -85,9 +86,14 @@ def load_images(directory: Path, registry: str, images: list[images_mod.Image],
     for image in images:
         images_mod.push(buildah, image, registry)
     t1 = time.monotonic()
-    sock, hosts = realnode.socket_path(directory), directory / "certs.d"
+    sock, hosts = realnode.socket_path(directory), images_mod.registry_hosts(directory)
     for image in images:
-        pulled = realnode.ctr(sock, "images", "pull", f"--hosts-dir={hosts}", image.name)
+        try:
+            pulled = realnode.ctr(sock, "images", "pull", f"--hosts-dir={hosts}", image.name,
+                                  timeout=images_mod.PULL_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise realnode.RealNodeError(f"containerd did not pull {image.name} within "
+                                         f"{images_mod.PULL_TIMEOUT}s") from None
         if pulled.returncode != 0:
             raise realnode.RealNodeError(f"containerd could not pull {image.name}: "
                                          f"{pulled.stderr.strip()[-1500:]}")
