@@ -5,7 +5,10 @@ accumulation 4, lr 2e-4. Ours: `kubetune_trainer` with its defaults (progress ev
 callback and all). Each run is its own process (clean peak RSS). Prints tokens/s of each and
 the ratio, time to reach the seed's final eval loss, and peak RSS of LoRA vs QLoRA.
 
-    python bench/trainer_throughput.py [--steps 200] [--hidden 256] [--layers 4]
+    python bench/trainer_throughput.py [--model smollm2|toy] [--steps N] [--hidden 256] [--layers 4]
+
+`--model smollm2` (default): SmolLM2-135M-Instruct on the built-in reviews task (40 steps,
+~15 minutes on two CPU cores); `--model toy`: a random Llama of --hidden/--layers on tiny-chat.
 """
 
 from __future__ import annotations
@@ -103,11 +106,17 @@ def _first_time_at(evals: list[tuple[float, float]], target: float) -> float | N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--model", choices=["smollm2", "toy"], default="smollm2")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: 40 on smollm2, 200 on the toy")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="default: 10 on smollm2, 20 on the toy")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
+    real = args.model == "smollm2"
+    args.steps = args.steps or (40 if real else 200)
+    args.eval_every = args.eval_every or (10 if real else 20)
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -115,20 +124,30 @@ def main() -> int:
     from kubetune_trainer import builtin
 
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    tokenizer = builtin.build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 4,
-        num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=4,
-        max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    model_dir = work / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data_file = builtin.write_dataset("tiny-chat", work / "data")
-    params = sum(p.numel() for p in model.parameters())
-    print(f"Model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M "
-          f"params; {args.steps} steps, batch 2 x 4, CPU ({torch.get_num_threads()} threads)")
+    if real:
+        cache = Path.home() / ".cache" / "kubetune" / "run-cache"
+        model_dir = builtin.model_path(builtin.SMOLLM2, cache)
+        data_file = builtin.write_dataset("reviews", work / "data")
+        params = 134_515_008
+        print(f"Model: SmolLM2-135M-Instruct ({params / 1e6:.1f}M params), builtin://reviews; "
+              f"{args.steps} steps, batch 2 x 4, CPU ({torch.get_num_threads()} threads)")
+    else:
+        tokenizer = builtin.build_tokenizer()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden,
+            intermediate_size=args.hidden * 4, num_hidden_layers=args.layers,
+            num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        model_dir = work / "model"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        data_file = builtin.write_dataset("tiny-chat", work / "data")
+        params = sum(p.numel() for p in model.parameters())
+        print(f"Model: Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M "
+              f"params; {args.steps} steps, batch 2 x 4, CPU ({torch.get_num_threads()} "
+              f"threads)")
 
     seed_script = work / "seed.py"
     seed_script.write_text(SEED_RECIPE)

@@ -12,6 +12,10 @@ case "$step" in
     requirements="$(mktemp)"
     python docker/deps.py "$extra" > "$requirements"
     python -m pip install --disable-pip-version-check -r "$requirements" -c constraints.txt "$@"
+    python docker/deps.py "$extra" --no-deps > "$requirements"
+    if [ -s "$requirements" ]; then
+      python -m pip install --disable-pip-version-check --no-deps -r "$requirements" "$@"
+    fi
     rm -f "$requirements"
     ;;
   app)

@@ -80,7 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"kubetune: error: `kubetune run` needs the trainer: pip install "
               f"'kubetune[trainer]' ({exc})", file=sys.stderr)
         return 2
-    return run_local(args.finetunejob, args.output, args.runs_dir, args.max_steps, args.quiet)
+    return run_local(args.finetunejob, args.output, args.runs_dir, args.max_steps, args.quiet,
+                     args.verbose)
 
 
 def _operator(args: argparse.Namespace) -> int:
@@ -97,6 +98,27 @@ def _serve(args: argparse.Namespace) -> int:
               f"'kubetune[trainer]' ({exc})", file=sys.stderr)
         return 2
     return serve_main(args.serve_args)
+
+
+def _compare(args) -> int:
+    try:
+        from kubetune_trainer.compare import METHODS, CompareError, compare, table
+    except ImportError as exc:
+        print(f"kubetune: error: `kubetune compare` needs the trainer: pip install "
+              f"'kubetune[trainer]' ({exc})", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods \
+        else list(METHODS)
+    try:
+        records = compare(args.finetunejob, methods, args.output, args.learning_rate,
+                          args.max_steps, args.max_samples)
+    except CompareError as exc:
+        print(f"kubetune: error: {exc}", file=sys.stderr)
+        return 2
+    print(table(records))
+    print(f"\nWrote {args.output}/comparison.md, comparison.json and comparison.png",
+          file=sys.stderr)
+    return 1 if any("error" in r for r in records) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +151,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where events, summary and the loss curve go (default ./kubetune-runs)")
     run.add_argument("--max-steps", type=int, default=None, help="cap the run (smoke tests)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--verbose", action="store_true",
+                     help="show third-party warnings, loading bars and kernel notes")
     run.set_defaults(func=_run)
+
+    cmp = sub.add_parser("compare", help="train a FineTuneJob's data with every method and "
+                                         "measure them (score, memory, speed, size)")
+    cmp.add_argument("finetunejob", type=Path, help="FineTuneJob manifest (YAML)")
+    cmp.add_argument("--methods", default=None,
+                     help="comma-separated, from Base,Full,LoRA,DoRA,QLoRA,PrefixTuning,IA3,"
+                          "Adapter (default: all)")
+    cmp.add_argument("--output", type=Path, default=Path("kubetune-compare"),
+                     help="folder for comparison.md/.json/.png (default ./kubetune-compare)")
+    cmp.add_argument("--learning-rate", type=float, default=None,
+                     help="one learning rate for every method (default: each method's own; "
+                          "the job's for its own method)")
+    cmp.add_argument("--max-steps", type=int, default=None, help="cap every method's run")
+    cmp.add_argument("--max-samples", type=int, default=None,
+                     help="score at most this many eval records")
+    cmp.set_defaults(func=_compare)
 
     serve = sub.add_parser("serve", add_help=False,
                            help="OpenAI-compatible server that hot-swaps adapters (vLLM's "

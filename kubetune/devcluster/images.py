@@ -262,6 +262,13 @@ def wheelhouse() -> Path:
     _timed([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
             "-d", str(house), "-r", str(requirements), "-c", str(ROOT / "constraints.txt")],
            "collecting the images' wheels (from pip's cache)", images_dir() / "wheelhouse.log")
+    data = sorted({line for extra in ("operator", "trainer") for line in subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "deps.py"), extra, "--no-deps"],
+        capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()})
+    if data:  # data wheels, without their dependencies (pyproject's [tool.kubetune.no-deps])
+        _timed([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
+                "--no-deps", "-d", str(house), *data],
+               "collecting the images' data wheels", images_dir() / "wheelhouse.log")
     (house / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
     (house / ".complete").write_text("")
     return house

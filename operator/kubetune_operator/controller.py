@@ -106,6 +106,7 @@ class FineTuneJobController:
         merged = summary.get("merged")
         if merged:
             artifact["mergedModelUri"] = merged["uri"]
+        artifact["metrics"] = rec.final_metrics(manifest.get("metrics"))
         return {k: v for k, v in artifact.items() if v is not None}, None
 
     def _apply(self, key: Key, body: dict, plan: rec.Plan, log) -> None:

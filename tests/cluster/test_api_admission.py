@@ -66,7 +66,7 @@ CASES = [
     ("max-length-too-small", FTJ, {"spec.dataset.maxLength": 8}, "spec.dataset.maxLength"),
     ("eval-fraction-too-big", FTJ, {"spec.dataset.evalFraction": 0.9},
      "spec.dataset.evalFraction"),
-    ("eval-and-fraction", FTJ, {"spec.dataset.eval": {"uri": "builtin://tiny-chat"}},
+    ("eval-and-fraction", FTJ, {"spec.dataset.evalFraction": 0.1},
      "spec.dataset.evalFraction"),
     ("assistant-loss-on-text", FTJ, {"spec.dataset.format": "text",
                                      "spec.dataset.assistantOnlyLoss": True},
@@ -78,7 +78,7 @@ CASES = [
                              "spec.method.quantization": {"quantType": "fp4"}},
      "spec.method.lora.init"),
     ("dropout-above-one", FTJ, {"spec.method.lora.dropout": 1.5}, "spec.method.lora.dropout"),
-    ("epochs-and-max-steps", FTJ, {"spec.training.maxSteps": 100}, "spec.training"),
+    ("epochs-and-max-steps", FTJ, {"spec.training.epochs": 2}, "spec.training"),
     ("zero-learning-rate", FTJ, {"spec.training.learningRate": 0},
      "spec.training.learningRate"),
     ("optimizer-enum", FTJ, {"spec.training.optimizer": "adam9000"}, "spec.training.optimizer"),
@@ -86,8 +86,17 @@ CASES = [
                                         "spec.training.gradientCheckpointing": True},
      "spec.training.gradientCheckpointing"),
     ("eval-gate-without-eval-data", FTJ, {"spec.evaluationGate": {"maxEvalLoss": 2.0},
-                                          "spec.dataset.evalFraction": DELETE},
+                                          "spec.dataset.eval": DELETE},
      "spec.evaluationGate"),
+    ("eval-gate-without-bounds", FTJ, {"spec.evaluationGate": {"scoreMetric": "exactMatch"}},
+     "spec.evaluationGate"),
+    ("score-gate-without-scoring", FTJ, {"spec.evaluation.score": False},
+     "spec.evaluationGate.minScore"),
+    ("min-score-above-one", FTJ, {"spec.evaluationGate": {"minScore": 1.5}},
+     "spec.evaluationGate.minScore"),
+    ("score-metric-enum", FTJ, {"spec.evaluationGate": {"minScore": 0.5,
+                                                        "scoreMetric": "bleu"}},
+     "spec.evaluationGate.scoreMetric"),
     ("too-many-gpus", FTJ, {"spec.resources.gpusPerNode": 17}, "spec.resources.gpusPerNode"),
     ("zero-nodes", FTJ, {"spec.resources.nodes": 0}, "spec.resources.nodes"),
     ("memory-not-quantity", FTJ, {"spec.resources.memory": "lots"}, "spec.resources.memory"),
@@ -180,6 +189,7 @@ def test_printer_columns(cluster, crds, namespace):
     api.patch_namespaced_custom_object_status(
         "kubetune.io", "v1alpha1", namespace, "finetunejobs", "quickstart-lora",
         {"status": {"phase": "Running", "progress": {"percent": 42.5, "step": 17},
+                    "metrics": {"normalizedMatch": 0.95, "exactMatch": 0.9},
                     "conditions": [{"type": "Ready", "status": "False", "reason": "Training",
                                     "message": "step 17/40",
                                     "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
@@ -189,11 +199,11 @@ def test_printer_columns(cluster, crds, namespace):
             {"type": "Ready", "status": "True", "reason": "Loaded", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
     ftj = cluster.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()
-    assert ftj[0].split() == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "AGE"]
-    assert ftj[1].split()[:5] == ["quickstart-lora", "Running", "False", "LoRA", "42.5"]
+    assert ftj[0].split() == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "SCORE", "AGE"]
+    assert ftj[1].split()[:6] == ["quickstart-lora", "Running", "False", "LoRA", "42.5", "0.95"]
     wide = cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[:8] == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "STEP", "LOSS",
-                                   "REASON"]
+    assert wide[0].split()[:9] == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "STEP", "LOSS",
+                                   "SCORE", "REASON"]
     lora = cluster.kubectl("get", "lora", "-n", namespace).stdout.splitlines()
     assert lora[0].split() == ["NAME", "SERVING", "STAGE", "MODE", "LOADED", "READY", "AGE"]
     assert lora[1].split()[:6] == ["assistant-v1", "assistant-v1", "production", "HotSwap",

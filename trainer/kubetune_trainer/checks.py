@@ -29,16 +29,18 @@ def double_bos(tokenizer, sample_text: str) -> list[Finding]:
 
 
 def assistant_mask(tokenizer, messages: list[dict]) -> list[Finding]:
+    from .chatmask import MaskError, tokenize
+
     try:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        out = tokenize(tokenizer, messages)
+    except MaskError as exc:
+        return [("error", str(exc))]
     except Exception as exc:  # noqa: BLE001
         return [("error", f"the chat template cannot render the data: {exc}")]
-    if sum(out.get("assistant_masks") or []) == 0:
-        return [("error", "assistantOnlyLoss: the assistant-token mask is empty (the chat "
-                          "template has no {% generation %} markers), so no token would be "
-                          "trained; use a template with generation markers or turn "
-                          "assistantOnlyLoss off")]
+    if sum(out["assistant_masks"]) == 0:
+        return [("error", "assistantOnlyLoss: the assistant-token mask is empty (no assistant "
+                          "turn with content in the first record), so no token would be "
+                          "trained; check the data or turn assistantOnlyLoss off")]
     return []
 
 

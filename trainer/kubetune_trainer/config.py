@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubetune.api.finetunejob import (MERGEABLE_METHODS, BaseModelSpec, CheckpointingSpec,
-                                      DatasetSpec, FineTuneJob, MergeSpec, MethodSpec,
-                                      TrainingSpec)
+                                      DatasetSpec, EvaluationSpec, FineTuneJob, MergeSpec,
+                                      MethodSpec, TrainingSpec)
 
 
 class _Model(BaseModel):
@@ -91,6 +91,8 @@ class TrainerConfig(_Model):
     """Optimisation."""
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
     """Checkpoints."""
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    """Task scoring of the eval split after training."""
     output: OutputConfig
     """Where results go."""
     merge: Optional[MergeSpec] = None
@@ -127,6 +129,13 @@ class TrainerConfig(_Model):
         return self
 
     # ---- resolved settings --------------------------------------------------------------
+    @property
+    def learning_rate(self) -> float:
+        """training.learningRate, else the method's measured default."""
+        from .methods import default_learning_rate
+
+        return self.training.learning_rate or default_learning_rate(self.method.type)
+
     @property
     def gradient_checkpointing(self) -> bool:
         """Explicit setting, else on for QLoRA (memory) and off otherwise; never for prefix."""
@@ -166,7 +175,7 @@ def from_finetunejob(job: FineTuneJob, *, namespace: str | None = None,
     merge = spec.output.merge if spec.output.merge and spec.output.merge.enabled else None
     return TrainerConfig(
         model=spec.base_model, data=spec.dataset, method=spec.method, training=spec.training,
-        checkpointing=spec.checkpointing,
+        checkpointing=spec.checkpointing, evaluation=spec.evaluation,
         output=OutputConfig(uri=spec.output.uri, endpoint=spec.output.endpoint,
                             region=spec.output.region),
         merge=merge, logging=logging)

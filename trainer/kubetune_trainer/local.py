@@ -54,6 +54,10 @@ class Terminal:
                               f"==> {event['phase']} {json.dumps(extra) if extra else ''}\n")
         elif kind == "check":
             self.stream.write(f"\n{event['severity']}: {event['message']}\n")
+        elif kind == "score":
+            self.stream.write(("\n" if self.tty else "") + f"scored {event['scoreSamples']} "
+                              f"held-out records: normalized match "
+                              f"{event['normalizedMatch']:.2f}\n")
         elif kind == "checkpoint":
             self.stream.write(("\n" if self.tty else "") + f"saved checkpoint at step "
                               f"{event['step']}\n")
@@ -88,8 +92,60 @@ def loss_curve(events_file: Path, out: Path, title: str) -> Path | None:
     return out
 
 
+def quiet_third_party() -> None:
+    """Hide what a newcomer cannot act on: third-party deprecation warnings, progress bars of
+    weight loading and dataset mapping, notes about optional kernels (`--verbose` keeps them)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("bitsandbytes", "torch", "accelerate", "peft", "trl", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def side_by_side(events_file: Path, stream=sys.stderr) -> None:
+    """Held-out prompts answered by the base and by the fine-tuned model, and the score."""
+    events = [json.loads(line) for line in events_file.read_text().splitlines() if line]
+    scores = [e for e in events if e.get("event") == "score"]
+    if not scores:
+        return
+    score = scores[-1]
+    if score.get("baseNormalizedMatch") is not None:
+        stream.write(f"\nTask score on {score['scoreSamples']} held-out records (normalized "
+                     f"match): base {score['baseNormalizedMatch']:.2f} -> fine-tuned "
+                     f"{score['normalizedMatch']:.2f} (exact match {score.get('baseExactMatch', 0):.2f}"
+                     f" -> {score['exactMatch']:.2f})\n")
+    else:
+        stream.write(f"\nTask score on {score['scoreSamples']} held-out records: normalized "
+                     f"match {score['normalizedMatch']:.2f}, exact match "
+                     f"{score['exactMatch']:.2f}\n")
+    for item in score.get("answers") or []:
+        stream.write("\n  prompt:     " + item["prompt"].replace("\n", "\n              ") + "\n")
+        if "baseAnswer" in item:
+            stream.write(f"  base:       {item['baseAnswer'][:200]!r}\n")
+        stream.write(f"  fine-tuned: {item['answer'][:200]!r}   (expected {item['reference']!r})\n")
+    stream.flush()
+
+
 def run_local(manifest: Path, output: str | None, runs_dir: Path, max_steps: int | None,
-              quiet: bool = False) -> int:
+              quiet: bool = False, verbose: bool = False) -> int:
+    if not verbose:
+        quiet_third_party()
     from kubetune.api.validation import SpecError, parse
 
     from .config import LoggingConfig, from_finetunejob
@@ -117,6 +173,7 @@ def run_local(manifest: Path, output: str | None, runs_dir: Path, max_steps: int
               f"{spec_output} (use --output to choose)", file=sys.stderr)
     if max_steps:
         cfg.training.max_steps, cfg.training.epochs = max_steps, None
+    cfg.evaluation.score_base = True  # before -> after, printed at the end
     events_file = run_dir / "events.jsonl"
     events_file.unlink(missing_ok=True)
     cfg.logging = LoggingConfig(stdout=False, file=str(events_file),
@@ -140,6 +197,7 @@ def run_local(manifest: Path, output: str | None, runs_dir: Path, max_steps: int
               f"{summary['artifact']['manifestSha256'][:12]}…)", file=sys.stderr)
         if png:
             print(f"Loss curve: {png}", file=sys.stderr)
+        side_by_side(events_file)
     else:
         print(f"{summary.get('status')}: {summary.get('message')}", file=sys.stderr)
     return code

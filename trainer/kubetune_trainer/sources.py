@@ -1,12 +1,13 @@
 """Turn model and data URIs into local paths: builtin://, s3:// (cached, resumable), file://
-(a mounted volume, used in place) and hf:// (real clusters with internet only)."""
+(a mounted volume, used in place) and hf:// (real clusters with internet only). A model URI
+naming a single ``.gguf`` file (file:// or s3://) is de-quantized once into a cached folder."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from . import builtin
+from . import builtin, ggufconvert
 from .storage import Storage, StorageError
 
 
@@ -21,7 +22,7 @@ def resolve_model(uri: str, revision: str | None, cache: Path, storage: Storage)
             raise SourceError(f"{uri}: unknown revision {revision!r} (built-in models have "
                               f"revision {builtin.REVISION})")
         try:
-            return builtin.build_base_model(name, cache / "builtin" / f"{name}-{builtin.REVISION}")
+            return builtin.model_path(name, cache)
         except ValueError as exc:
             raise SourceError(str(exc)) from None
     if uri.startswith("hf://"):
@@ -30,6 +31,11 @@ def resolve_model(uri: str, revision: str | None, cache: Path, storage: Storage)
         path = storage.cached(uri, cache / "models")
     except StorageError as exc:
         raise SourceError(f"base model {exc}") from None
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            return ggufconvert.converted(path, cache)
+        except ggufconvert.GGUFError as exc:
+            raise SourceError(f"base model {uri}: {exc}") from None
     if not (path / "config.json").exists():
         raise SourceError(f"base model {uri}: no config.json (is this a transformers model "
                           f"folder?)")

@@ -167,6 +167,26 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     preemption.uninstall()
     if not main:
         return {"metrics": metrics}
+    if loaded.eval is not None and cfg.evaluation.score:
+        from .scoring import score
+
+        reporter.phase("scoring", samples=min(len(loaded.eval), cfg.evaluation.max_samples))
+        scored = score(trainer.model, tokenizer, loaded.eval, loaded.format,
+                       cfg.evaluation.max_samples, cfg.evaluation.max_new_tokens)
+        if scored:
+            answers = scored.pop("answers")
+            metrics.update(scored)
+            if cfg.evaluation.score_base and hasattr(trainer.model, "disable_adapter"):
+                with trainer.model.disable_adapter():  # the untrained base, same weights
+                    before = score(trainer.model, tokenizer, loaded.eval, loaded.format,
+                                   cfg.evaluation.max_samples, cfg.evaluation.max_new_tokens)
+                metrics["baseExactMatch"] = before["exactMatch"]
+                metrics["baseNormalizedMatch"] = before["normalizedMatch"]
+                for mine, theirs in zip(answers, before["answers"]):
+                    mine["baseAnswer"] = theirs["answer"]
+            reporter.emit({"event": "score", **{k: v for k, v in metrics.items()
+                                                 if "Match" in k or k == "scoreSamples"},
+                           "answers": answers})
 
     reporter.phase("uploading", uri=cfg.output.adapter_uri)
     adapter_dir = work / "adapter"
@@ -214,27 +234,34 @@ def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Pa
     args = SFTConfig(
         output_dir=str(work / "trainer"),
         num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio,
         per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         optim=_optimizer(cfg, device), weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_grad_norm=t.max_grad_norm, activation_checkpointing=cfg.gradient_checkpointing,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, seed=t.seed,
         data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy="no",
         save_total_limit=cfg.checkpointing.keep_last, report_to=[],
         use_cpu=device == "cpu", max_length=cfg.data.max_length, packing=cfg.data.packing,
-        assistant_only_loss=cfg.data.assistant_only_loss,
+        # assistant-only loss is done by chatmask (works without {% generation %} markers)
+        assistant_only_loss=False,
         disable_tqdm=not cfg.logging.progress_bar, dataloader_num_workers=0,
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         else None,
-        gradient_checkpointing_kwargs={"use_reentrant": False}
+        activation_checkpointing_kwargs={"use_reentrant": False}
         if cfg.gradient_checkpointing else None,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=loaded.train,
-                      eval_dataset=loaded.eval, processing_class=tokenizer)
+    train, evaluation = loaded.train, loaded.eval
+    if cfg.data.assistant_only_loss:
+        from .chatmask import tokenize_dataset
+
+        train = tokenize_dataset(train, tokenizer)
+        evaluation = tokenize_dataset(evaluation, tokenizer) if evaluation is not None else None
+    return SFTTrainer(model=model, args=args, train_dataset=train,
+                      eval_dataset=evaluation, processing_class=tokenizer)
 
 
 def base_model_ref(cfg: TrainerConfig) -> str:

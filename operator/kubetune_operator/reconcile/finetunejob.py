@@ -286,7 +286,9 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
                 setc("ArtifactPublished", False, "ArtifactInvalid", artifact_error)
             else:
                 phase = "Succeeded"
-                status["artifact"] = artifact
+                status["artifact"] = {k: v for k, v in artifact.items() if k != "metrics"}
+                if artifact.get("metrics"):
+                    status["metrics"] = artifact["metrics"]
                 setc("ArtifactPublished", True, "Verified",
                      f"{artifact['uri']} (manifest sha256 {artifact['manifestSha256'][:12]})")
                 setc("Running", False, "Succeeded", "training finished")
@@ -297,7 +299,7 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
                 setc("Ready", True, "Succeeded", "the adapter is published")
                 status["completionTime"] = old.get("completionTime") or current.finished or \
                     _ts(now)
-                _eval_gate(job, current, conditions, setc)
+                _eval_gate(job, current, status.get("metrics"), conditions, setc)
                 if spec.output.create_adapter:
                     wanted = res.lora_adapter(job, body, artifact)
                     status["adapterRef"] = wanted["metadata"]["name"]
@@ -375,20 +377,59 @@ def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs:
     return plan
 
 
-def _eval_gate(job: FineTuneJob, attempt: Attempt, conditions: list[dict], setc) -> None:
-    """spec.evaluationGate → condition EvalPassed from the final eval loss."""
+FINAL_METRICS = {"trainLoss": float, "evalLoss": float, "exactMatch": float,
+                 "normalizedMatch": float, "scoreSamples": int, "baseNormalizedMatch": float,
+                 "steps": int, "tokensPerSecond": float}
+
+
+def final_metrics(raw) -> dict | None:
+    """status.metrics from a manifest's metrics: the known numeric fields, nothing else."""
+    if not isinstance(raw, dict):
+        return None
+    out = {}
+    for key, kind in FINAL_METRICS.items():
+        value = raw.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            out[key] = kind(value)
+    for key in ("exactMatch", "normalizedMatch", "baseNormalizedMatch"):
+        if key in out and not 0 <= out[key] <= 1:
+            del out[key]
+    return out or None
+
+
+def _eval_gate(job: FineTuneJob, attempt: Attempt, metrics: dict | None,
+               conditions: list[dict], setc) -> None:
+    """spec.evaluationGate → condition EvalPassed from the final eval loss and task score
+    (the verified manifest's metrics; the pod's summary when the manifest has none)."""
     gate = job.spec.evaluation_gate
     if gate is None:
         return
-    loss = ((attempt.summary or {}).get("metrics") or {}).get("evalLoss")
-    if loss is None:
-        if not cond.find(conditions, "EvalPassed"):  # the summary is gone with the pod
-            setc("EvalPassed", False, "NoEvalLoss", "the trainer reported no final eval loss")
-        return
-    ok = float(loss) <= gate.max_eval_loss
-    setc("EvalPassed", ok, "EvalLossWithinGate" if ok else "EvalLossAboveGate",
-         f"final eval loss {float(loss):.4f} {'<=' if ok else '>'} maxEvalLoss "
-         f"{gate.max_eval_loss}")
+    found = dict(final_metrics((attempt.summary or {}).get("metrics")) or {})
+    found.update(metrics or {})
+    verdicts = []
+    if gate.max_eval_loss is not None:
+        loss = found.get("evalLoss")
+        if loss is None:
+            if not cond.find(conditions, "EvalPassed"):  # the summary is gone with the pod
+                setc("EvalPassed", False, "NoEvalLoss", "the trainer reported no final eval loss")
+            return
+        verdicts.append((loss <= gate.max_eval_loss, "EvalLossAboveGate",
+                         f"final eval loss {loss:.4f} {'<=' if loss <= gate.max_eval_loss else '>'}"
+                         f" maxEvalLoss {gate.max_eval_loss}"))
+    if gate.min_score is not None:
+        value = found.get(gate.score_metric)
+        if value is None:
+            if not cond.find(conditions, "EvalPassed"):
+                setc("EvalPassed", False, "NoScore",
+                     f"the trainer reported no {gate.score_metric} (is the eval data chat or "
+                     f"prompt/completion?)")
+            return
+        verdicts.append((value >= gate.min_score, "ScoreBelowGate",
+                         f"{gate.score_metric} {value:.4f} "
+                         f"{'>=' if value >= gate.min_score else '<'} minScore {gate.min_score}"))
+    ok = all(v[0] for v in verdicts)
+    reason = "WithinGate" if ok else next(v[1] for v in verdicts if not v[0])
+    setc("EvalPassed", ok, reason, "; ".join(v[2] for v in verdicts))
 
 
 def _expire(plan: Plan, job: FineTuneJob, status: dict, now: datetime) -> None:
