@@ -36,14 +36,20 @@ def test_double_bos_is_reported(tokenizer):
     assert "two BOS tokens" in message
 
 
-def test_empty_assistant_mask_is_an_error(tokenizer):
+def test_assistant_mask_without_generation_markers(tokenizer):
     messages = builtin.chat_records(1)[0]["messages"]
     assert checks.assistant_mask(tokenizer, messages) == []
     tok = builtin.build_tokenizer()
     tok.chat_template = builtin.CHAT_TEMPLATE.replace("{% generation %}", "").replace(
         "{% endgeneration %}", "")
-    [(severity, message)] = checks.assistant_mask(tok, messages)
+    assert checks.assistant_mask(tok, messages) == []  # located by rendering, not markers
+    empty = messages[:2]  # no assistant turn: nothing would be trained
+    [(severity, message)] = checks.assistant_mask(tok, empty)
     assert severity == "error" and "assistant-token mask is empty" in message
+    tok.chat_template = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}"
+                         "{{ m['content'] }}\n{% endfor %}")
+    [(severity, message)] = checks.assistant_mask(tok, messages)
+    assert severity == "error" and "not prefix-preserving" in message
 
 
 def test_truncation_rate():

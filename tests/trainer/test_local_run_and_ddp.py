@@ -14,6 +14,7 @@ pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.timeout(1800)
 def test_quickstart_fine_tunes_the_real_model_and_shows_before_and_after(tmp_path):
     """The quickstart's command: SmolLM2-135M-Instruct + LoRA on the reviews task, quietly."""
     proc = subprocess.run([sys.executable, "-m", "kubetune.cli", "run",

@@ -149,14 +149,15 @@ def test_base_model_scores_low_on_the_reviews_task(smollm2, tokenizer):
     assert any(len(a["answer"].split()) > 2 for a in result["answers"])  # it talks
 
 
+@pytest.mark.timeout(1800)
 def test_compare_base_and_lora_on_a_small_budget(tmp_path):
     out = tmp_path / "cmp"
     env = {**os.environ, "XDG_CACHE_HOME": str(CACHE.parent.parent)}
     proc = subprocess.run([sys.executable, "-m", "kubetune.cli", "compare",
                            str(ROOT / "examples/finetunejob-lora.yaml"), "--methods",
-                           "Base,LoRA", "--max-steps", "10", "--max-samples", "24",
+                           "Base,LoRA", "--max-steps", "6", "--max-samples", "16",
                            "--output", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
+                          capture_output=True, text=True, timeout=1700, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "comparison.json").read_text())
     base, lora = report["records"]
@@ -165,10 +166,10 @@ def test_compare_base_and_lora_on_a_small_budget(tmp_path):
         for field in ("method", "trainable_params", "peak_memory_bytes", "tokens_per_second",
                       "wall_seconds", "eval_loss", "score"):
             assert field in record, (field, record)
-        assert record["score_samples"] == 24 and record["peak_memory_bytes"] > 500 * 2**20
+        assert record["score_samples"] == 16 and record["peak_memory_bytes"] > 500 * 2**20
     assert base["trainable_params"] == 0 and base["artifact_bytes"] == 0
     assert 0 < lora["trainable_params"] < PARAMETERS * 0.05
-    assert lora["steps"] == 10 and lora["tokens_per_second"] > 0
+    assert lora["steps"] == 6 and lora["tokens_per_second"] > 0
     assert lora["artifact_bytes"] > 1_000_000  # r=16 on q/k/v/o, safetensors
     assert lora["score"] >= base["score"]
     assert lora["eval_loss"] < base["eval_loss"]

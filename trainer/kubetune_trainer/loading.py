@@ -34,6 +34,8 @@ def load(base_path: Path, adapter_dir: Path, quantization: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from .methods import cpu_has_bf16
+
     kwargs: dict = {"dtype": torch.float32}
     if quantization:
         bits = quantization.get("bits", 4)
@@ -42,7 +44,8 @@ def load(base_path: Path, adapter_dir: Path, quantization: dict | None = None):
             bnb_4bit_quant_type=quantization.get("quantType", "nf4"),
             bnb_4bit_use_double_quant=quantization.get("doubleQuant", True),
             bnb_4bit_compute_dtype=torch.bfloat16
-            if quantization.get("computeDtype", "bfloat16") == "bfloat16" else torch.float32)}
+            if quantization.get("computeDtype", "bfloat16") == "bfloat16" and cpu_has_bf16()
+            else torch.float32)}
     base = AutoModelForCausalLM.from_pretrained(str(base_path), **kwargs)
     model = attach(base, adapter_dir)
     model.eval()

@@ -47,6 +47,15 @@ def torch_dtype(cfg: TrainerConfig, device: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def quantization_config(cfg: TrainerConfig, device: str):
     import torch
     from transformers import BitsAndBytesConfig
@@ -55,8 +64,10 @@ def quantization_config(cfg: TrainerConfig, device: str):
     bits = q.bits if q else 4
     compute = {"bfloat16": torch.bfloat16, "float16": torch.float16,
                "float32": torch.float32}[q.compute_dtype if q else "bfloat16"]
-    if device == "cpu" and compute == torch.float16:
-        compute = torch.float32  # no fp16 matmuls on CPU
+    if device == "cpu" and compute != torch.float32 and not cpu_has_bf16():
+        # fp16 matmuls do not exist on CPU, and bf16 ones are emulated (many times slower)
+        # without AVX512-BF16/AMX: compute in fp32 there; the weights stay 4-bit.
+        compute = torch.float32
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type if q else "nf4",
