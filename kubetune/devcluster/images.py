@@ -282,14 +282,32 @@ def project_images(buildah: Buildah, base: Image,
     if not todo:
         return out
     house = wheelhouse()
-    for target in todo:
-        buildah.run("bud", "--isolation=chroot", "--layers", f"--target={target}",
-                    f"--build-arg=PYTHON_IMAGE={base.name}", f"--volume={house}:/wheels:ro",
-                    f"--volume={house / 'pip.conf'}:/etc/pip.conf:ro",
-                    f"--tag={out[target].name}", str(ROOT),
-                    what=f"building the {target} image", log=buildah.dir / "build.log")
+    _clear_leftovers(buildah)  # an interrupted build leaves containers and layer tars (GBs)
+    try:
+        for target in todo:
+            buildah.run("bud", "--isolation=chroot", "--layers", f"--target={target}",
+                        f"--build-arg=PYTHON_IMAGE={base.name}", f"--volume={house}:/wheels:ro",
+                        f"--volume={house / 'pip.conf'}:/etc/pip.conf:ro",
+                        f"--tag={out[target].name}", str(ROOT),
+                        what=f"building the {target} image", log=buildah.dir / "build.log")
+    except ImageError:
+        _clear_leftovers(buildah)
+        raise
     _prune(buildah, set(out.values()))
     return out
+
+
+def _clear_leftovers(buildah: Buildah) -> None:
+    """Working containers and temporary layer files of earlier, unfinished builds."""
+    try:
+        buildah.run("rm", "--all", what="removing left-over build containers")
+    except ImageError as exc:
+        _progress(f"(could not remove left-over build containers: {exc})")
+    for leftover in (buildah.dir / "tmp").iterdir():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _prune(buildah: Buildah, keep: set[Image]) -> None:
