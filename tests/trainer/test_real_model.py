@@ -175,5 +175,6 @@ def test_compare_base_and_lora_on_a_small_budget(tmp_path):
     assert lora["eval_loss"] < base["eval_loss"]
     table = (out / "comparison.md").read_text()
     assert "| method | trainable params |" in table and "| LoRA |" in table
-    assert proc.stdout.count("\n| ") >= 3  # header, separator, rows printed
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    assert len(printed) == 4 and printed[2].startswith("| Base |")  # header, rule, 2 rows
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
