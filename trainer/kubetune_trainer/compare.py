@@ -105,7 +105,7 @@ def cache_dir() -> Path:
 def run_one(spec: dict) -> dict:
     import torch
 
-    from . import data, methods, scoring, sources
+    from . import inputs, methods, scoring
     from .config import TrainerConfig
     from .storage import Storage
     from .train import _trainer, save_adapter
@@ -118,20 +118,10 @@ def run_one(spec: dict) -> dict:
     imports_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cfg = TrainerConfig.model_validate(spec["config"])
     storage = Storage()
-    cache, work = Path(cfg.cache_dir), Path(cfg.work_dir)
-    model_path = sources.resolve_model(cfg.model.uri, cfg.model.revision, cache, storage)
-    train_path = sources.resolve_data(cfg.data.train.uri, cache, storage, cfg.data.train.sha256)
-    eval_path = (sources.resolve_data(cfg.data.eval.uri, cache, storage, cfg.data.eval.sha256)
-                 if cfg.data.eval else None)
-    from transformers import AutoTokenizer, set_seed
-
-    set_seed(cfg.training.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if cfg.data.chat_template:
-        tokenizer.chat_template = cfg.data.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    loaded = data.load(cfg.data, train_path, eval_path, cfg.training.seed)
+    work = Path(cfg.work_dir)
+    paths = inputs.fetch(cfg, storage)
+    model_path = paths.model
+    tokenizer, loaded = inputs.prepare(cfg, paths)
     device = methods.device_for(cfg)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -83,7 +83,7 @@ def _check(findings, reporter, cfg: TrainerConfig) -> None:
 
 
 def _train(cfg: TrainerConfig, reporter) -> dict:
-    from . import checks, data, methods, sources
+    from . import checks, inputs, methods
     from .checkpoints import Checkpoints, Preemption
     from .checkpoints import make_callback as checkpoint_callback
     from .progress import make_callback as progress_callback
@@ -92,28 +92,18 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     preemption = Preemption()
     preemption.install()  # before the slow parts: a SIGTERM while downloading is honoured too
     storage = Storage(cfg.output.endpoint, cfg.output.region)
-    cache, work = Path(cfg.cache_dir), Path(cfg.work_dir)
+    work = Path(cfg.work_dir)
     main = _rank() == 0
 
     reporter.phase("downloading", model=cfg.model.uri, dataset=cfg.data.train.uri)
-    model_path = sources.resolve_model(cfg.model.uri, cfg.model.revision, cache, storage)
-    train_path = sources.resolve_data(cfg.data.train.uri, cache, storage, cfg.data.train.sha256)
-    eval_path = (sources.resolve_data(cfg.data.eval.uri, cache, storage, cfg.data.eval.sha256)
-                 if cfg.data.eval else None)
+    paths = inputs.fetch(cfg, storage)
+    model_path = paths.model
 
     reporter.phase("preparing")
     import torch
-    from transformers import AutoTokenizer, set_seed
 
-    set_seed(cfg.training.seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path),
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.data.chat_template:
-        tokenizer.chat_template = cfg.data.chat_template
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    loaded = data.load(cfg.data, train_path, eval_path, cfg.training.seed)
+    tokenizer, loaded = inputs.prepare(cfg, paths)
     first = loaded.train[0]
     _check(checks.pad_is_eos(tokenizer), reporter, cfg)
     if loaded.format == "messages" and tokenizer.chat_template:
