@@ -42,15 +42,23 @@ def _ready(pod: dict) -> bool:
             for c in status.get("conditions") or [])
 
 
+def _fan_out(fn, items: list) -> list:
+    """fn over items, one thread each (at most 32), in a pool of this call's own: a replica
+    that answers slowly delays only the adapter it serves, never another adapter's calls."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(len(items), 32), thread_name_prefix="kubetune-engine") as pool:
+        return list(pool.map(fn, items))
+
+
 class LoRAAdapterController:
     def __init__(self, kube: Kube, settings: OperatorSettings, workers: int = 4):
         self.kube = kube
         self.settings = settings
         self.adapters: dict[Key, dict] = {}
         self.selectors: dict[Key, dict[str, str]] = {}
-        self.verifier = Verifier()
+        self.verifier = Verifier(settings.max_artifact_bytes)
         self.queue = WorkQueue(self.reconcile, workers)
-        self.calls = ThreadPoolExecutor(16, thread_name_prefix="kubetune-engine")
         self.merged = MergedRollout(kube, settings)
 
     # ---- events ----------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class LoRAAdapterController:
                 return rec.Replica(pod, engine.base, models, base)
             except EngineError as exc:
                 return rec.Replica(pod, engine.base, None, None, str(exc))
-        return list(self.calls.map(one, sorted(engines.items())))
+        return _fan_out(one, sorted(engines.items()))
 
     def _act(self, engines, name, path, load, unload, replace, errors, sync=None) -> set[str]:
         """Load/unload on replicas in parallel. `sync` (port, uri, digest): vLLM pods get the
@@ -282,7 +290,7 @@ class LoRAAdapterController:
                 errors[replica.pod] = rec.Failure(replica.pod, exc.reason, str(exc))
         work = [("load", r) for r in load] + [("unload", r) for r in unload] + \
             [("replace", r) for r in replace]
-        list(self.calls.map(do, work))
+        _fan_out(do, work)
         return {r.pod for _, r in work}
 
     # ---- helpers ---------------------------------------------------------------------------

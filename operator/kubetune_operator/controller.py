@@ -76,13 +76,16 @@ class FineTuneJobController:
 
     def _verify(self, job, body: dict, attempt: rec.Attempt) -> tuple[dict | None, str | None]:
         """Check the published artifact against its manifest (never deletes anything)."""
-        from kubetune_trainer.artifacts import VerificationError, verify
+        from kubetune_trainer.artifacts import VerificationError, described, verify
         from kubetune_trainer.storage import Storage, StorageError
 
-        summary = attempt.summary or {}
+        summary = attempt.summary if isinstance(attempt.summary, dict) else {}
         published = summary.get("artifact")
         if not published:
             return None, "the trainer succeeded but reported no artifact"
+        if not isinstance(published, dict) or not isinstance(published.get("uri"), str) or \
+                not isinstance(published.get("manifestSha256"), str):
+            return None, "the trainer's summary names no artifact URI and manifest digest"
         out = job.spec.output
         keys = {}
         secret = out.credentials_secret.name if out.credentials_secret else \
@@ -99,14 +102,18 @@ class FineTuneJobController:
         except (VerificationError, StorageError) as exc:
             metrics.S3_ERRORS.labels(operation="verify").inc()
             return None, str(exc)
+        about = described(manifest)
+        if not about["method"] or not about["baseModelUri"]:
+            return None, (f"{published['uri']}: the manifest names no method type or base "
+                          f"model URI")
         artifact = {"uri": published["uri"], "manifestSha256": digest,
-                    "sizeBytes": manifest.get("sizeBytes"), "method": manifest["method"]["type"],
-                    "baseModelUri": manifest["baseModel"]["uri"],
-                    "baseModelRevision": manifest["baseModel"].get("revision")}
+                    "sizeBytes": about["sizeBytes"], "method": about["method"],
+                    "baseModelUri": about["baseModelUri"],
+                    "baseModelRevision": about["baseModelRevision"]}
         merged = summary.get("merged")
-        if merged:
-            artifact["mergedModelUri"] = merged["uri"]
-        artifact["metrics"] = rec.final_metrics(manifest.get("metrics"))
+        if isinstance(merged, dict) and isinstance(merged.get("uri"), str):
+            artifact["mergedModelUri"] = merged["uri"][:2048]
+        artifact["metrics"] = rec.final_metrics(about["metrics"])
         return {k: v for k, v in artifact.items() if v is not None}, None
 
     def _apply(self, key: Key, body: dict, plan: rec.Plan, log) -> None:

@@ -1,12 +1,21 @@
 """Client of the serving engines' runtime LoRA API (vLLM's, which `kubetune serve` speaks too):
-GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter. Stdlib HTTP, short
-timeouts, one clear error line."""
+GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter.
+
+A serving pod is not trusted: every call has a total deadline (a watchdog closes the socket, so
+a server that drips one byte at a time cannot hold it longer), the response is read up to a size
+cap, redirects are refused (the API key never travels to another host), and only a bounded,
+printable excerpt of an error body reaches status and Events."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
-import urllib.request
+import socket
+import threading
+from urllib.parse import urlsplit
+
+MAX_RESPONSE_BYTES = 1024 * 1024
+MAX_MESSAGE = 300  # characters of an engine's error message kept for status and Events
 
 
 class EngineError(RuntimeError):
@@ -15,45 +24,94 @@ class EngineError(RuntimeError):
         self.reason = reason
 
 
+def _printable(text: str) -> str:
+    flat = "".join(c if c.isprintable() else " " for c in text)
+    return flat[:MAX_MESSAGE] + ("…" if len(flat) > MAX_MESSAGE else "")
+
+
 class Engine:
     def __init__(self, ip: str, port: int, api_key: str | None = None,
-                 timeout: float = 5.0, load_timeout: float = 300.0):
+                 timeout: float = 5.0, load_timeout: float = 300.0,
+                 max_response_bytes: int = MAX_RESPONSE_BYTES):
         self.base = f"http://{ip}:{port}"
         self.api_key = api_key
         self.timeout, self.load_timeout = timeout, load_timeout
+        self.max_response_bytes = max_response_bytes
+
+    def _exchange(self, base: str, path: str, data: bytes | None, timeout: float):
+        """(status, body) of one request, all of it within `timeout` seconds."""
+        url = urlsplit(base)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(timeout, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        try:
+            conn.request("POST" if data is not None else "GET", path, body=data,
+                         headers=headers)
+            resp = conn.getresponse()
+            body = resp.read(self.max_response_bytes + 1)
+            if len(body) > self.max_response_bytes:
+                raise EngineError("BadResponse", f"{base}{path}: response larger than "
+                                                 f"{self.max_response_bytes} bytes")
+            if expired.is_set():
+                raise OSError("deadline")
+            return resp.status, body
+        except EngineError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise EngineError("Timeout", f"{base}{path}: no complete answer within "
+                                             f"{timeout:g} s") from None
+            raise EngineError("Unreachable", f"{base}{path}: {_printable(str(exc))}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
 
     def _call(self, path: str, body: dict | None, timeout: float, base: str | None = None):
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request((base or self.base) + path, data=data, headers=headers,
-                                     method="POST" if body is not None else "GET")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read().decode(errors="replace")
+        status, raw = self._exchange(base or self.base, path, data, timeout)
+        if 300 <= status < 400:
+            raise EngineError("BadResponse", f"{path}: HTTP {status}: redirects are not "
+                                             f"followed")
+        if status >= 400:
             try:
-                message = json.loads(raw).get("message") or raw
+                message = json.loads(raw).get("message")
             except (ValueError, AttributeError):
-                message = raw
-            reason = "Unauthorized" if exc.code in (401, 403) else \
+                message = None
+            text = _printable(message) if isinstance(message, str) else \
+                f"(no JSON error message; {len(raw)} bytes)"
+            reason = "Unauthorized" if status in (401, 403) else \
                 ("SyncFailed" if path == "/v1/sync" else "LoadRejected")
-            raise EngineError(reason, f"{path}: HTTP {exc.code}: {str(message)[:1000]}") from None
-        except (OSError, TimeoutError) as exc:
-            raise EngineError("Unreachable", f"{self.base}{path}: {exc}") from None
+            raise EngineError(reason, f"{path}: HTTP {status}: {text}")
+        return raw.decode(errors="replace")
 
     def models(self) -> tuple[dict[str, str], str | None]:
         """(adapter id → root, the base model's root)."""
         raw = self._call("/v1/models", None, self.timeout)
         try:
             data = json.loads(raw)["data"]
-        except (ValueError, KeyError, TypeError):
-            raise EngineError("BadResponse", f"/v1/models: not a model list: {raw[:200]}") \
-                from None
-        adapters = {m["id"]: m.get("root") or "" for m in data if m.get("parent")}
-        base = next((m.get("root") for m in data if not m.get("parent")), None)
+            if not isinstance(data, list):
+                raise TypeError
+            adapters = {str(m["id"]): str(m.get("root") or "") for m in data
+                        if m.get("parent")}
+            base = next((str(m.get("root")) for m in data if not m.get("parent")), None)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise EngineError("BadResponse", f"/v1/models: not a model list: "
+                                             f"{_printable(raw[:200])}") from None
         return adapters, base
 
     def load(self, name: str, path: str) -> None:

@@ -37,6 +37,9 @@ class OperatorSettings(BaseSettings):
     """Folder, shared with the sync sidecar, where vLLM pods find adapter files."""
     engine_load_timeout_seconds: float = Field(default=300.0, gt=0)
     """How long one load call to a serving engine may take."""
+    max_artifact_bytes: int = Field(default=8 * 1024 ** 3, gt=0)
+    """Largest artifact (sum of its files) the operator verifies; its digests are streamed,
+    nothing is stored, and a larger one is refused before a byte of it is read."""
     merge_node_selector: dict[str, str] = Field(default_factory=dict)
     """Node selector of merge Jobs (merged mode)."""
     health_port: int = 8080

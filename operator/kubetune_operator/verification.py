@@ -1,15 +1,15 @@
-"""Artifact verification for LoRAAdapters: download manifest.json and every file, check each
-digest, remember the result per (URI, manifest digest) so a resync costs one small GET."""
+"""Artifact verification for LoRAAdapters: fetch manifest.json (size-capped), check its shape,
+stream every file through sha256 (nothing is written to the operator's disk, memory stays at one
+chunk), refuse an artifact larger than the operator's limit before reading it, and remember a
+success per (URI, manifest digest) so a resync costs one small GET."""
 
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 import threading
-from pathlib import Path
 
-from kubetune_trainer.artifacts import MANIFEST, VerificationError, verify
+from kubetune_trainer.artifacts import (MANIFEST, MAX_MANIFEST_BYTES, VerificationError,
+                                        described, verify)
 from kubetune_trainer.storage import Storage, StorageError, join
 
 from . import metrics
@@ -17,15 +17,18 @@ from .reconcile.loraadapter import Verification
 
 
 class Verifier:
-    def __init__(self):
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
         self._cache: dict[tuple[str, str], Verification] = {}
         self._lock = threading.Lock()
 
     def check(self, uri: str, expected: str | None, storage: Storage) -> Verification:
         try:
-            body = storage.get_bytes(join(uri, MANIFEST))
+            body = storage.get_bytes(join(uri, MANIFEST), limit=MAX_MANIFEST_BYTES)
         except StorageError as exc:
             text = str(exc)
+            if "limit" in text:
+                return Verification(False, "ManifestInvalid", text, uri)
             if "NoSuchKey" in text or "404" in text or "Not Found" in text:
                 return Verification(False, "ManifestMissing",
                                     f"{uri}: no manifest.json; the upload is incomplete or this "
@@ -40,22 +43,20 @@ class Verifier:
             cached = self._cache.get((uri, digest))
         if cached is not None:
             return cached
-        scratch = Path(tempfile.mkdtemp(prefix="kubetune-verify-"))
         try:
-            manifest, digest = verify(uri, storage, scratch, expected_sha256=digest)
+            manifest, digest = verify(uri, storage, expected_sha256=digest,
+                                      max_bytes=self.max_bytes, remote_digests=True)
         except VerificationError as exc:
             # Not cached: a re-upload under the same manifest must be seen.
-            return Verification(False, "DigestMismatch", str(exc), uri, digest)
+            return Verification(False, exc.reason, str(exc), uri, digest)
         except StorageError as exc:
             metrics.S3_ERRORS.labels(operation="verify").inc()
             return Verification(False, "StorageError", str(exc), uri, digest)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        method = manifest.get("method") or {}
-        base = manifest.get("baseModel") or {}
-        result = Verification(True, "Verified", "", uri, digest, method.get("type"),
-                              method.get("rank"), base.get("uri"), base.get("revision"),
-                              manifest.get("mergedModelUri"))
+        about = described(manifest)
+        result = Verification(True, "Verified", "", uri, digest, about["method"], about["rank"],
+                              about["baseModelUri"], about["baseModelRevision"],
+                              about["mergedModelUri"])
         with self._lock:
             self._cache[(uri, digest)] = result
         return result
+

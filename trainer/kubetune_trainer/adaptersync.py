@@ -3,9 +3,14 @@ adapters only from its own filesystem; the operator asks this sidecar to put a v
 an S3 artifact into the volume both containers share, then tells vLLM to load that folder.
 
     POST /v1/sync {"uri": "s3://…", "sha256": "<manifest digest>", "path": "/adapters/x-abc"}
-      200 {"path": …, "files": N}          (already there: 200 at once)
+      200 {"path": …, "files": N}          (already synced from that digest: 200 at once)
       400 {"object": "error", …}           (path outside the folder, digest mismatch, …)
+      401                                  (a key is configured and the request lacks it)
     GET /health
+
+`sha256` is required: a folder is synced from one pinned manifest and records that digest, so
+an existing folder answers "cached" only for the same digest (another is refused, never
+overwritten). With `--api-key` (or $KUBETUNE_API_KEY) /v1/sync needs `Authorization: Bearer`.
 
 Downloads go to a temporary folder and are renamed into place only after every file digest
 matched the manifest, so vLLM never sees a half-written adapter. Credentials come from the
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -26,26 +32,55 @@ class SyncError(Exception):
     pass
 
 
+MARKER = ".kubetune-sync.json"
+MAX_ADAPTER_BYTES = 8 * 1024 ** 3
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 class Syncer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, max_bytes: int = MAX_ADAPTER_BYTES):
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
         self.lock = threading.Lock()
 
-    def sync(self, uri: str, sha256: str | None, path: str) -> dict:
+    def _synced_from(self, dest: Path) -> str | None:
+        try:
+            return json.loads((dest / MARKER).read_text()).get("sha256")
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def sync(self, uri: str, sha256: str, path: str) -> dict:
+        from . import safepath
         from .artifacts import VerificationError, verify
         from .storage import Storage, StorageError
 
-        dest = Path(path).resolve()
-        if dest.parent != self.root or not dest.name:
-            raise SyncError(f"path {path} must be a folder directly under {self.root}")
-        if (dest / "adapter_config.json").exists():
-            return {"path": str(dest), "cached": True}
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise SyncError("'uri' must be an s3:// URI")
+        if not isinstance(sha256, str) or not _HEX64.fullmatch(sha256):
+            raise SyncError("'sha256' (the manifest's digest, 64 hex digits) is required")
+        if not isinstance(path, str) or Path(path).parent.resolve() != self.root:
+            raise SyncError(f"path {str(path)[:200]} must be a folder directly under "
+                            f"{self.root}")
+        try:
+            dest = safepath.join(self.root, Path(path).name)
+        except safepath.UnsafePath as exc:
+            raise SyncError(str(exc)) from None
+        if dest.exists():
+            if self._synced_from(dest) == sha256:
+                return {"path": str(dest), "cached": True}
+            raise SyncError(f"{dest} already holds another artifact (not synced from "
+                            f"manifest {sha256}); refusing to replace it")
         scratch = self.root / f".partial-{uuid.uuid4().hex}"
         try:
-            manifest, _ = verify(uri, Storage(), scratch, expected_sha256=sha256)
+            manifest, _ = verify(uri, Storage(), scratch, expected_sha256=sha256,
+                                 max_bytes=self.max_bytes)
+            (scratch / MARKER).write_text(json.dumps({"uri": uri, "sha256": sha256}))
             with self.lock:
-                if not dest.exists():
+                if dest.exists():
+                    if self._synced_from(dest) != sha256:
+                        raise SyncError(f"{dest} was written by another sync meanwhile")
+                else:
                     os.rename(scratch, dest)
         except (VerificationError, StorageError) as exc:
             raise SyncError(str(exc)) from None
@@ -54,9 +89,12 @@ class Syncer:
         return {"path": str(dest), "files": len(manifest["files"])}
 
 
-def make_handler(syncer: Syncer):
+def make_handler(syncer: Syncer, api_key: str | None = None):
+    from .serve import ServeError, authorized, read_body
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 60.0
 
         def log_message(self, *args):
             pass
@@ -73,14 +111,23 @@ def make_handler(syncer: Syncer):
             self._send(200 if self.path == "/health" else 404, {})
 
         def do_POST(self):  # noqa: N802
+            if not authorized(self.headers, api_key):
+                self.close_connection = True
+                self._send(401, {"object": "error", "message": "Unauthorized", "code": 401,
+                                 "type": "AuthenticationError"})
+                return
             if self.path != "/v1/sync":
-                self._send(404, {"object": "error", "message": f"no route {self.path}"})
+                self._send(404, {"object": "error", "message": "no such route"})
                 return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
-                self._send(200, syncer.sync(body["uri"], body.get("sha256"), body["path"]))
-            except (SyncError, KeyError, ValueError) as exc:
+                body = json.loads(read_body(self, 64 * 1024) or b"{}")
+                if not isinstance(body, dict):
+                    raise SyncError("the body must be a JSON object")
+                self._send(200, syncer.sync(body.get("uri"), body.get("sha256"),
+                                            body.get("path")))
+            except ServeError as exc:
+                self._send(exc.status, exc.body())
+            except (SyncError, ValueError) as exc:
                 self._send(400, {"object": "error", "message": str(exc), "code": 400,
                                  "type": "BadRequestError"})
 
@@ -94,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, default=Path("/adapters"))
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--api-key", default=os.environ.get("KUBETUNE_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on /v1/sync "
+                             "(default $KUBETUNE_API_KEY)")
     args = parser.parse_args(argv)
-    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(Syncer(args.dir)))
+    httpd = ThreadingHTTPServer((args.host, args.port),
+                                make_handler(Syncer(args.dir), args.api_key))
     httpd.daemon_threads = True
     print(json.dumps({"event": "adapter-sync", "dir": str(args.dir), "port": args.port}),
           flush=True)

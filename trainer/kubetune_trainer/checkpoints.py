@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from .config import TrainerConfig
-from .storage import Location, Storage, join
+from . import safepath
+from .storage import Location, Storage, StorageError, join
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"step-(\d+)/")
@@ -73,10 +74,14 @@ class Checkpoints:
         step = steps[-1]
         target = dest / f"checkpoint-{step}"
         prefix = self.uri(step)
-        for uri, _ in self.storage.list(prefix):
+        for uri, size in self.storage.list(prefix):
             rel = uri[len(prefix) + 1:]
             if rel != MARKER:
-                self.storage.get_file(uri, target / rel)
+                try:
+                    local = safepath.join(target, rel)
+                except safepath.UnsafePath as exc:
+                    raise StorageError(f"{uri}: refused: {exc}") from None
+                self.storage.get_file(uri, local, size)
         return step, target
 
 

@@ -3,7 +3,8 @@ of every method we train, speaking vLLM's runtime LoRA API.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
 POST /v1/load_lora_adapter {lora_name, lora_path}, POST /v1/unload_lora_adapter {lora_name},
-GET /health, GET /metrics (Prometheus). Requests name the adapter in "model" (the base model's
+GET /health, GET /metrics (Prometheus). With `--api-key` (or $KUBETUNE_API_KEY / $VLLM_API_KEY),
+every route but /health and /metrics needs `Authorization: Bearer <key>`. Requests name the adapter in "model" (the base model's
 served name selects no adapter); `max_tokens`, `temperature`, `stream` and vLLM's `ignore_eos`
 are honoured, and prompt + max_tokens must fit the model's context (`max_model_len`).
 `lora_path` may be a local folder or an s3:// artifact (downloaded and verified against its
@@ -20,9 +21,12 @@ queue (a slow reader never holds the lock) and stops when its client goes away.
 from __future__ import annotations
 
 import copy
+import gc
+import hmac
 import itertools
 import json
 import queue
+import shutil
 import threading
 import time
 import uuid
@@ -32,6 +36,10 @@ from pathlib import Path
 
 from . import decoding
 from .servemetrics import ServeMetrics
+
+MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request body larger than this is answered 413
+MAX_ADAPTER_BYTES = 8 * 1024 ** 3  # an s3:// adapter larger than this is refused unread
+READ_TIMEOUT = 60.0  # seconds a client may take to send its request
 
 
 class ServeError(Exception):
@@ -51,12 +59,45 @@ class Loaded:
     family: str
     rank: int | None
     created: int = field(default_factory=lambda: int(time.time()))
+    owned: Path | None = None  # the download folder of an s3:// adapter, removed on unload
+
+
+def adapter_limits(config: object, max_rank: int, max_virtual_tokens: int) -> None:
+    """Refuse an adapter_config.json whose size parameters exceed the server's limits, before
+    anything is loaded: `r` and every `rank_pattern` value against max_lora_rank, every
+    `alpha_pattern` value a number, `num_virtual_tokens` against max_virtual_tokens."""
+    if not isinstance(config, dict):
+        raise ServeError("adapter_config.json is not an object")
+
+    def number(value, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ServeError(f"adapter_config.json: {what} must be a number, got {value!r:.60}")
+        return value
+
+    ranks = [("r", config.get("r"))] if config.get("r") is not None else []
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise ServeError(f"adapter_config.json: {key} must be an object")
+        for module, value in pattern.items():
+            if key == "rank_pattern":
+                ranks.append((f"rank_pattern[{module[:60]!r}]", value))
+            else:
+                number(value, f"alpha_pattern[{module[:60]!r}]")
+    for what, value in ranks:
+        if number(value, what) > max_rank:
+            raise ServeError(f"LoRA rank {value} ({what}) is greater than max_lora_rank "
+                             f"{max_rank}.")
+    tokens = config.get("num_virtual_tokens")
+    if tokens is not None and number(tokens, "num_virtual_tokens") > max_virtual_tokens:
+        raise ServeError(f"num_virtual_tokens {tokens} is greater than max_virtual_tokens "
+                         f"{max_virtual_tokens}.")
 
 
 class AdapterServer:
     def __init__(self, base_path: Path, served_name: str, max_loras: int = 8,
                  max_lora_rank: int = 64, cache_dir: Path = Path("/tmp/kubetune-serve"),
-                 model_uri: str | None = None):
+                 model_uri: str | None = None, max_virtual_tokens: int = 128):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.base_path = base_path
@@ -64,6 +105,7 @@ class AdapterServer:
         self.served_name = served_name
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
+        self.max_virtual_tokens = max_virtual_tokens
         self.cache_dir = cache_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         self.base = AutoModelForCausalLM.from_pretrained(str(base_path))
@@ -74,6 +116,9 @@ class AdapterServer:
         self.created = int(time.time())
         self.max_model_len = int(getattr(self.base.config, "max_position_embeddings", 0)
                                  or 4096)
+        # The longest text one token can stand for: a prompt longer than max_model_len times
+        # this cannot fit, and is refused before it is tokenised.
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab()), default=64)
         self.metrics = ServeMetrics()
 
     # ---- adapters --------------------------------------------------------------------------
@@ -84,9 +129,13 @@ class AdapterServer:
 
             dest = self.cache_dir / uuid.uuid4().hex
             try:
-                verify(lora_path, Storage(), dest)
+                verify(lora_path, Storage(), dest, max_bytes=MAX_ADAPTER_BYTES)
             except (VerificationError, StorageError) as exc:
+                shutil.rmtree(dest, ignore_errors=True)
                 raise ServeError(f"cannot load adapter from {lora_path}: {exc}") from None
+            except BaseException:
+                shutil.rmtree(dest, ignore_errors=True)
+                raise
             return dest
         path = Path(lora_path.removeprefix("file://"))
         if not (path / "adapter_config.json").exists():
@@ -108,20 +157,32 @@ class AdapterServer:
 
         if not name or not lora_path:
             raise ServeError("Both 'lora_name' and 'lora_path' must be provided.")
+        if not isinstance(name, str) or not isinstance(lora_path, str) or len(name) > 256 \
+                or len(lora_path) > 4096:
+            raise ServeError("'lora_name' (at most 256 characters) and 'lora_path' (at most "
+                             "4096) must be strings")
         self._check_can_load(name)
         path = self._resolve(lora_path)  # downloads happen outside the lock
-        with self.lock:
-            self._check_can_load(name)
-            config = json.loads((path / "adapter_config.json").read_text())
-            method = adapter_method(path)
-            rank = config.get("r")
-            if rank and rank > self.max_lora_rank:
-                raise ServeError(f"LoRA rank {rank} is greater than max_lora_rank "
-                                 f"{self.max_lora_rank}.")
-            family = {"LoRA": "lora", "IA3": "ia3", "PrefixTuning": "prefix"}.get(
-                method, f"bottleneck:{name}")
-            self._attach(family, name, path, method)
-            self.adapters[name] = Loaded(name, lora_path, method, family, rank)
+        owned = path if lora_path.startswith("s3://") else None
+        try:
+            with self.lock:
+                self._check_can_load(name)
+                try:
+                    config = json.loads((path / "adapter_config.json").read_text())
+                except (OSError, ValueError) as exc:
+                    raise ServeError(f"cannot read adapter_config.json of {lora_path}: "
+                                     f"{type(exc).__name__}") from None
+                adapter_limits(config, self.max_lora_rank, self.max_virtual_tokens)
+                method = adapter_method(path)
+                family = {"LoRA": "lora", "IA3": "ia3", "PrefixTuning": "prefix"}.get(
+                    method, f"bottleneck:{name}")
+                self._attach(family, name, path, method)
+                self.adapters[name] = Loaded(name, lora_path, method, family,
+                                             config.get("r"), owned=owned)
+        except BaseException:
+            if owned is not None:
+                shutil.rmtree(owned, ignore_errors=True)
+            raise
         return f"Success: LoRA adapter '{name}' added successfully."
 
     def _check_can_load(self, name: str) -> None:
@@ -145,11 +206,18 @@ class AdapterServer:
                     copy.deepcopy(self.base), str(path), adapter_name=name).eval()
             else:
                 holder.load_adapter(str(path), adapter_name=name)
-        except ServeError:
-            raise
         except Exception as exc:  # noqa: BLE001 - a bad artifact is the client's error
+            # Whatever was half-injected goes: the family's tree holds only loaded adapters.
+            if holder is not None and name in getattr(holder, "peft_config", {}):
+                try:
+                    holder.delete_adapter(name)
+                except Exception:  # noqa: BLE001 - a tree we cannot clean is rebuilt
+                    self.families.pop(family, None)
+            gc.collect()
+            if isinstance(exc, ServeError):
+                raise
             raise ServeError(f"cannot load adapter '{name}': {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
+                             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
 
     def unload(self, name: str) -> str:
         with self.lock:
@@ -164,6 +232,9 @@ class AdapterServer:
             elif hasattr(holder, "delete_adapter"):
                 holder.set_adapter(others[0].name)
                 holder.delete_adapter(name)
+        if loaded.owned is not None:
+            shutil.rmtree(loaded.owned, ignore_errors=True)
+        gc.collect()
         self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
         return f"Success: LoRA adapter '{name}' removed successfully."
 
@@ -253,6 +324,12 @@ class AdapterServer:
             raise ServeError("'prompt' must be a string")
         return prompt
 
+    def _fits(self, prompt: str) -> None:
+        """Refuse, before tokenising, a prompt too long to fit whatever its tokens."""
+        if len(prompt) > self.max_model_len * self.max_token_chars:
+            raise ServeError(f"This model's maximum context length is {self.max_model_len} "
+                             f"tokens; the prompt's {len(prompt)} characters cannot fit.")
+
     def _request(self, body: dict, prompt: str) -> decoding.Request:
         try:
             max_tokens = int(16 if body.get("max_tokens") is None else body["max_tokens"])
@@ -262,6 +339,10 @@ class AdapterServer:
                 from None
         if max_tokens < 1:
             raise ServeError(f"'max_tokens' must be at least 1, got {max_tokens}")
+        if max_tokens > self.max_model_len:
+            raise ServeError(f"'max_tokens' {max_tokens} is greater than the model's maximum "
+                             f"context length {self.max_model_len}")
+        self._fits(prompt)
         inputs = self.tokenizer(prompt, return_tensors="pt")  # once: checked, then generated
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens + max_tokens > self.max_model_len:
@@ -324,9 +405,38 @@ class AdapterServer:
                           "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def make_handler(server: AdapterServer):
+def authorized(headers, api_key: str | None) -> bool:
+    """True when no key is configured or the request carries `Authorization: Bearer <key>`
+    (compared in constant time)."""
+    if not api_key:
+        return True
+    given = headers.get("Authorization") or ""
+    return hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+
+def read_body(handler: BaseHTTPRequestHandler, limit: int) -> bytes:
+    """The request body, refused (413) above `limit` before a byte of it is read."""
+    try:
+        length = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        raise ServeError("Content-Length is not a number") from None
+    if length < 0:
+        raise ServeError("Content-Length is negative")
+    if length > limit:
+        handler.close_connection = True  # the unread body must not be parsed as a request
+        raise ServeError(f"request body of {length} bytes is larger than the {limit}-byte "
+                         f"limit", 413, "RequestTooLarge")
+    return handler.rfile.read(length)
+
+
+OPEN_PATHS = ("/health", "/metrics")  # everything else needs the key when one is set
+
+
+def make_handler(server: AdapterServer, api_key: str | None = None,
+                 max_request_bytes: int = MAX_REQUEST_BYTES):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = READ_TIMEOUT  # a client that stops sending is dropped, not waited on
 
         def log_message(self, *args):  # quiet; errors are in responses
             pass
@@ -366,13 +476,26 @@ def make_handler(server: AdapterServer):
                 chunks.close()
 
         def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
+            raw = read_body(self, max_request_bytes)
             try:
-                return json.loads(self.rfile.read(length) or b"{}")
+                body = json.loads(raw or b"{}")
             except ValueError:
                 raise ServeError("request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise ServeError("request body must be a JSON object")
+            return body
+
+        def _allowed(self) -> bool:
+            if self.path in OPEN_PATHS or authorized(self.headers, api_key):
+                return True
+            self.close_connection = True
+            self._error(ServeError("Unauthorized: a valid 'Authorization: Bearer <api key>' "
+                                   "header is required", 401, "AuthenticationError"))
+            return False
 
         def do_GET(self):  # noqa: N802
+            if not self._allowed():
+                return
             if self.path == "/health":
                 self._send(200, "", text=True)
             elif self.path == "/v1/models":
@@ -383,6 +506,8 @@ def make_handler(server: AdapterServer):
                 self._send(404, ServeError(f"no route {self.path}", 404, "NotFoundError").body())
 
         def do_POST(self):  # noqa: N802
+            if not self._allowed():
+                return
             try:
                 body = self._body()
                 if self.path == "/v1/load_lora_adapter":
@@ -412,15 +537,18 @@ def make_handler(server: AdapterServer):
 
 
 def build(model_uri: str, revision: str | None, served_name: str | None, host: str, port: int,
-          max_loras: int, max_lora_rank: int, cache_dir: Path) -> ThreadingHTTPServer:
+          max_loras: int, max_lora_rank: int, cache_dir: Path, api_key: str | None = None,
+          max_virtual_tokens: int = 128,
+          max_request_bytes: int = MAX_REQUEST_BYTES) -> ThreadingHTTPServer:
     """Resolve the base model (builtin://, s3://, file://, hf://), load it once, bind."""
     from .sources import resolve_model
     from .storage import Storage
 
     base_path = resolve_model(model_uri, revision, cache_dir, Storage())
     server = AdapterServer(base_path, served_name or model_uri, max_loras, max_lora_rank,
-                           cache_dir / "adapters", model_uri=model_uri)
-    httpd = ThreadingHTTPServer((host, port), make_handler(server))
+                           cache_dir / "adapters", model_uri=model_uri,
+                           max_virtual_tokens=max_virtual_tokens)
+    httpd = ThreadingHTTPServer((host, port), make_handler(server, api_key, max_request_bytes))
     httpd.daemon_threads = True
     httpd.adapter_server = server  # type: ignore[attr-defined]
     return httpd
@@ -442,7 +570,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-loras", type=int, default=8)
-    parser.add_argument("--max-lora-rank", type=int, default=64)
+    parser.add_argument("--max-lora-rank", type=int, default=64,
+                        help="largest LoRA rank accepted (r and every rank_pattern value)")
+    parser.add_argument("--max-virtual-tokens", type=int, default=128,
+                        help="largest num_virtual_tokens of a prefix-tuning adapter")
+    parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
+                        help="larger request bodies are answered 413")
+    parser.add_argument("--api-key", default=os.environ.get("KUBETUNE_API_KEY")
+                        or os.environ.get("VLLM_API_KEY"),
+                        help="require 'Authorization: Bearer <key>' on every route but /health "
+                             "and /metrics (default $KUBETUNE_API_KEY, else $VLLM_API_KEY)")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(os.environ.get("KUBETUNE_CACHE_DIR", "/tmp/kubetune-serve")))
     args = parser.parse_args(argv)
@@ -452,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         httpd = build(args.model, args.revision, args.served_model_name, args.host, args.port,
-                      args.max_loras, args.max_lora_rank, args.cache_dir)
+                      args.max_loras, args.max_lora_rank, args.cache_dir, args.api_key,
+                      args.max_virtual_tokens, args.max_request_bytes)
     except SourceError as exc:
         print(f"kubetune serve: error: {exc}", file=sys.stderr)
         return 2
@@ -464,8 +602,11 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    if not args.api_key and args.host not in ("127.0.0.1", "::1", "localhost"):
+        print("kubetune serve: warning: no --api-key: anyone who reaches this port can load, "
+              "replace and unload adapters", file=sys.stderr)
     print(json.dumps({"event": "serving", "model": args.model, "host": args.host,
-                      "port": args.port}), flush=True)
+                      "port": args.port, "auth": bool(args.api_key)}), flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

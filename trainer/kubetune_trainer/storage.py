@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from . import safepath
+
 MULTIPART_CHUNK = 8 * 1024 * 1024
 
 
@@ -139,12 +141,46 @@ class Storage:
             else:
                 self.s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
 
-    def get_bytes(self, uri: str) -> bytes:
+    def get_bytes(self, uri: str, limit: int | None = None) -> bytes:
+        """The object's bytes; with `limit`, a larger object is refused without reading it all."""
         loc = Location.parse(uri)
         with self._mapped(uri):
             if loc.scheme == "file":
-                return Path(loc.key).read_bytes()
-            return self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+                with open(loc.key, "rb") as handle:
+                    data = handle.read() if limit is None else handle.read(limit + 1)
+            else:
+                body = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+                try:
+                    data = body.read() if limit is None else body.read(limit + 1)
+                finally:
+                    body.close()
+        if limit is not None and len(data) > limit:
+            raise StorageError(f"{uri}: larger than the {limit}-byte limit")
+        return data
+
+    def sha256(self, uri: str, size: int) -> str:
+        """The sha256 of an object of exactly `size` bytes, streamed (nothing is stored); an
+        object of another size is refused, reading at most `size` + 1 bytes."""
+        digest, seen = hashlib.sha256(), 0
+        loc = Location.parse(uri)
+        with self._mapped(uri):
+            if loc.scheme == "file":
+                handle = open(loc.key, "rb")
+            else:
+                handle = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            try:
+                while seen <= size:
+                    chunk = handle.read(min(1024 * 1024, size + 1 - seen))
+                    if not chunk:
+                        break
+                    seen += len(chunk)
+                    digest.update(chunk)
+            finally:
+                handle.close()
+        if seen != size:
+            raise StorageError(f"{uri}: {'more' if seen > size else seen} bytes, "
+                               f"expected {size}")
+        return digest.hexdigest()
 
     def exists(self, uri: str) -> bool:
         loc = Location.parse(uri)
@@ -188,16 +224,22 @@ class Storage:
                 self.s3.delete_objects(Bucket=loc.bucket, Delete={
                     "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
 
-    def get_file(self, uri: str, dest: Path) -> Path:
-        """Download one object to `dest`, resuming a partial `.part` download."""
+    def get_file(self, uri: str, dest: Path, size: int | None = None) -> Path:
+        """Download one object to `dest`, resuming a partial `.part` download. With `size`, an
+        object of any other size is refused before its bytes are fetched."""
         loc = Location.parse(uri)
         dest.parent.mkdir(parents=True, exist_ok=True)
         with self._mapped(uri):
             if loc.scheme == "file":
+                if size is not None and Path(loc.key).stat().st_size != size:
+                    raise StorageError(f"{uri}: {Path(loc.key).stat().st_size} bytes, "
+                                       f"expected {size}")
                 shutil.copyfile(loc.key, dest)
                 return dest
             head = self.s3.head_object(Bucket=loc.bucket, Key=loc.key)
             total = head["ContentLength"]
+            if size is not None and total != size:
+                raise StorageError(f"{uri}: {total} bytes, expected {size}")
             part = dest.with_name(dest.name + ".part")
             have = part.stat().st_size if part.exists() else 0
             if have > total:
@@ -209,8 +251,14 @@ class Storage:
                 with open(part, "ab") as out:
                     for chunk in iter(lambda: resp["Body"].read(1024 * 1024), b""):
                         out.write(chunk)
+                        have += len(chunk)
+                        if have > total:  # the object changed under us: never store more
+                            break
             if part.stat().st_size != total:
-                raise StorageError(f"{uri}: short download ({part.stat().st_size} of {total} bytes)")
+                got = part.stat().st_size
+                part.unlink()
+                raise StorageError(f"{uri}: {'short' if got < total else 'oversized'} download "
+                                   f"({got} of {total} bytes)")
             part.replace(dest)
             return dest
 
@@ -226,9 +274,13 @@ class Storage:
         objects = self.list(prefix_uri)
         if not objects:
             raise StorageError(f"{prefix_uri}: no objects under this prefix")
-        for uri, _size in objects:
+        for uri, size in objects:
             rel = Location.parse(uri).key[len(base):]
-            self.get_file(uri, dest / rel)
+            try:
+                local = safepath.join(dest, rel)
+            except safepath.UnsafePath as exc:
+                raise StorageError(f"{uri}: refused: {exc}") from None
+            self.get_file(uri, local, size)
         return dest
 
     def cached(self, uri: str, cache_dir: Path) -> Path:
@@ -249,7 +301,10 @@ class Storage:
                 raise err from exc
             head = None
         if head is not None:  # a single object
-            target = slot / Path(loc.key).name
+            try:
+                target = safepath.join(slot, Path(loc.key).name)
+            except safepath.UnsafePath as exc:
+                raise StorageError(f"{uri}: refused: {exc}") from None
             if stamp.exists() and json.loads(stamp.read_text()).get("etag") == head["ETag"] \
                     and target.exists():
                 return target
