@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import structlog
+from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.validation import SpecError, parse
 
@@ -137,8 +138,12 @@ class LoRAAdapterController:
             return
         if mode == "Merged":
             decision = rec.decide(body, eligible, self._members(ns, body))
+            try:
+                storage = None if deleting else self._storage(ns, adapter)
+            except Exception:  # noqa: BLE001 - verification already reported the Secret
+                storage = None
             inputs.merged = self.merged.reconcile(body, adapter, v, decision, deleting,
-                                                  storage=self._storage(ns, adapter),
+                                                  storage=storage,
                                                   rivals=self._rivals(ns, body))
             if deleting:
                 if inputs.merged.get("finalized"):
@@ -159,7 +164,22 @@ class LoRAAdapterController:
         target = spec.target
         api_key = None
         if target.api_key_secret:
-            api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
+            try:
+                api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                message = f"Secret {target.api_key_secret.name} (spec.target.apiKeySecret) " \
+                          f"not found in {ns}"
+                if not deleting:
+                    inputs.target_error = ("ApiKeySecretMissing", message)
+                    self._write(body, rec.status(inputs, now))
+                    self.queue.add(key, self.settings.adapter_resync_seconds)
+                    return
+                # Deleting (often the whole namespace, the Secret first): unload where the
+                # servers still answer without the key, and never hold the deletion hostage.
+                self.kube.event(body, "Warning", "ApiKeySecretMissing",
+                                f"{message}; unloading without a key where possible")
         moved_from = (body.get("status") or {}).get("servedTarget")
         left_behind = moved_from if moved_from and moved_from != target.deployment and \
             not self._unload_from(body, ns, moved_from, adapter, api_key) else None

@@ -157,7 +157,7 @@ def _lead(api, settings, bind: str, log) -> None:
         "default"
     identity = f"{os.environ.get('HOSTNAME') or socket.gethostname()}-{os.getpid()}"
     elector = LeaderElector(api, namespace, settings.leader_election_name, identity,
-                            settings.lease_seconds, max(settings.lease_seconds / 3, 0.5))
+                            settings.lease_seconds, max(settings.lease_seconds / 5, 0.4))
     elector.acquire()
     standby.shutdown()
     standby.server_close()

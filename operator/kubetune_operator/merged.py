@@ -12,7 +12,7 @@ import json
 
 import structlog
 
-from kubetune_trainer.artifacts import MANIFEST
+from kubetune_trainer.artifacts import MANIFEST, MAX_MANIFEST_BYTES
 from kubetune_trainer.storage import StorageError, join
 
 from .kube import Kube
@@ -170,11 +170,14 @@ class MergedRollout:
 
     # ---- merge ---------------------------------------------------------------------------
     def _merged_ready(self, storage, uri: str, digest: str) -> bool:
+        if storage is None:
+            return False
         try:
-            manifest = json.loads(storage.get_bytes(join(uri, MANIFEST)))
+            manifest = json.loads(storage.get_bytes(join(uri, MANIFEST),
+                                                    limit=MAX_MANIFEST_BYTES))
         except (StorageError, ValueError):
             return False
-        return manifest.get("adapterSha256") == digest
+        return isinstance(manifest, dict) and manifest.get("adapterSha256") == digest
 
     def _merge(self, body: dict, adapter, v, out_uri: str) -> dict:
         ns = body["metadata"]["namespace"]

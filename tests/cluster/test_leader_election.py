@@ -55,3 +55,43 @@ def test_only_the_leader_acts_and_the_standby_takes_over(cluster, crds, s3_serve
             if op is not None and op.proc.poll() is None:
                 stop_operator(op)
         cluster.kubectl("delete", "namespace", ns, "--wait=false")
+
+
+def _elector(cluster, ns: str, identity: str, **kwargs):
+    from kubetune_operator.leader import LeaderElector
+
+    return LeaderElector(cluster.api, ns, "skew", identity, lease_seconds=3,
+                         renew_seconds=0.5, **kwargs)
+
+
+def test_a_standby_with_a_skewed_clock_never_takes_a_live_lease(cluster):
+    """The standby's wall clock is an hour ahead: judged by renewTime it would find the Lease
+    long expired. Expiry is judged by how long the record has not changed on the standby's
+    own monotonic clock, so it waits while the leader renews, and takes over once it stops."""
+    from datetime import timedelta
+
+    from kubetune_operator.leader import _now
+
+    ns = f"kt-skew-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    lost = []
+    leader = _elector(cluster, ns, "leader", on_lost=lambda: lost.append("leader"))
+    leader.acquire()
+    leader.keep()
+    ahead = _elector(cluster, ns, "ahead", wall=lambda: _now() + timedelta(hours=1),
+                     on_lost=lambda: lost.append("ahead"))
+    try:
+        until = time.monotonic() + 7  # more than two lease durations
+        while time.monotonic() < until:
+            assert not ahead._try(), "a standby with a skewed clock took a live lease"
+            time.sleep(0.5)
+        assert lost == []
+        lease = client.CoordinationV1Api(cluster.api).read_namespaced_lease("skew", ns)
+        assert lease.spec.holder_identity == "leader"
+        leader.stop()  # the leader dies without releasing
+        stopped = time.monotonic()
+        wait_for(ahead._try, timeout=10, interval=0.3, message="takeover")
+        assert time.monotonic() - stopped >= 2  # not before the lease ran out
+    finally:
+        leader.stop()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false")

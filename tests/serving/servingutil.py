@@ -78,13 +78,17 @@ def wait_ready(cluster, ns: str, app: str, count: int, timeout: float = 180) -> 
                     and pods, timeout=timeout, message=f"{count} ready {app} pods")
 
 
-def call(where: str, path: str, body: dict | None = None, timeout: float = 120):
-    """JSON request to a server: `where` is a base URL, or a pod IP (port 8000)."""
+def call(where: str, path: str, body: dict | None = None, timeout: float = 120,
+         key: str | None = None):
+    """JSON request to a server: `where` is a base URL, or a pod IP (port 8000); `key`: sent
+    as `Authorization: Bearer`."""
     base = where if where.startswith("http") else f"http://{where}:8000"
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(base + path, data=data,
-                                 method="POST" if data else "GET",
-                                 headers={"Content-Type": "application/json"})
+                                 method="POST" if data else "GET", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw, status = resp.read().decode(), resp.status

@@ -4,6 +4,7 @@ truth through restarts, scale-out, drift and deletion."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 
 import pytest
@@ -182,11 +183,17 @@ def test_vllm_runtime_loads_from_the_sidecar_synced_volume(
     """runtime vllm: the operator has the adapter-sync sidecar copy the verified artifact into
     the shared volume, then calls the engine's load API with that folder. vLLM cannot run here
     (no GPU): the engine container is `kubetune serve`, a STAND-IN speaking the same runtime
-    LoRA API and loading from local folders the way vLLM does."""
+    LoRA API and loading from local folders the way vLLM does. Both containers require the API
+    key from a Secret, which the operator reads through spec.target.apiKeySecret."""
     ns = job_namespace
+    key = "k-" + secrets.token_hex(12)
+    client.CoreV1Api(cluster.api).create_namespaced_secret(ns, {
+        "metadata": {"name": "engine-key"}, "stringData": {"API_KEY": key}})
     body = serve_deployment("vllm", 1, endpoint=s3_server.endpoint)
     pod = body["spec"]["template"]["spec"]
     engine = pod["containers"][0]
+    engine["env"].append({"name": "KUBETUNE_API_KEY", "valueFrom": {
+        "secretKeyRef": {"name": "engine-key", "key": "API_KEY"}}})
     engine["volumeMounts"].append({"name": "adapters", "mountPath": "/adapters"})
     sidecar = {"name": "adapter-sync", "image": image("trainer"),  # python -m kubetune_trainer
                "args": ["adapter-sync", "--dir", "/adapters", "--host", "$(POD_IP)",
@@ -199,18 +206,47 @@ def test_vllm_runtime_loads_from_the_sidecar_synced_volume(
     create_deployment(cluster, ns, body)
     ip = wait_ready(cluster, ns, "vllm", 1)[0]["ip"]
     uri, digest = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=9)
+    keyed = {"apiKeySecret": {"name": "engine-key"}}
     apply(cluster, ns, {**lora_adapter("sql", uri, "vllm"), "spec": {
         **lora_adapter("sql", uri, "vllm")["spec"],
-        "target": {"deployment": "vllm", "runtime": "vllm", "syncPort": 8090}}})
+        "target": {"deployment": "vllm", "runtime": "vllm", "syncPort": 8090, **keyed}}})
     ia3_uri, _ = published(storage, s3_server.bucket, tmp_path, "IA3", seed=9)
     apply(cluster, ns, {**lora_adapter("ia3", ia3_uri, "vllm"), "spec": {
         **lora_adapter("ia3", ia3_uri, "vllm")["spec"], "mode": "HotSwap",
-        "target": {"deployment": "vllm", "runtime": "vllm"}}})
+        "target": {"deployment": "vllm", "runtime": "vllm", **keyed}}})
     ready = wait_condition(cluster, ns, "sql", "Ready", timeout=90, op=operator)
     assert ready["status"]["loadedReplicas"] == "1/1"
     from servingutil import call
-    listed = {m["id"]: m["root"] for m in call(ip, "/v1/models")[1]["data"]}
+    # without the key neither container answers an admin route
+    assert call(ip, "/v1/models", timeout=10)[0] == 401
+    assert call(f"http://{ip}:8090", "/v1/sync", {"uri": uri, "sha256": digest,
+                                                  "path": "/adapters/x"}, timeout=10)[0] == 401
+    listed = {m["id"]: m["root"] for m in call(ip, "/v1/models", key=key)[1]["data"]}
     assert listed["sql"] == f"/adapters/sql-{digest[:12]}"  # a local folder, like vLLM needs
     bad = wait_condition(cluster, ns, "ia3", "Compatible", "False", timeout=60, op=operator)
     assert condition(bad, "Compatible")["reason"] == "MethodNotServable"
-    assert "ia3" not in models(ip)
+    assert "ia3" not in {m["id"] for m in call(ip, "/v1/models", key=key)[1]["data"]}
+
+
+def test_a_missing_api_key_secret_never_blocks_deletion(cluster, operator, job_namespace):
+    """The apiKeySecret is gone (deleted first, as a namespace deletion may do): the adapter
+    says so while it lives, and its finalizer is still released when it is deleted, so neither
+    the adapter nor its namespace is stuck Terminating."""
+    ns = job_namespace
+    custom = client.CustomObjectsApi(cluster.api)
+    obj = lora_adapter("orphan", "s3://kubetune/none/adapter", "absent")
+    obj["spec"]["target"]["apiKeySecret"] = {"name": "gone"}
+    apply(cluster, ns, obj)
+    seen = wait_condition(cluster, ns, "orphan", "Loaded", "False", timeout=60, op=operator)
+    assert "kubetune.io/adapter-unload" in seen["metadata"]["finalizers"]
+    custom.delete_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "loraadapters",
+                                           "orphan")
+
+    def gone():
+        try:
+            custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns, "loraadapters",
+                                                "orphan")
+            return False
+        except client.ApiException as exc:
+            return exc.status == 404
+    wait_for(gone, timeout=60, message="the adapter released its finalizer")

@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -22,6 +23,11 @@ from servingutil import PROMPT, call, complete
 from kubetune_trainer.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
+DOWNLOADS: list[Path] = []  # the server's folder of s3:// adapter downloads
+
+
+def downloads() -> list[Path]:
+    return sorted(DOWNLOADS[0].iterdir()) if DOWNLOADS[0].exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +44,7 @@ def server(s3_server, tmp_path_factory):
                              f"--cache-dir={log.parent / 'cache'}"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
+    DOWNLOADS[:] = [log.parent / "cache" / "adapters"]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
@@ -67,6 +74,7 @@ def test_every_method_hot_swaps_and_changes_the_output(server, storage, s3_serve
                                                               "lora_path": uri})
         assert status == 200 and "added successfully" in text, text
         outputs[name] = complete(server, name)
+    assert len(downloads()) == 4  # one verified download per s3:// adapter
     _, models = call(server, "/v1/models")
     ids = [m["id"] for m in models["data"]]
     assert ids[0] == "base" and models["data"][0]["root"] == "builtin://tiny-llama"
@@ -80,6 +88,7 @@ def test_every_method_hot_swaps_and_changes_the_output(server, storage, s3_serve
         assert status == 200 and "removed successfully" in text, text
     _, models = call(server, "/v1/models")
     assert [m["id"] for m in models["data"]] == ["base"]
+    assert downloads() == []  # an unloaded adapter's download goes with it
 
 
 def test_concurrent_requests_for_different_adapters_do_not_cross_talk(server, tmp_path):
@@ -134,8 +143,10 @@ def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp
     data = bytearray(storage.s3.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read())
     data[-1] ^= 0xFF
     storage.s3.put_object(Bucket=s3_server.bucket, Key=key, Body=bytes(data))
+    before = downloads()
     status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": uri})
     assert status == 400 and "does not match the manifest" in err["message"], err
+    assert downloads() == before  # the refused download left no folder behind
     # duplicate names and --max-loras
     path = make_adapter(tmp_path / "dup", "LoRA")
     for i in range(5):
