@@ -20,6 +20,7 @@ from .cache import Key
 from .engine import Engine, EngineError
 from .kube import Kube
 from .merged import MergedRollout
+from .resources.finetunejob import sealed_artifact
 from .reconcile import loraadapter as rec
 from .runner import run_reconcile
 from .settings import OperatorSettings
@@ -354,7 +355,7 @@ class LoRAAdapterController:
             if source is None:
                 return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
                                         f"{src.from_fine_tune_job.name} not found")
-            artifact = (source.get("status") or {}).get("artifact")
+            artifact = sealed_artifact(source)
             if not artifact:
                 return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
                                         f"{src.from_fine_tune_job.name} has not published an "

@@ -13,7 +13,7 @@ from kubetune.api.validation import SpecError, parse
 
 from . import metrics
 from .cache import Caches, Key
-from .kube import Kube
+from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
 from .runner import run_reconcile
@@ -60,10 +60,20 @@ class FineTuneJobController:
                 res.trainer_config(job, body, self.settings)
             except ValueError as exc:
                 errors.append(f"spec: {exc}")
-        jobs = self.caches.jobs.children(key)
-        pods = self.caches.pods.children(key)
+        # Only children this object controls count, whatever labels a look-alike carries.
+        uid = body["metadata"].get("uid")
+        every = self.caches.jobs.children(key)
+        jobs = [j for j in every if controller_uid(j) == uid]
+        foreign = {j["metadata"].get("uid") for j in every if controller_uid(j) != uid}
+        # A deleted attempt's pods still tell how it ended, so pods are kept unless a
+        # look-alike Job (or nothing) controls them.
+        pods = [p for p in self.caches.pods.children(key)
+                if controller_uid(p) is not None and controller_uid(p) not in foreign]
         old = body.get("status") or {}
-        artifact = old.get("artifact")
+        artifact = res.sealed_artifact(body)
+        if old.get("artifact") and artifact is None:
+            bound.warning("status.artifact is not the one this operator verified; verifying "
+                          "the attempt's artifact again")
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
         plan = rec.reconcile(body, job, errors, jobs, pods, artifact, None, adapter,
@@ -119,14 +129,30 @@ class FineTuneJobController:
     def _apply(self, key: Key, body: dict, plan: rec.Plan, log) -> None:
         ns, name = key
         for obj in plan.create:
-            created = self.kube.create(obj)
+            try:
+                created = self.kube.create(obj)
+            except NotOwned as exc:
+                # Never adopt a look-alike: say so, touch nothing, look again later.
+                self.kube.event(body, "Warning", "ChildConflict", str(exc))
+                log.warning("Child name taken by another owner", error=str(exc))
+                self.queue.add_after(key, 30)
+                return
             if obj["kind"] == "Job":
                 self.caches.jobs.put(key, obj)  # write-through: the watch event follows
             if created and obj["kind"] in ("Job", "LoRAAdapter"):
                 log.info(f"Created {obj['kind']}", child=obj["metadata"]["name"])
         for obj, patch in plan.patches:
             self.kube.patch(obj, patch)
-        if _changed(body.get("status") or {}, plan.status):
+        artifact = plan.status.get("artifact")
+        seal = res.artifact_seal(artifact) if isinstance(artifact, dict) else None
+        if seal and ((body["metadata"].get("annotations") or {})
+                     .get(res.ANNOTATION_ARTIFACT_SEAL)) != seal:
+            # sealed first: a status written after it is trusted; one forged later is not
+            self.kube.patch(body, {"metadata": {"annotations": {
+                res.ANNOTATION_ARTIFACT_SEAL: seal}}})
+            body["metadata"].setdefault("annotations", {})[res.ANNOTATION_ARTIFACT_SEAL] = seal
+        if _changed(body.get("status") or {}, plan.status) or \
+                (artifact is not None and (body.get("status") or {}).get("artifact") != artifact):
             self.kube.patch_status("FineTuneJob", ns, name, plan.status)
             body.setdefault("status", {}).update(plan.status)
             metrics.observe_phase(key, plan.status.get("phase"))

@@ -15,6 +15,17 @@ GROUP, VERSION = "kubetune.io", "v1alpha1"
 PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
 
 
+class NotOwned(RuntimeError):
+    """A child's deterministic name is taken by an object some other owner controls."""
+
+
+def controller_uid(obj: dict) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
 class Kube:
     def __init__(self, api: client.ApiClient):
         self.api = api
@@ -57,10 +68,36 @@ class Kube:
             else:
                 raise ValueError(f"no create for kind {kind}")
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
+            if exc.status != 409:
+                raise
+            # The name is taken: ours (an earlier reconcile) is fine; anything else is not
+            # adopted, whatever labels it carries.
+            owner = controller_uid(obj)
+            existing = self._read(kind, ns, obj["metadata"]["name"]) if owner else None
+            if existing is not None and controller_uid(existing) != owner:
+                raise NotOwned(f"{kind} {ns}/{obj['metadata']['name']} already exists and is "
+                               f"not controlled by this object (uid {owner}); delete or "
+                               f"rename it") from None
+            return False
         return True
+
+    def _read(self, kind: str, ns: str, name: str) -> dict | None:
+        self._count("get")
+        read = {"ConfigMap": self.core.read_namespaced_config_map,
+                "ServiceAccount": self.core.read_namespaced_service_account,
+                "Service": self.core.read_namespaced_service,
+                "Role": self.rbac.read_namespaced_role,
+                "RoleBinding": self.rbac.read_namespaced_role_binding,
+                "Job": self.batch.read_namespaced_job}.get(kind)
+        try:
+            if read is not None:
+                return self.api.sanitize_for_serialization(read(name, ns))
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
+                                                            name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def patch(self, obj: dict, patch: dict) -> str | None:
         """Patch; returns the new resourceVersion (None if the object is gone)."""

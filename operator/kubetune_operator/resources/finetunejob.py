@@ -12,6 +12,27 @@ GROUP = "kubetune.io"
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_ATTEMPT = "kubetune.io/attempt"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+# The operator's seal on status.artifact: the trainer's token may patch the status subresource
+# (progress), never the object's metadata, so an artifact it forged in status does not match.
+ANNOTATION_ARTIFACT_SEAL = "kubetune.io/artifact-seal"
+
+
+def artifact_seal(artifact: dict) -> str:
+    import hashlib
+    import json
+
+    return "sha256:" + hashlib.sha256(json.dumps(artifact, sort_keys=True,
+                                                 separators=(",", ":")).encode()).hexdigest()
+
+
+def sealed_artifact(body: dict) -> dict | None:
+    """status.artifact if the operator sealed it, else None (absent, or written by someone
+    else)."""
+    artifact = (body.get("status") or {}).get("artifact")
+    seal = ((body.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_ARTIFACT_SEAL)
+    if not isinstance(artifact, dict) or not seal or artifact_seal(artifact) != seal:
+        return None
+    return artifact
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/kubetune"
 TERMINATION_LOG = "/dev/termination-log"
