@@ -85,6 +85,7 @@ def merge_job(body: dict, adapter, digest: str, adapter_uri: str, out_uri: str,
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
                 for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
     args = ["merge", "--base-uri", adapter.spec.base_model.uri, "--adapter-uri", adapter_uri,
+            "--adapter-sha256", digest,  # the manifest the operator verified, no other
             "--out-uri", out_uri, "--work-dir", "/work"]
     if adapter.spec.base_model.revision:
         args += ["--revision", adapter.spec.base_model.revision]
@@ -114,6 +115,7 @@ def merge_job(body: dict, adapter, digest: str, adapter_uri: str, out_uri: str,
                                               "uid": meta["uid"], "controller": True,
                                               "blockOwnerDeletion": True}]},
             "spec": {"backoffLimit": 1, "ttlSecondsAfterFinished": 3600,
+                     "activeDeadlineSeconds": int(settings.merge_deadline_seconds),
                      "template": {"metadata": {"labels": labels}, "spec": pod_spec}}}
 
 

@@ -40,6 +40,8 @@ class OperatorSettings(BaseSettings):
     max_artifact_bytes: int = Field(default=8 * 1024 ** 3, gt=0)
     """Largest artifact (sum of its files) the operator verifies; its digests are streamed,
     nothing is stored, and a larger one is refused before a byte of it is read."""
+    merge_deadline_seconds: int = Field(default=3600, gt=0)
+    """How long a merge Job may run before Kubernetes stops it (activeDeadlineSeconds)."""
     merge_node_selector: dict[str, str] = Field(default_factory=dict)
     """Node selector of merge Jobs (merged mode)."""
     health_port: int = 8080

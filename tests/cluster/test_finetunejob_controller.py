@@ -184,6 +184,39 @@ def test_deleting_the_finetunejob_deletes_its_jobs(cluster, operator, job_namesp
         ns, label_selector="kubetune.io/finetunejob=doomed").items, message="ConfigMap gone")
 
 
+def test_a_look_alike_job_is_never_adopted(cluster, operator, job_namespace):
+    """Someone created a Job with the deterministic name and the operator's labels before the
+    FineTuneJob: the operator does not adopt it (no attempt, no phase from it), says so in an
+    Event, and leaves the Job alone."""
+    ns = job_namespace
+    labels = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune",
+              "app.kubernetes.io/component": "trainer", "kubetune.io/finetunejob": "squat",
+              "kubetune.io/attempt": "0"}
+    batch = client.BatchV1Api(cluster.api)
+    batch.create_namespaced_job(ns, {
+        "metadata": {"name": "squat-0", "labels": labels},
+        "spec": {"suspend": True, "template": {"metadata": {"labels": labels}, "spec": {
+            "restartPolicy": "Never", "containers": [{
+                "name": "trainer", "image": "registry.example/evil:1",
+                "securityContext": {"allowPrivilegeEscalation": False,
+                                    "runAsNonRoot": True, "runAsUser": 1000,
+                                    "capabilities": {"drop": ["ALL"]},
+                                    "seccompProfile": {"type": "RuntimeDefault"}}}]}}}})
+    apply(cluster, ns, ftj("squat"))
+
+    def conflict():
+        events = client.CoreV1Api(cluster.api).list_namespaced_event(
+            ns, field_selector="involvedObject.name=squat").items
+        return [e for e in events if e.reason == "ChildConflict"]
+    found = wait_for(conflict, timeout=30, message="ChildConflict event")
+    assert "not controlled by this object" in found[0].message
+    st = status(cluster, ns, "squat")
+    assert not st.get("attempts") and st.get("phase") != "Running", st
+    job = batch.read_namespaced_job("squat-0", ns)
+    assert job.spec.template.spec.containers[0].image == "registry.example/evil:1"
+    assert not job.metadata.owner_references
+
+
 def test_metrics_move_with_reconciles(cluster, operator, job_namespace):
     import re
     import urllib.request

@@ -96,6 +96,27 @@ def test_full_run_live_progress_verified_artifact_and_adapter(cluster, operator,
         "kubetune.io", "v1alpha1", ns, "loraadapters")["items"]) == 1
     assert len(client.BatchV1Api(cluster.api).list_namespaced_job(ns).items) == 1
 
+    # A forged status.artifact (the trainer's own token may patch status, never metadata) is
+    # not trusted: the operator verifies again and writes back the sealed artifact.
+    token = cluster.kubectl("create", "token", "full-trainer", "-n", ns).stdout.strip()
+    config = client.Configuration()
+    config.host = cluster.api.configuration.host
+    config.ssl_ca_cert = cluster.api.configuration.ssl_ca_cert
+    config.api_key = {"authorization": f"Bearer {token}"}
+    as_trainer = client.CustomObjectsApi(client.ApiClient(config))
+    forged = {**artifact, "uri": f"s3://{s3_server.bucket}/forged/elsewhere"}
+    as_trainer.patch_namespaced_custom_object_status("kubetune.io", "v1alpha1", ns,
+                                                     "finetunejobs", "full",
+                                                     {"status": {"artifact": forged}})
+    with pytest.raises(client.ApiException) as denied:
+        as_trainer.patch_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", ns, "finetunejobs", "full",
+            {"metadata": {"annotations": {"kubetune.io/artifact-seal": "sha256:0"}}})
+    assert denied.value.status == 403
+    cluster.kubectl("annotate", "ftj", "full", "-n", ns, "touched=2", "--overwrite")
+    wait_for(lambda: _status(cluster, ns, "full")["artifact"] == artifact, timeout=30,
+             message="the sealed artifact restored")
+
 
 def test_eviction_resumes_from_checkpoint_without_using_a_retry(cluster, operator,
                                                                 job_namespace):

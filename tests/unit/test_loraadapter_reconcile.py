@@ -171,3 +171,23 @@ def test_merged_model_argument_is_found_and_replaced_where_it_was():
     env = {"name": "s", "env": [{"name": "KUBETUNE_MODEL", "value": "a"}]}
     assert merged.model_of(env) == "a"
     assert merged.model_of(merged.with_model(env, "b")) == "b"
+
+
+def test_the_merge_job_is_restricted_bounded_and_pins_the_verified_digest():
+    from kubetune_operator.settings import OperatorSettings
+
+    obj = body(mode="Merged")
+    job = merged.merge_job(obj, parse(obj), "d" * 64, "s3://bkt/x", "s3://bkt/x-merged",
+                           OperatorSettings(merge_deadline_seconds=900))
+    spec = job["spec"]
+    assert spec["activeDeadlineSeconds"] == 900 and spec["backoffLimit"] == 1
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    args = container["args"]
+    assert args[args.index("--adapter-sha256") + 1] == "d" * 64
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "u-a"

@@ -23,3 +23,14 @@ def test_counters_gauges_and_label_escaping():
     assert 'kubetune_serve_prompt_tokens_total{model="we\\"ird\\\\name"} 9' in lines
     assert "kubetune_serve_requests_running 1" in lines
     assert "kubetune_serve_adapters_loaded 2" in lines
+
+
+def test_a_crafted_label_value_cannot_add_lines_or_series():
+    from kubetune_trainer.servemetrics import ServeMetrics
+
+    m = ServeMetrics()
+    m.finished('evil"} 1\nkubetune_fake_total 99\n#', "stop", 3, 4)
+    text = m.render()
+    assert "\nkubetune_fake_total" not in text
+    assert all(line.startswith(("#", "kubetune_serve_")) for line in text.splitlines() if line)
+    assert '\\"} 1\\nkubetune_fake_total 99\\n#' in text

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--base-uri")
     merge.add_argument("--revision", default=None)
     merge.add_argument("--adapter-uri")
+    merge.add_argument("--adapter-sha256", default=None,
+                       help="the manifest digest the adapter must have (the operator pins the "
+                            "one it verified)")
     merge.add_argument("--out-uri")
     merge.add_argument("--work-dir", type=Path, default=Path("/tmp/kubetune-merge"))
     merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if all(uris):
                 result = publish_merged(args.base_uri, args.revision, args.adapter_uri,
-                                        args.out_uri, args.dtype, args.work_dir)
+                                        args.out_uri, args.dtype, args.work_dir,
+                                        args.adapter_sha256)
             else:
                 result = main_merge(args.base, args.adapter, args.out, args.dtype)
         except (MergeError, VerificationError, SourceError) as exc:

@@ -103,7 +103,7 @@ def main_merge(base_path: Path, adapter_dir: Path, out: Path, dtype: str) -> dic
 
 
 def publish_merged(base_uri: str, revision: str | None, adapter_uri: str, out_uri: str,
-                   dtype: str, work: Path) -> dict:
+                   dtype: str, work: Path, adapter_sha256: str | None = None) -> dict:
     """`python -m kubetune_trainer merge --adapter-uri`: the merge Job of a LoRAAdapter in
     merged mode. Verifies the adapter against its manifest, merges into the original-precision
     base, checks the logits, uploads the merged model with a manifest naming the adapter."""
@@ -113,9 +113,12 @@ def publish_merged(base_uri: str, revision: str | None, adapter_uri: str, out_ur
 
     storage = Storage()
     adapter_dir = work / "adapter"
-    manifest, digest = artifacts.verify(adapter_uri, storage, adapter_dir)
+    manifest, digest = artifacts.verify(adapter_uri, storage, adapter_dir,
+                                        expected_sha256=adapter_sha256)
     base_path = resolve_model(base_uri, revision, work / "cache", storage)
-    method = manifest["method"]["type"]
+    method = artifacts.described(manifest)["method"]
+    if not method:
+        raise MergeError(f"{adapter_uri}: the manifest names no method type")
     out, diff, tolerance = _merge_checked(base_path, adapter_dir, method, dtype, work / "merged")
     merged_manifest = artifacts.build_manifest(
         out, kind="merged-model", method={"type": method},

@@ -22,11 +22,16 @@ _HELP = {
 }
 
 
+def escape(value) -> str:
+    """A label value in the text exposition format: backslash, quote and newline escaped, so
+    a crafted adapter or model name cannot add lines or series of its own."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(labels: tuple) -> str:
     if not labels:
         return ""
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-               for k, v in labels)
+    escaped = (f'{k}="{escape(v)}"' for k, v in labels)
     return "{" + ",".join(escaped) + "}"
 
 
