@@ -54,7 +54,10 @@ def start_operator(cluster, s3_server, tmp_dir: Path, namespaces: list[str] | No
     scope = [f"--namespace={ns}" for ns in namespaces] if namespaces else ["--all-namespaces"]
     env = {**os.environ, **cluster.env, "KUBETUNE_S3_ENDPOINT": s3_server.endpoint,
            "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-creds", "KUBETUNE_RETRY_BASE_SECONDS": "1",
-           "KUBETUNE_TRAINER_IMAGE": cluster.env["KUBETUNE_TRAINER_IMAGE"], **(extra_env or {})}
+           "KUBETUNE_TRAINER_IMAGE": cluster.env["KUBETUNE_TRAINER_IMAGE"],
+           # the refusing "S3" one test points a job at, allowed by policy like any endpoint
+           # an admin lists
+           "KUBETUNE_ALLOWED_S3_ENDPOINTS": '["http://127.0.0.1:9"]', **(extra_env or {})}
     out = open(log, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator", *scope,
                              f"--health-port={health}", f"--metrics-port={metrics}",

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.validation import SpecError, parse
 
-from . import metrics
+from . import metrics, policy
 from .cache import Key
 from .engine import Engine, EngineError
 from .kube import Kube
@@ -185,6 +185,16 @@ class LoRAAdapterController:
         left_behind = moved_from if moved_from and moved_from != target.deployment and \
             not self._unload_from(body, ns, moved_from, adapter, api_key) else None
         deployment = self.kube.get_deployment(ns, target.deployment)
+        if deployment is not None and not policy.target_opted_in(deployment, self.settings):
+            if deleting:  # never loaded there (nothing is done to a Deployment not opted in)
+                self._drop_finalizer(body)
+                return
+            inputs.target_error = ("TargetNotOptedIn",
+                                   policy.not_opted_in_message(target.deployment, ns))
+            self.selectors.pop(key, None)
+            self._write(body, rec.status(inputs, now))
+            self.queue.add(key, self.settings.adapter_resync_seconds)
+            return
         if deployment is None:
             if deleting:
                 self._drop_finalizer(body)
@@ -361,6 +371,10 @@ class LoRAAdapterController:
                                         f"{src.from_fine_tune_job.name} has not published an "
                                         f"artifact yet")
             uri, expected = artifact["uri"], expected or artifact.get("manifestSha256")
+        if not policy.endpoint_allowed(src.endpoint, self.settings):
+            return rec.Verification(False, "PolicyDenied", f"spec.source.endpoint: "
+                                    f"{src.endpoint} is not allowed by the operator's policy "
+                                    f"(chart value policy.allowedS3Endpoints)", uri)
         try:
             storage = self._storage(ns, adapter)
         except Exception as exc:  # noqa: BLE001 - a missing Secret is a status, not a crash

@@ -11,7 +11,7 @@ import structlog
 
 from kubetune.api.validation import SpecError, parse
 
-from . import metrics
+from . import metrics, policy
 from .cache import Caches, Key
 from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
@@ -55,6 +55,8 @@ class FineTuneJobController:
         except SpecError as exc:
             errors = exc.errors
         errors += rec.semantic_errors(body)
+        if job is not None:
+            errors += policy.finetunejob_errors(job, self.settings)
         if job is not None and not errors:
             try:
                 res.trainer_config(job, body, self.settings)

@@ -15,6 +15,7 @@ import structlog
 from kubetune_trainer.artifacts import MANIFEST, MAX_MANIFEST_BYTES
 from kubetune_trainer.storage import StorageError, join
 
+from . import policy
 from .kube import Kube
 from .resources.finetunejob import RESTRICTED_CONTAINER, RESTRICTED_POD
 from .settings import OperatorSettings
@@ -142,6 +143,9 @@ class MergedRollout:
         if deployment is None:
             return {**state, "phase": "Failed", "reason": "TargetNotFound",
                     "message": f"deployment {target.deployment} not found in {ns}"}
+        if not policy.target_opted_in(deployment, self.settings):
+            return {**state, "phase": "Failed", "reason": "TargetNotOptedIn",
+                    "message": policy.not_opted_in_message(target.deployment, ns)}
         if decision.want != "load":
             phase = "Superseded" if decision.reason == "Superseded" else "Pending"
             reason = decision.reason if decision.reason != "NotPromoted" else "PromotionPending"

@@ -25,6 +25,15 @@ class OperatorSettings(BaseSettings):
     """Default S3 region."""
     s3_credentials_secret: Optional[str] = None
     """Default Secret (in the job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    allowed_images: list[str] = Field(default_factory=list)
+    """Image prefixes a FineTuneJob's spec.resources.image may start with (the default trainer
+    image is always allowed; empty: no other)."""
+    allowed_service_accounts: list[str] = Field(default_factory=list)
+    """ServiceAccounts a FineTuneJob may name in spec.resources.serviceAccountName."""
+    allowed_s3_endpoints: list[str] = Field(default_factory=list)
+    """S3 endpoints a spec may name besides s3_endpoint (`*`: any)."""
+    require_target_opt_in: bool = True
+    """A LoRAAdapter changes only Deployments labelled kubetune.io/adapter-target: "true"."""
     gpu_tolerations: bool = True
     """Add a toleration for the nvidia.com/gpu taint to GPU pods."""
     default_node_selector: dict[str, str] = Field(default_factory=dict)

@@ -173,6 +173,25 @@ def test_operator_judged_invalid_spec_and_ttl(cluster, operator, job_namespace):
     wait_for(gone, timeout=30, message="deleted after ttlSecondsAfterFinished")
 
 
+def test_the_operators_policy_refuses_images_accounts_and_endpoints(cluster, operator,
+                                                                  job_namespace):
+    """A user who may create FineTuneJobs cannot make the operator run another image, under
+    another ServiceAccount, or call an endpoint the admin did not list: refused by field,
+    nothing created."""
+    ns = job_namespace
+    apply(cluster, ns, ftj("greedy", resources__image="registry.example/evil:1",
+                           resources__serviceAccountName="admin",
+                           output__endpoint="http://169.254.169.254"))
+    st = wait_for(lambda: (s := status(cluster, ns, "greedy")).get("phase") == "Failed" and s,
+                  message="Failed InvalidSpec")
+    ready = condition(st, "Ready")
+    assert ready["reason"] == "InvalidSpec"
+    for field in ("spec.resources.image", "spec.resources.serviceAccountName",
+                  "spec.output.endpoint"):
+        assert f"{field}:" in ready["message"] and "policy" in ready["message"], field
+    assert not client.BatchV1Api(cluster.api).list_namespaced_job(ns).items
+
+
 def test_deleting_the_finetunejob_deletes_its_jobs(cluster, operator, job_namespace):
     ns = job_namespace
     apply(cluster, ns, ftj("doomed"))

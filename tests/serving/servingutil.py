@@ -30,7 +30,8 @@ def serve_deployment(name: str, replicas: int = 2, model: str = "builtin://tiny-
                      max_rank: int = 16, endpoint: str = "") -> dict:
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "labels": {"app": name}},
+        # opted in to LoRAAdapters (the operator's policy changes no other Deployment)
+        "metadata": {"name": name, "labels": {"app": name, "kubetune.io/adapter-target": "true"}},
         "spec": {
             "replicas": replicas, "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}}, "spec": {

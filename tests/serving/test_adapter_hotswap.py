@@ -250,3 +250,31 @@ def test_a_missing_api_key_secret_never_blocks_deletion(cluster, operator, job_n
         except client.ApiException as exc:
             return exc.status == 404
     wait_for(gone, timeout=60, message="the adapter released its finalizer")
+
+
+def test_a_target_must_opt_in_and_a_source_endpoint_must_be_allowed(
+        cluster, operator, job_namespace, storage, s3_server, tmp_path):
+    """The operator changes only Deployments labelled kubetune.io/adapter-target: "true", and
+    calls only S3 endpoints its policy lists: a LoRAAdapter says which rule refused it."""
+    ns = job_namespace
+    body = serve_deployment("plain", 0, endpoint=s3_server.endpoint)
+    del body["metadata"]["labels"]["kubetune.io/adapter-target"]
+    create_deployment(cluster, ns, body)
+    uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=4)
+    apply(cluster, ns, lora_adapter("uninvited", uri, "plain"))
+    refused = wait_condition(cluster, ns, "uninvited", "Loaded", "False", timeout=60,
+                             op=operator)
+    loaded = condition(refused, "Loaded")
+    assert loaded["reason"] == "TargetNotOptedIn", loaded
+    assert "kubetune.io/adapter-target" in loaded["message"]
+    dep = client.AppsV1Api(cluster.api).read_namespaced_deployment("plain", ns)
+    assert not (dep.metadata.annotations or {}).get("kubetune.io/adapter")
+
+    elsewhere = lora_adapter("elsewhere", uri, "plain")
+    elsewhere["spec"]["source"]["endpoint"] = "http://169.254.169.254"
+    apply(cluster, ns, elsewhere)
+    denied = wait_condition(cluster, ns, "elsewhere", "ArtifactVerified", "False", timeout=60,
+                            op=operator)
+    verified = condition(denied, "ArtifactVerified")
+    assert verified["reason"] == "PolicyDenied" and "spec.source.endpoint" in \
+        verified["message"]

@@ -52,7 +52,7 @@ controllers use; nothing else. */}}
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts", "services"]
-  verbs: ["create"]
+  verbs: ["create", "get"]  # get: a name already taken is checked for our owner reference
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get"]
@@ -67,5 +67,5 @@ controllers use; nothing else. */}}
   verbs: ["get", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["create"]
+  verbs: ["create", "get"]
 {{- end }}

@@ -81,6 +81,18 @@ def _trainer_state(pod: dict) -> dict:
     return {}
 
 
+def _clean_summary(summary: dict) -> dict:
+    """The termination message's fields as the reconcile reads them: strings are strings
+    (bounded), metrics/artifact/merged are objects; anything else is dropped."""
+    out = {}
+    for key, value in summary.items():
+        if key in ("status", "reason", "message") and isinstance(value, str):
+            out[key] = value[-2000:]
+        elif key in ("metrics", "artifact", "merged") and isinstance(value, dict):
+            out[key] = value
+    return out
+
+
 def _summary(pods: list[dict]) -> dict | None:
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "",
                       reverse=True):
@@ -88,9 +100,12 @@ def _summary(pods: list[dict]) -> dict | None:
         message = term.get("message")
         if message:
             try:
-                return json.loads(message)
+                summary = json.loads(message)
             except ValueError:
-                return {"status": "Unknown", "message": message[-2000:]}
+                summary = None
+            if not isinstance(summary, dict):  # written by the container: any shape at all
+                return {"status": "Unknown", "message": str(message)[-2000:]}
+            return _clean_summary(summary)
     return None
 
 
