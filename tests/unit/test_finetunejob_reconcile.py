@@ -194,3 +194,18 @@ def test_ttl_deletes_finished_job_and_long_names_are_invalid():
     body["status"] = plan.status
     later = _run(body, now=NOW + timedelta(seconds=11))
     assert later.delete_self
+
+
+@pytest.mark.parametrize("message", ['[1, 2]', '"text"', '{"metrics": [1], "message": 5}',
+                                     '{"status": "Failed", "message": {"x": 1}, "reason": 7}',
+                                     "not json at all"])
+def test_a_malformed_termination_message_is_read_safely(message):
+    """The termination message is written by the container: any shape is read without error
+    and only typed fields reach the status."""
+    failed = _job(0, [("Failed", "BackoffLimitExceeded", "failed")])
+    attempt = rec.classify(failed, [_pod("quickstart-lora-0", "Failed", 1, message)])
+    assert attempt.reason == "Error" and isinstance(attempt.message, str), attempt
+    assert all(isinstance(v, str) for k, v in attempt.summary.items()
+               if k in ("status", "reason", "message"))
+    plan = _run(_body(), [failed], [_pod("quickstart-lora-0", "Failed", 1, message)])
+    assert plan.status["attempts"][0]["reason"] == "Error"
