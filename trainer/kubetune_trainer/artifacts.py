@@ -83,7 +83,8 @@ def parse_manifest(body: bytes, uri: str) -> dict:
     try:
         manifest = json.loads(body)
     except ValueError as exc:
-        raise VerificationError(f"{uri}: manifest.json is not JSON ({exc})", "ManifestInvalid") from None
+        raise VerificationError(f"{uri}: manifest.json is not JSON ({exc})",
+                                "ManifestInvalid") from None
     if not isinstance(manifest, dict):
         raise VerificationError(f"{uri}: manifest.json is not an object", "ManifestInvalid")
     if manifest.get("formatVersion") != FORMAT_VERSION:
