@@ -7,8 +7,8 @@ GET /health, GET /metrics (Prometheus). With `--api-key` (or $KUBETUNE_API_KEY /
 $VLLM_API_KEY), every route but /health and /metrics needs `Authorization: Bearer <key>`.
 Requests name the adapter in "model" (the base model's served name selects no adapter);
 `max_tokens`, `temperature`, `stream` and vLLM's `ignore_eos` are honoured, and prompt +
-max_tokens must fit the model's context (`max_model_len`). `lora_path` may be a local folder or an s3:// artifact (downloaded and verified against its
-manifest). Errors have vLLM's shape: {"object": "error", "message", "type", "code"}.
+max_tokens must fit the model's context (`max_model_len`). `lora_path` may be a local folder
+or an s3:// artifact (downloaded and verified against its manifest). Errors have vLLM's shape: {"object": "error", "message", "type", "code"}.
 
 The base weights are read once. Methods that rewrite modules in place cannot share one module
 tree, so each method family (LoRA, IA3, prefix tuning, and each bottleneck adapter) gets its
