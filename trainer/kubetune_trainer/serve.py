@@ -8,7 +8,8 @@ $VLLM_API_KEY), every route but /health and /metrics needs `Authorization: Beare
 Requests name the adapter in "model" (the base model's served name selects no adapter);
 `max_tokens`, `temperature`, `stream` and vLLM's `ignore_eos` are honoured, and prompt +
 max_tokens must fit the model's context (`max_model_len`). `lora_path` may be a local folder
-or an s3:// artifact (downloaded and verified against its manifest). Errors have vLLM's shape: {"object": "error", "message", "type", "code"}.
+or an s3:// artifact (downloaded and verified against its manifest). Errors have vLLM's
+shape: {"object": "error", "message", "type", "code"}.
 
 The base weights are read once. Methods that rewrite modules in place cannot share one module
 tree, so each method family (LoRA, IA3, prefix tuning, and each bottleneck adapter) gets its
