@@ -133,3 +133,56 @@ def host_state() -> dict:
             "sysctl": {k: Path(f"/proc/sys/{k}").read_text() for k in (
                 "vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops",
                 "net/ipv4/ip_forward")}}
+
+
+def request_json(url: str, body: dict | None = None, timeout: float = 120,
+                 key: str | None = None) -> tuple[int, object]:
+    """(status, parsed JSON or text) of a GET (no body) or POST; `key` is sent as a bearer
+    token. HTTP errors are answers, not exceptions."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET",
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status = resp.read().decode(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read().decode(), exc.code
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def start_serve(folder: Path, *args: str, env: dict | None = None) -> tuple[str, subprocess.Popen]:
+    """`kubetune serve --host 127.0.0.1 --port <free> --cache-dir <folder>/cache ARGS` as a
+    process, once /health answers: (base URL, process). Its log is `folder/serve.log`."""
+    import sys
+    import urllib.request
+
+    from kubetune.devcluster import procs
+
+    port = procs.free_port()
+    log = folder / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", *args,
+                             "--host", "127.0.0.1", f"--port={port}",
+                             f"--cache-dir={folder / 'cache'}"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1):
+                return url, proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"kubetune serve not healthy within 120 s:\n{log.read_text()[-3000:]}")

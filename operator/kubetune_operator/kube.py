@@ -82,18 +82,17 @@ class Kube:
         return True
 
     def _read(self, kind: str, ns: str, name: str) -> dict | None:
-        self._count("get")
         read = {"ConfigMap": self.core.read_namespaced_config_map,
                 "ServiceAccount": self.core.read_namespaced_service_account,
                 "Service": self.core.read_namespaced_service,
                 "Role": self.rbac.read_namespaced_role,
                 "RoleBinding": self.rbac.read_namespaced_role_binding,
                 "Job": self.batch.read_namespaced_job}.get(kind)
+        if read is None:
+            return self.get_custom(kind, ns, name)
+        self._count("get")
         try:
-            if read is not None:
-                return self.api.sanitize_for_serialization(read(name, ns))
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
-                                                            name)
+            return self.api.sanitize_for_serialization(read(name, ns))
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 
 from kubernetes import client
 
-from helpers import wait_for
+from helpers import request_json, wait_for
 
 REAL_NODE = {"kubetune.io/real-node": "true"}
 PROMPT = "What color is the apple?"
@@ -84,21 +82,7 @@ def call(where: str, path: str, body: dict | None = None, timeout: float = 120,
     """JSON request to a server: `where` is a base URL, or a pod IP (port 8000); `key`: sent
     as `Authorization: Bearer`."""
     base = where if where.startswith("http") else f"http://{where}:8000"
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(base + path, data=data,
-                                 method="POST" if data else "GET", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw, status = resp.read().decode(), resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
+    return request_json(base + path, body, timeout, key)
 
 
 def models(ip: str) -> set[str]:

@@ -4,13 +4,9 @@ straight from S3 with manifest verification, no cross-talk under concurrent requ
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +15,7 @@ from urllib.parse import urlparse
 import pytest
 
 from adapterfactory import make_adapter, published
+from helpers import start_serve
 from servingutil import PROMPT, call, complete
 from kubetune_trainer.storage import Storage
 
@@ -32,27 +29,11 @@ def downloads() -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(s3_server, tmp_path_factory):
-    from kubetune.devcluster import procs
-
-    port = procs.free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, **s3_server.env()}
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve",
-                             "--model", "builtin://tiny-llama", "--revision", "v1",
-                             "--served-model-name", "base", "--host", "127.0.0.1",
-                             f"--port={port}", "--max-loras=5", "--max-lora-rank=16",
-                             f"--cache-dir={log.parent / 'cache'}"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    DOWNLOADS[:] = [log.parent / "cache" / "adapters"]
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.3)
+    folder = tmp_path_factory.mktemp("serve")
+    DOWNLOADS[:] = [folder / "cache" / "adapters"]
+    url, proc = start_serve(folder, "--model", "builtin://tiny-llama", "--revision", "v1",
+                            "--served-model-name", "base", "--max-loras=5",
+                            "--max-lora-rank=16", env=s3_server.env())
     yield url
     proc.terminate()
     proc.wait(timeout=20)

@@ -7,16 +7,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from adapterfactory import make_adapter
+from helpers import request_json, start_serve
 
 pytestmark = pytest.mark.trainer
 
@@ -25,28 +21,11 @@ KEY = "k-" + os.urandom(8).hex()
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from kubetune.devcluster import procs
-
-    port = procs.free_port()
-    folder = tmp_path_factory.mktemp("serve-hardened")
-    log = folder / "serve.log"
-    env = {**os.environ, "KUBETUNE_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve",
-                             "--model", "builtin://tiny-llama", "--revision", "v1",
-                             "--served-model-name", "base", "--host", "127.0.0.1",
-                             f"--port={port}", "--max-loras=4", "--max-lora-rank=16",
-                             "--max-virtual-tokens=32", "--max-request-bytes=65536",
-                             f"--cache-dir={folder / 'cache'}"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.3)
+    url, proc = start_serve(tmp_path_factory.mktemp("serve-hardened"),
+                            "--model", "builtin://tiny-llama", "--revision", "v1",
+                            "--served-model-name", "base", "--max-loras=4",
+                            "--max-lora-rank=16", "--max-virtual-tokens=32",
+                            "--max-request-bytes=65536", env={"KUBETUNE_API_KEY": KEY})
     yield url, proc
     proc.terminate()
     proc.wait(timeout=20)
@@ -54,21 +33,7 @@ def server(tmp_path_factory):
 
 def call(url: str, path: str, body: dict | None = None, key: str | None = KEY,
          timeout: float = 60) -> tuple[int, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url + path, data=data, headers=headers,
-                                 method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw, status = resp.read().decode(), resp.status
-    except urllib.error.HTTPError as exc:
-        raw, status = exc.read().decode(), exc.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw
+    return request_json(url + path, body, timeout, key)
 
 
 ROUTES = [("/v1/models", None), ("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/"}),
