@@ -63,6 +63,24 @@ def test_conversion_is_exact_cached_and_keyed_by_content(smollm2, tmp_path):
     assert sources.resolve_model(f"file://{copy}", None, CACHE, Storage()) == smollm2
 
 
+def test_a_first_conversion_is_one_line_when_progress_bars_are_off(tmp_path, capfd):
+    """What a newcomer sees on a fresh machine (the quiet quickstart turns progress bars off):
+    one line saying what happens, not transformers' own tensor-by-tensor bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        folder = ggufconvert.converted(builtin.smollm2_gguf(), tmp_path / "fresh-cache")
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+    err = capfd.readouterr().err
+    assert (folder / ggufconvert.MARKER).exists()
+    assert "Converting SmolLM2-135M-Instruct.Q4_1.gguf" in err
+    assert "de-quantizing" not in err and "it/s" not in err, err[-500:]
+
+
 def test_bad_gguf_files_fail_in_one_line_and_leave_nothing(tmp_path):
     cache = tmp_path / "cache"
     text = tmp_path / "notes.gguf"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 RECIPE = "1"  # bump when the conversion below changes what it writes
@@ -47,8 +49,11 @@ def converted(gguf: Path, cache: Path) -> Path:
     scratch = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    print(f"Converting {gguf.name} to a float32 transformers model (once per machine, about "
+          f"a minute on 2 cores)", file=sys.stderr, flush=True)
     try:
-        _convert(gguf, scratch)
+        with _progress_as_configured():
+            _convert(gguf, scratch)
         (scratch / MARKER).write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
                                                   "recipe": RECIPE}))
         try:
@@ -59,6 +64,26 @@ def converted(gguf: Path, cache: Path) -> Path:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _progress_as_configured():
+    """transformers' GGUF loader draws its own tqdm bar, ignoring transformers' progress-bar
+    switch: honour the switch (the quiet quickstart turns it off)."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _convert(gguf: Path, out: Path) -> None:
