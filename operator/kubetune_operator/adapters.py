@@ -356,7 +356,7 @@ class LoRAAdapterController:
             keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
                     "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
         return Storage(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,
-                       retries=2, **keys)
+                       retries=2, deadline=self.settings.s3_deadline_seconds, **keys)
 
     def _verify(self, ns: str, adapter, source: dict | None) -> rec.Verification:
         src = adapter.spec.source

@@ -107,7 +107,8 @@ class FineTuneJobController:
             keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
                     "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
         storage = Storage(out.endpoint or self.settings.s3_endpoint,
-                          out.region or self.settings.s3_region, retries=3, **keys)
+                          out.region or self.settings.s3_region, retries=3,
+                          deadline=self.settings.s3_deadline_seconds, **keys)
         try:
             manifest, digest = verify(published["uri"], storage,
                                       expected_sha256=published["manifestSha256"])

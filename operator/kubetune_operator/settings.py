@@ -46,6 +46,8 @@ class OperatorSettings(BaseSettings):
     """Folder, shared with the sync sidecar, where vLLM pods find adapter files."""
     engine_load_timeout_seconds: float = Field(default=300.0, gt=0)
     """How long one load call to a serving engine may take."""
+    s3_deadline_seconds: float = Field(default=30.0, gt=0)
+    """An S3 read by the operator must finish within this many seconds plus one per MiB."""
     max_artifact_bytes: int = Field(default=8 * 1024 ** 3, gt=0)
     """Largest artifact (sum of its files) the operator verifies; its digests are streamed,
     nothing is stored, and a larger one is refused before a byte of it is read."""

@@ -154,3 +154,29 @@ def test_one_slow_replica_does_not_hold_another_adapters_calls():
     finally:
         release.set()
         blocker.join()
+
+
+def test_an_s3_endpoint_that_drips_cannot_hold_the_operator(fault):
+    """The operator's reads from S3 have a total deadline too: an "S3" that answers a GET with
+    a 10 MB Content-Length and then one byte at a time is given up on in time."""
+    from kubetune_trainer.storage import Storage, StorageError
+
+    def drip(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(10_000_000))
+        h.send_header("ETag", '"x"')
+        h.end_headers()
+        for _ in range(200):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.1)
+
+    f = fault(drip)
+    storage = Storage(f"http://127.0.0.1:{f.port}", access_key="a", secret_key="b",
+                      retries=1, deadline=2.0, min_rate=1e12)
+    for call in (lambda: storage.get_bytes("s3://bucket/manifest.json", limit=1 << 20),
+                 lambda: storage.sha256("s3://bucket/model.bin", 10_000_000)):
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="no complete answer within 2 s"):
+            call()
+        assert time.monotonic() - start < 4

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,13 @@ def join(uri: str, *parts: str) -> str:
 
 class Storage:
     def __init__(self, endpoint: str | None = None, region: str | None = None,
-                 retries: int = 5, access_key: str | None = None, secret_key: str | None = None):
+                 retries: int = 5, access_key: str | None = None, secret_key: str | None = None,
+                 deadline: float | None = None, min_rate: float = 1024 * 1024):
+        """`deadline`: with it, a streamed read (get_bytes, sha256) must finish within
+        `deadline` + size / `min_rate` seconds or fail; the operator sets it, so an endpoint
+        that drips bytes cannot hold a reconcile."""
         self.access_key, self.secret_key = access_key, secret_key
+        self.deadline, self.min_rate = deadline, min_rate
         self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
             os.environ.get("AWS_ENDPOINT_URL")
         self.region = region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -149,11 +155,13 @@ class Storage:
                 with open(loc.key, "rb") as handle:
                     data = handle.read() if limit is None else handle.read(limit + 1)
             else:
-                body = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
-                try:
-                    data = body.read() if limit is None else body.read(limit + 1)
-                finally:
-                    body.close()
+                def read() -> bytes:
+                    body = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+                    try:
+                        return body.read() if limit is None else body.read(limit + 1)
+                    finally:
+                        body.close()
+                data = self._bounded(uri, read, limit or 0)
         if limit is not None and len(data) > limit:
             raise StorageError(f"{uri}: larger than the {limit}-byte limit")
         return data
@@ -161,13 +169,12 @@ class Storage:
     def sha256(self, uri: str, size: int) -> str:
         """The sha256 of an object of exactly `size` bytes, streamed (nothing is stored); an
         object of another size is refused, reading at most `size` + 1 bytes."""
-        digest, seen = hashlib.sha256(), 0
         loc = Location.parse(uri)
-        with self._mapped(uri):
-            if loc.scheme == "file":
-                handle = open(loc.key, "rb")
-            else:
-                handle = self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+
+        def stream() -> tuple[str, int]:
+            digest, seen = hashlib.sha256(), 0
+            handle = open(loc.key, "rb") if loc.scheme == "file" else \
+                self.s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
             try:
                 while seen <= size:
                     chunk = handle.read(min(1024 * 1024, size + 1 - seen))
@@ -177,10 +184,39 @@ class Storage:
                     digest.update(chunk)
             finally:
                 handle.close()
+            return digest.hexdigest(), seen
+
+        with self._mapped(uri):
+            hexdigest, seen = stream() if loc.scheme == "file" else \
+                self._bounded(uri, stream, size)
         if seen != size:
             raise StorageError(f"{uri}: {'more' if seen > size else seen} bytes, "
                                f"expected {size}")
-        return digest.hexdigest()
+        return hexdigest
+
+    def _bounded(self, uri: str, work, size: int):
+        """`work()`, or StorageError once `deadline` + size / min_rate seconds have passed. The
+        work runs in a daemon thread: a read stuck on a dripping endpoint is abandoned (its
+        socket is closed by botocore's read timeout later), never waited on."""
+        if self.deadline is None:
+            return work()
+        seconds = self.deadline + size / self.min_rate
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True, name="kubetune-s3-read")
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            raise StorageError(f"{uri}: no complete answer within {seconds:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     def exists(self, uri: str) -> bool:
         loc = Location.parse(uri)
