@@ -196,8 +196,8 @@ class Storage:
 
     def _bounded(self, uri: str, work, size: int):
         """`work()`, or StorageError once `deadline` + size / min_rate seconds have passed. The
-        work runs in a daemon thread: a read stuck on a dripping endpoint is abandoned (its
-        socket is closed by botocore's read timeout later), never waited on."""
+        work runs in a daemon thread: a read stuck on a dripping endpoint is abandoned, never
+        waited on (the thread ends when that endpoint stops sending)."""
         if self.deadline is None:
             return work()
         seconds = self.deadline + size / self.min_rate
