@@ -54,13 +54,15 @@ def _fan_out(fn, items: list) -> list:
 
 
 class LoRAAdapterController:
-    def __init__(self, kube: Kube, settings: OperatorSettings, workers: int = 4):
+    def __init__(self, kube: Kube, settings: OperatorSettings):
         self.kube = kube
         self.settings = settings
         self.adapters: dict[Key, dict] = {}
         self.selectors: dict[Key, dict[str, str]] = {}
         self.verifier = Verifier(settings.max_artifact_bytes)
-        self.queue = WorkQueue(self.reconcile, workers)
+        # Fair between namespaces: slow serving pods of one tenant hold at most its share.
+        self.queue = WorkQueue(self.reconcile, settings.adapter_workers,
+                               settings.adapter_workers_per_namespace, lane_of=lambda k: k[0])
         self.merged = MergedRollout(kube, settings)
 
     # ---- events ----------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class OperatorSettings(BaseSettings):
     """Override every job's retryPolicy.backoffSeconds (tests)."""
     adapter_resync_seconds: float = Field(default=30.0, gt=0)
     """How often each served adapter is re-checked on every replica (drift repair)."""
+    adapter_workers: int = Field(default=16, ge=1, le=256)
+    """LoRAAdapter reconciles that run at once, all namespaces together."""
+    adapter_workers_per_namespace: int = Field(default=2, ge=1)
+    """At most this many of them for one namespace: a tenant whose serving pods answer slowly
+    (a load may take engine_load_timeout_seconds) holds only its own share of the workers."""
     vllm_adapter_dir: str = "/adapters"
     """Folder, shared with the sync sidecar, where vLLM pods find adapter files."""
     engine_load_timeout_seconds: float = Field(default=300.0, gt=0)

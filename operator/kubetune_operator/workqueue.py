@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import deque
 import time
 from typing import Callable, Hashable
 
@@ -57,18 +58,32 @@ class DelayQueue:
 
 
 class WorkQueue:
-    """Keys reconciled by a small worker pool, each key by one worker at a time. Adding a key
-    that is running marks it dirty: it runs once more when the current run ends. Bursts of
-    events for one key collapse into one run; `add(key, delay)` schedules a later look."""
+    """Keys reconciled by a worker pool, each key by one worker at a time. Adding a key that
+    is running marks it dirty: it runs once more when the current run ends. Bursts of events
+    for one key collapse into one run; `add(key, delay)` schedules a later look.
 
-    def __init__(self, handler: Callable[[Hashable], None], workers: int = 4):
+    Fair between lanes (`lane_of(key)`, the namespace for the LoRAAdapter controller): one
+    lane runs at most `per_lane` keys at once, and free workers go to the lanes with waiting
+    keys in turn. A tenant whose serving pods answer slowly (a load may take minutes) holds
+    at most `per_lane` workers; every other namespace keeps the rest."""
+
+    def __init__(self, handler: Callable[[Hashable], None], workers: int = 16,
+                 per_lane: int = 2, lane_of: Callable[[Hashable], Hashable] | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
+        if workers < 1 or per_lane < 1:
+            raise ValueError("workers and per_lane must be at least 1")
         self.handler = handler
+        self.workers, self.per_lane = workers, min(per_lane, workers)
+        self.lane_of = lane_of or (lambda key: key[0] if isinstance(key, tuple) else key)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kubetune-adapter")
         self._running: set = set()
         self._dirty: set = set()
+        self._waiting: dict[Hashable, dict[Hashable, None]] = {}  # lane -> keys, in order
+        self._turns: deque = deque()  # lanes with waiting keys, next turn first
+        self._busy: dict[Hashable, int] = {}  # lane -> keys running
         self._lock = threading.Lock()
+        self._stopped = False
         self._delay = DelayQueue(self._submit)
 
     def start(self) -> None:
@@ -76,6 +91,8 @@ class WorkQueue:
 
     def stop(self) -> None:
         self._delay.stop()
+        with self._lock:
+            self._stopped = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def add(self, key: Hashable, delay: float = 0.0) -> None:
@@ -84,13 +101,59 @@ class WorkQueue:
         else:
             self._submit(key)
 
+    def depth(self) -> int:
+        """Keys waiting for a worker (not counting running ones)."""
+        with self._lock:
+            return sum(len(keys) for keys in self._waiting.values())
+
     def _submit(self, key: Hashable) -> None:
         with self._lock:
             if key in self._running:
                 self._dirty.add(key)
                 return
+            lane = self.lane_of(key)
+            keys = self._waiting.setdefault(lane, {})
+            if key in keys:
+                return
+            keys[key] = None
+            if lane not in self._turns:
+                self._turns.append(lane)
+            start = self._take()
+        self._start(start)
+
+    def _take(self) -> list:
+        """Keys to start now (under the lock): round robin over lanes with waiting keys,
+        skipping lanes at their limit, until the pool is full."""
+        start = []
+        if self._stopped:
+            return start
+        skipped = 0
+        while self._turns and len(self._running) < self.workers and skipped < len(self._turns):
+            lane = self._turns[0]
+            if self._busy.get(lane, 0) >= self.per_lane:
+                self._turns.rotate(-1)
+                skipped += 1
+                continue
+            keys = self._waiting[lane]
+            key = next(iter(keys))
+            del keys[key]
+            self._turns.popleft()
+            if keys:
+                self._turns.append(lane)  # its next key waits for the other lanes' turns
+            else:
+                del self._waiting[lane]
             self._running.add(key)
-        self._pool.submit(self._run, key)
+            self._busy[lane] = self._busy.get(lane, 0) + 1
+            start.append(key)
+            skipped = 0
+        return start
+
+    def _start(self, keys: list) -> None:
+        for key in keys:
+            try:
+                self._pool.submit(self._run, key)
+            except RuntimeError:  # stopped meanwhile
+                return
 
     def _run(self, key: Hashable) -> None:
         try:
@@ -98,9 +161,15 @@ class WorkQueue:
         except Exception:  # noqa: BLE001 - the handler logs; retry later
             self._delay.add_after(key, 10)
         finally:
+            lane = self.lane_of(key)
             with self._lock:
                 self._running.discard(key)
+                self._busy[lane] -= 1
+                if not self._busy[lane]:
+                    del self._busy[lane]
                 again = key in self._dirty
                 self._dirty.discard(key)
+                start = self._take()
+            self._start(start)
         if again:
             self._submit(key)
