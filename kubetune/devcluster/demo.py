@@ -11,8 +11,10 @@ A second run reuses the cluster, the images and the release; `--down` tears ever
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ SYSTEM = "kubetune-system"
 RELEASE = "kubetune"
 JOB = "quickstart-lora"
 SERVE = "kubetune-serve"
+ENGINE_KEY = "engine-key"  # Secret with the serving pods' API key (examples/serving)
 PROMPT = ("Review: The breakfast was superb but the shower was broken.\n"
           "Is this review positive, negative or mixed? Answer with one word.")
 REAL_NODE = {"kubetune.io/real-node": NODE_LABELS["kubetune.io/real-node"]}
@@ -51,6 +54,7 @@ class Demo:
     def __init__(self, cluster: DevCluster):
         self.cluster = cluster
         self.env: dict[str, str] = {}
+        self.engine_key = ""
 
     def run(self, *cmd: str, input: str | None = None, check: bool = True,
             quiet: bool = False) -> str:
@@ -104,7 +108,7 @@ class Demo:
         return annotations.get("meta.helm.sh/release-name") != RELEASE
 
     def serving(self) -> None:
-        step(f"Namespace {NAMESPACE} (restricted pods), S3 credentials, `kubetune serve` x2")
+        step(f"Namespace {NAMESPACE} (restricted pods), S3 credentials, an API key, `kubetune serve` x2")
         if self.kubectl("get", "namespace", NAMESPACE, check=False).strip():
             for kind in ("finetunejob", "loraadapter"):  # a fresh run of the loop
                 self.kubectl("delete", kind, "--all", "-n", NAMESPACE, "--wait=true",
@@ -118,6 +122,7 @@ class Demo:
                   "stringData": {k: self.env[k] for k in ("AWS_ACCESS_KEY_ID",
                                                           "AWS_SECRET_ACCESS_KEY")}}
         self.kubectl("apply", "-f", "-", input=json.dumps(secret))
+        self.engine_key = self._engine_key()
         deployment = yaml.safe_load((ROOT / "examples" / "serving" /
                                      "serve-deployment.yaml").read_text())
         pod = deployment["spec"]["template"]["spec"]
@@ -165,7 +170,8 @@ class Demo:
     def hot_swap(self) -> list[str]:
         step(f"The LoRAAdapter {JOB}: point it at {SERVE}; it is hot-swapped into every replica")
         self.kubectl("patch", "loraadapter", JOB, "-n", NAMESPACE, "--type=merge", "-p",
-                     json.dumps({"spec": {"target": {"deployment": SERVE}}}))
+                     json.dumps({"spec": {"target": {"deployment": SERVE, "apiKeySecret": {
+                         "name": ENGINE_KEY}}}}))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             adapter = self._get("loraadapter", JOB)
@@ -185,11 +191,25 @@ class Demo:
     def ask(self, ips: list[str]) -> None:
         step(f"One prompt through the OpenAI API of replica {ips[0]}: base vs adapter")
         name = self._get("loraadapter", JOB)["spec"]["servingName"]
-        answers = {model: _chat(ips[0], model) for model in ("base", name)}
+        answers = {model: _chat(ips[0], model, self.engine_key) for model in ("base", name)}
         width = max(len(m) for m in answers)
         say("  prompt: " + PROMPT.replace("\n", "\n          "))
         for model, text in answers.items():
             say(f"  {model:<{width}} │ {text!r}")
+
+    def _engine_key(self) -> str:
+        """The serving pods' API key (Secret engine-key, as the example Deployment expects):
+        kept across demo runs, made once, never echoed."""
+        out = self.kubectl("get", "secret", ENGINE_KEY, "-n", NAMESPACE, "-o", "json",
+                           "--ignore-not-found", quiet=True)
+        if out.strip():
+            return base64.b64decode(json.loads(out)["data"]["API_KEY"]).decode()
+        key = secrets.token_hex(24)
+        self.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": ENGINE_KEY, "namespace": NAMESPACE},
+            "stringData": {"API_KEY": key}}))
+        return key
 
     def _get(self, kind: str, name: str) -> dict:
         out = self.kubectl("get", kind, name, "-n", NAMESPACE, "-o", "json", check=False,
@@ -203,11 +223,12 @@ class Demo:
         self.cluster.down(progress=say)
 
 
-def _chat(ip: str, model: str) -> str:
+def _chat(ip: str, model: str, key: str) -> str:
     body = json.dumps({"model": model, "max_tokens": 24, "temperature": 0,
                        "messages": [{"role": "user", "content": PROMPT}]}).encode()
     req = urllib.request.Request(f"http://{ip}:8000/v1/chat/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(req, timeout=120) as resp:
         return json.load(resp)["choices"][0]["message"]["content"]
 

@@ -63,6 +63,7 @@ class LoRAAdapterController:
         # Fair between namespaces: slow serving pods of one tenant hold at most its share.
         self.queue = WorkQueue(self.reconcile, settings.adapter_workers,
                                settings.adapter_workers_per_namespace, lane_of=lambda k: k[0])
+        metrics.ADAPTER_QUEUE.set_function(self.queue.depth)
         self.merged = MergedRollout(kube, settings)
 
     # ---- events ----------------------------------------------------------------------------

@@ -95,6 +95,7 @@ class Engine:
             text = _printable(message) if isinstance(message, str) else \
                 f"(no JSON error message; {len(raw)} bytes)"
             reason = "Unauthorized" if status in (401, 403) else \
+                "InsufficientStorage" if status == 507 else \
                 ("SyncFailed" if path == "/v1/sync" else "LoadRejected")
             raise EngineError(reason, f"{path}: HTTP {status}: {text}")
         return raw.decode(errors="replace")

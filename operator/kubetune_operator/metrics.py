@@ -17,6 +17,8 @@ ADAPTER_REPLICAS = Gauge("kubetune_adapter_replicas", "Adapter replicas by targe
                          ["namespace", "target", "state"])
 API_REQUESTS = Counter("kubetune_api_requests_total",
                        "Kubernetes API requests made by reconciles (watches excluded)", ["verb"])
+ADAPTER_QUEUE = Gauge("kubetune_adapter_queue_waiting",
+                      "LoRAAdapters waiting for a reconcile worker (all namespaces)")
 S3_ERRORS = Counter("kubetune_s3_errors_total", "S3 operation errors", ["operation"])
 
 _phases: dict = {}

@@ -146,6 +146,39 @@ def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp
         call(server, "/v1/unload_lora_adapter", {"lora_name": f"m{i}"})
 
 
+def test_s3_downloads_are_held_to_the_cache_limit(s3_server, storage, tmp_path):
+    """--max-cache-bytes caps the s3:// adapters held on disk: one that would not fit is
+    answered 507 before a byte is fetched (no folder, nothing loaded), and an unload frees its
+    share."""
+    uri_a, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=1)
+    uri_b, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=2)
+    manifest = json.loads(storage.get_bytes(uri_a + "/manifest.json", limit=1 << 20))
+    size = sum(info["size"] for info in manifest["files"].values())
+    folder = tmp_path / "capped"
+    folder.mkdir()
+    url, proc = start_serve(folder, "--model", "builtin://tiny-llama", "--revision", "v1",
+                            "--served-model-name", "base", f"--max-cache-bytes={size + size // 2}",
+                            env=s3_server.env())
+    cache = folder / "cache" / "adapters"
+    try:
+        assert call(url, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": uri_a})[0] \
+            == 200
+        held = sorted(cache.iterdir())
+        status, err = call(url, "/v1/load_lora_adapter", {"lora_name": "b",
+                                                          "lora_path": uri_b})
+        assert status == 507 and err["type"] == "InsufficientStorageError", err
+        assert "unload an adapter first" in err["message"]
+        assert sorted(cache.iterdir()) == held  # nothing fetched for "b"
+        assert "b" not in {m["id"] for m in call(url, "/v1/models")[1]["data"]}
+        assert call(url, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 200
+        assert call(url, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": uri_b})[0] \
+            == 200
+        assert len(list(cache.iterdir())) == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def sse(url: str, path: str, body: dict) -> list:
     req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})

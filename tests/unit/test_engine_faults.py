@@ -128,6 +128,17 @@ def test_an_error_body_reaches_status_bounded_and_printable(fault):
     assert "<html>" not in str(err.value) and "no JSON error message" in str(err.value)
 
 
+def test_a_full_download_cache_is_its_own_reason(fault):
+    """serve and the sync sidecar answer 507 when an adapter does not fit their disk limit:
+    the status says so rather than a generic rejection."""
+    f = fault(lambda h: reply(h, 507, json.dumps({"message": "needs 9 bytes"}).encode()))
+    for call in (lambda e: e.load("a", "s3://b/a"),
+                 lambda e: e.sync(f.port, "s3://b/a", "0" * 64, "/adapters/a")):
+        with pytest.raises(EngineError) as err:
+            call(Engine("127.0.0.1", f.port))
+        assert err.value.reason == "InsufficientStorage" and "needs 9 bytes" in str(err.value)
+
+
 def test_a_closed_port_is_unreachable(fault):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
 from kubetune_operator.adapters import LoRAAdapterController
 from kubetune_operator.settings import OperatorSettings
@@ -131,5 +132,10 @@ def test_the_adapter_controller_is_fair_by_namespace_with_the_configured_shares(
     controller = LoRAAdapterController(None, settings)
     assert (controller.queue.workers, controller.queue.per_lane) == (8, 3)
     assert controller.queue.lane_of(("team-a", "adapter")) == "team-a"
+    # keys waiting for a worker are visible on /metrics (a stopped queue starts none)
+    controller.queue.stop()
+    for key in (("team-a", "x"), ("team-b", "y"), ("team-a", "x")):
+        controller.queue.add(key)
+    assert REGISTRY.get_sample_value("kubetune_adapter_queue_waiting") == 2
     with pytest.raises(ValueError):
         WorkQueue(lambda key: None, workers=0)

@@ -14,7 +14,13 @@ overwritten). With `--api-key` (or $KUBETUNE_API_KEY) /v1/sync needs `Authorizat
 
 Downloads go to a temporary folder and are renamed into place only after every file digest
 matched the manifest, so vLLM never sees a half-written adapter. Credentials come from the
-environment (a Secret), never from the request."""
+environment (a Secret), never from the request.
+
+The folder has a total limit (`--max-bytes`, $KUBETUNE_SYNC_MAX_BYTES): room for a new
+artifact is made from its manifest's sizes before a byte is fetched, by removing the least
+recently synced folders (a folder's files are needed only while vLLM loads them, and the
+operator syncs again before every load); one that cannot fit is answered 507, nothing
+written. Partial downloads left by a crash are removed at start."""
 
 from __future__ import annotations
 
@@ -29,20 +35,53 @@ from pathlib import Path
 
 
 class SyncError(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 MARKER = ".kubetune-sync.json"
 MAX_ADAPTER_BYTES = 8 * 1024 ** 3
+MAX_TOTAL_BYTES = 32 * 1024 ** 3
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class Syncer:
-    def __init__(self, root: Path, max_bytes: int = MAX_ADAPTER_BYTES):
+    def __init__(self, root: Path, max_bytes: int = MAX_ADAPTER_BYTES,
+                 max_total_bytes: int = MAX_TOTAL_BYTES):
+        from .diskbudget import DiskBudget, folder_bytes
+
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
+        self.budget = DiskBudget(max_total_bytes, folder_bytes(self.root), self._evict,
+                                 what=f"{self.root}")
+
+    def _evict(self, needed: int) -> int:
+        """Remove least recently synced folders until `needed` bytes are free; bytes freed.
+        Only folders this sidecar synced (they hold its marker) are touched."""
+        from .diskbudget import folder_bytes
+
+        synced = []
+        for folder in self.root.iterdir():
+            marker = folder / MARKER
+            try:
+                if folder.is_dir() and not folder.is_symlink() and marker.is_file():
+                    synced.append((marker.stat().st_mtime, folder))
+            except OSError:
+                continue
+        freed = 0
+        for _, folder in sorted(synced):
+            if freed >= needed:
+                break
+            size = folder_bytes(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                freed += size
+        return freed
 
     def _synced_from(self, dest: Path) -> str | None:
         try:
@@ -68,13 +107,25 @@ class Syncer:
             raise SyncError(str(exc)) from None
         if dest.exists():
             if self._synced_from(dest) == sha256:
+                try:
+                    os.utime(dest / MARKER)  # recently used: evicted last
+                except OSError:
+                    pass
                 return {"path": str(dest), "cached": True}
             raise SyncError(f"{dest} already holds another artifact (not synced from "
                             f"manifest {sha256}); refusing to replace it")
+        from .diskbudget import BudgetExceeded, folder_bytes
+
         scratch = self.root / f".partial-{uuid.uuid4().hex}"
+        held = [0]
+
+        def reserve(total: int) -> None:
+            self.budget.reserve(total)
+            held[0] = total
+        kept = False
         try:
             manifest, _ = verify(uri, Storage(), scratch, expected_sha256=sha256,
-                                 max_bytes=self.max_bytes)
+                                 max_bytes=self.max_bytes, reserve=reserve)
             (scratch / MARKER).write_text(json.dumps({"uri": uri, "sha256": sha256}))
             with self.lock:
                 if dest.exists():
@@ -82,10 +133,16 @@ class Syncer:
                         raise SyncError(f"{dest} was written by another sync meanwhile")
                 else:
                     os.rename(scratch, dest)
+                    kept = True
+                    self.budget.settle(held[0], folder_bytes(dest))  # with its sync record
+        except BudgetExceeded as exc:
+            raise SyncError(f"{uri}: {exc}", 507) from None
         except (VerificationError, StorageError) as exc:
             raise SyncError(str(exc)) from None
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            if not kept:
+                self.budget.release(held[0])
         return {"path": str(dest), "files": len(manifest["files"])}
 
 
@@ -127,7 +184,12 @@ def make_handler(syncer: Syncer, api_key: str | None = None):
                                             body.get("path")))
             except ServeError as exc:
                 self._send(exc.status, exc.body())
-            except (SyncError, ValueError) as exc:
+            except SyncError as exc:
+                self._send(exc.status, {"object": "error", "message": str(exc),
+                                        "code": exc.status,
+                                        "type": "InsufficientStorageError" if exc.status == 507
+                                        else "BadRequestError"})
+            except ValueError as exc:
                 self._send(400, {"object": "error", "message": str(exc), "code": 400,
                                  "type": "BadRequestError"})
 
@@ -144,9 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("KUBETUNE_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on /v1/sync "
                              "(default $KUBETUNE_API_KEY)")
+    parser.add_argument("--max-bytes", type=int,
+                        default=int(os.environ.get("KUBETUNE_SYNC_MAX_BYTES", MAX_TOTAL_BYTES)),
+                        help="limit of the whole folder; least recently synced adapters are "
+                             "removed to make room (default $KUBETUNE_SYNC_MAX_BYTES, 32 GiB)")
     args = parser.parse_args(argv)
     httpd = ThreadingHTTPServer((args.host, args.port),
-                                make_handler(Syncer(args.dir), args.api_key))
+                                make_handler(Syncer(args.dir, max_total_bytes=args.max_bytes),
+                                             args.api_key))
     httpd.daemon_threads = True
     print(json.dumps({"event": "adapter-sync", "dir": str(args.dir), "port": args.port}),
           flush=True)

@@ -13,6 +13,7 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 from . import safepath
 from .storage import Storage, StorageError, join
@@ -115,13 +116,15 @@ def parse_manifest(body: bytes, uri: str) -> dict:
 
 def verify(uri: str, storage: Storage, dest: Path | None = None,
            expected_sha256: str | None = None, max_bytes: int | None = None,
-           remote_digests: bool = False) -> tuple[dict, str]:
+           remote_digests: bool = False,
+           reserve: Callable[[int], None] | None = None) -> tuple[dict, str]:
     """Check an artifact against its manifest; returns (manifest, manifest sha256).
 
     Sizes are always checked against the listing. With `dest`, every file is downloaded into it
     (names checked so none lands outside) and its digest checked; with `remote_digests`, digests
     are computed from the streamed objects and nothing is stored. `max_bytes` caps the files'
-    total, checked before anything is downloaded. A failure raises VerificationError or
+    total, checked before anything is downloaded; `reserve(total)` is called then too (it raises
+    to refuse: a disk budget). A failure raises VerificationError or
     StorageError; files already written under `dest` are the caller's to remove."""
     try:
         body = storage.get_bytes(join(uri, MANIFEST), limit=MAX_MANIFEST_BYTES)
@@ -148,6 +151,8 @@ def verify(uri: str, storage: Storage, dest: Path | None = None,
         if listed[rel] != info["size"]:
             raise VerificationError(f"{uri}: {rel} is {listed[rel]} bytes, manifest says "
                                     f"{info['size']}")
+    if reserve is not None:
+        reserve(total)
     for rel, info in manifest["files"].items():
         if dest is not None:
             try:

@@ -40,6 +40,7 @@ from .servemetrics import ServeMetrics
 
 MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a request body larger than this is answered 413
 MAX_ADAPTER_BYTES = 8 * 1024 ** 3  # an s3:// adapter larger than this is refused unread
+MAX_CACHE_BYTES = 32 * 1024 ** 3  # all s3:// adapter downloads together (--max-cache-bytes)
 READ_TIMEOUT = 60.0  # seconds a client may take to send its request
 
 
@@ -61,6 +62,7 @@ class Loaded:
     rank: int | None
     created: int = field(default_factory=lambda: int(time.time()))
     owned: Path | None = None  # the download folder of an s3:// adapter, removed on unload
+    owned_bytes: int = 0  # its size, held in the server's disk budget until unload
 
 
 def adapter_limits(config: object, max_rank: int, max_virtual_tokens: int) -> None:
@@ -98,8 +100,11 @@ def adapter_limits(config: object, max_rank: int, max_virtual_tokens: int) -> No
 class AdapterServer:
     def __init__(self, base_path: Path, served_name: str, max_loras: int = 8,
                  max_lora_rank: int = 64, cache_dir: Path = Path("/tmp/kubetune-serve"),
-                 model_uri: str | None = None, max_virtual_tokens: int = 128):
+                 model_uri: str | None = None, max_virtual_tokens: int = 128,
+                 max_cache_bytes: int = MAX_CACHE_BYTES):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .diskbudget import DiskBudget
 
         self.base_path = base_path
         self.model_uri = model_uri or str(base_path)
@@ -108,6 +113,9 @@ class AdapterServer:
         self.max_lora_rank = max_lora_rank
         self.max_virtual_tokens = max_virtual_tokens
         self.cache_dir = cache_dir
+        # s3:// adapters are downloaded while loaded and removed on unload: their total is
+        # capped, and a download that would not fit is refused before a byte is fetched.
+        self.disk = DiskBudget(max_cache_bytes, what="the adapter download cache")
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         self.base = AutoModelForCausalLM.from_pretrained(str(base_path))
         self.base.eval()
@@ -123,25 +131,36 @@ class AdapterServer:
         self.metrics = ServeMetrics()
 
     # ---- adapters --------------------------------------------------------------------------
-    def _resolve(self, lora_path: str) -> Path:
+    def _resolve(self, lora_path: str) -> tuple[Path, int]:
+        """The adapter's folder, and the bytes reserved in the disk budget for it (s3://)."""
         if lora_path.startswith("s3://"):
             from .artifacts import VerificationError, verify
+            from .diskbudget import BudgetExceeded
             from .storage import Storage, StorageError
 
             dest = self.cache_dir / uuid.uuid4().hex
+            held = [0]
+
+            def reserve(total: int) -> None:
+                self.disk.reserve(total)
+                held[0] = total
             try:
-                verify(lora_path, Storage(), dest, max_bytes=MAX_ADAPTER_BYTES)
-            except (VerificationError, StorageError) as exc:
+                verify(lora_path, Storage(), dest, max_bytes=MAX_ADAPTER_BYTES,
+                       reserve=reserve)
+            except BaseException as exc:
                 shutil.rmtree(dest, ignore_errors=True)
-                raise ServeError(f"cannot load adapter from {lora_path}: {exc}") from None
-            except BaseException:
-                shutil.rmtree(dest, ignore_errors=True)
+                self.disk.release(held[0])
+                if isinstance(exc, BudgetExceeded):
+                    raise ServeError(f"cannot load adapter from {lora_path}: {exc}", 507,
+                                     "InsufficientStorageError") from None
+                if isinstance(exc, (VerificationError, StorageError)):
+                    raise ServeError(f"cannot load adapter from {lora_path}: {exc}") from None
                 raise
-            return dest
+            return dest, held[0]
         path = Path(lora_path.removeprefix("file://"))
         if not (path / "adapter_config.json").exists():
             raise ServeError(f"no adapter_config.json in {lora_path}", 404, "NotFoundError")
-        return path
+        return path, 0
 
     def load(self, name: str, lora_path: str) -> str:
         try:
@@ -163,7 +182,7 @@ class AdapterServer:
             raise ServeError("'lora_name' (at most 256 characters) and 'lora_path' (at most "
                              "4096) must be strings")
         self._check_can_load(name)
-        path = self._resolve(lora_path)  # downloads happen outside the lock
+        path, held = self._resolve(lora_path)  # downloads happen outside the lock
         owned = path if lora_path.startswith("s3://") else None
         try:
             with self.lock:
@@ -179,10 +198,11 @@ class AdapterServer:
                     method, f"bottleneck:{name}")
                 self._attach(family, name, path, method)
                 self.adapters[name] = Loaded(name, lora_path, method, family,
-                                             config.get("r"), owned=owned)
+                                             config.get("r"), owned=owned, owned_bytes=held)
         except BaseException:
             if owned is not None:
                 shutil.rmtree(owned, ignore_errors=True)
+                self.disk.release(held)
             raise
         return f"Success: LoRA adapter '{name}' added successfully."
 
@@ -235,6 +255,7 @@ class AdapterServer:
                 holder.delete_adapter(name)
         if loaded.owned is not None:
             shutil.rmtree(loaded.owned, ignore_errors=True)
+            self.disk.release(loaded.owned_bytes)
         gc.collect()
         self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
         return f"Success: LoRA adapter '{name}' removed successfully."
@@ -539,8 +560,8 @@ def make_handler(server: AdapterServer, api_key: str | None = None,
 
 def build(model_uri: str, revision: str | None, served_name: str | None, host: str, port: int,
           max_loras: int, max_lora_rank: int, cache_dir: Path, api_key: str | None = None,
-          max_virtual_tokens: int = 128,
-          max_request_bytes: int = MAX_REQUEST_BYTES) -> ThreadingHTTPServer:
+          max_virtual_tokens: int = 128, max_request_bytes: int = MAX_REQUEST_BYTES,
+          max_cache_bytes: int = MAX_CACHE_BYTES) -> ThreadingHTTPServer:
     """Resolve the base model (builtin://, s3://, file://, hf://), load it once, bind."""
     from .sources import resolve_model
     from .storage import Storage
@@ -548,7 +569,8 @@ def build(model_uri: str, revision: str | None, served_name: str | None, host: s
     base_path = resolve_model(model_uri, revision, cache_dir, Storage())
     server = AdapterServer(base_path, served_name or model_uri, max_loras, max_lora_rank,
                            cache_dir / "adapters", model_uri=model_uri,
-                           max_virtual_tokens=max_virtual_tokens)
+                           max_virtual_tokens=max_virtual_tokens,
+                           max_cache_bytes=max_cache_bytes)
     httpd = ThreadingHTTPServer((host, port), make_handler(server, api_key, max_request_bytes))
     httpd.daemon_threads = True
     httpd.adapter_server = server  # type: ignore[attr-defined]
@@ -577,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest num_virtual_tokens of a prefix-tuning adapter")
     parser.add_argument("--max-request-bytes", type=int, default=MAX_REQUEST_BYTES,
                         help="larger request bodies are answered 413")
+    parser.add_argument("--max-cache-bytes", type=int,
+                        default=int(os.environ.get("KUBETUNE_MAX_CACHE_BYTES", MAX_CACHE_BYTES)),
+                        help="all s3:// adapter downloads together (kept while loaded); a load "
+                             "that would not fit is answered 507 before a byte is fetched")
     parser.add_argument("--api-key", default=os.environ.get("KUBETUNE_API_KEY")
                         or os.environ.get("VLLM_API_KEY"),
                         help="require 'Authorization: Bearer <key>' on every route but /health "
@@ -591,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         httpd = build(args.model, args.revision, args.served_model_name, args.host, args.port,
                       args.max_loras, args.max_lora_rank, args.cache_dir, args.api_key,
-                      args.max_virtual_tokens, args.max_request_bytes)
+                      args.max_virtual_tokens, args.max_request_bytes, args.max_cache_bytes)
     except SourceError as exc:
         print(f"kubetune serve: error: {exc}", file=sys.stderr)
         return 2
