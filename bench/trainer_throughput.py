@@ -1,11 +1,16 @@
 """Trainer throughput: the seed recipe against our trainer, same model, data and machine, same run.
 
 Seed recipe: plain PEFT + TRL SFTTrainer, LoRA r=16 alpha=32 dropout=0.05 on q/k/v/o, batch 2 x
-accumulation 4, lr 2e-4. Ours: `kubetune_trainer` with its defaults (progress events, checkpoint
-callback and all). Each run is its own process (clean peak RSS). Prints tokens/s of each and
-the ratio, time to reach the seed's final eval loss, and peak RSS of LoRA vs QLoRA.
+accumulation 4, lr 2e-4, TRL's defaults otherwise (TRL 1.x turns on bf16 and gradient
+checkpointing; bf16 is emulated, slowly, on a CPU without bf16 instructions). `--seed fp32` runs
+the same recipe with bf16 and gradient checkpointing off, as our trainer runs LoRA on a CPU:
+the ratio against it is our trainer's own overhead. Ours: `kubetune_trainer` with its defaults
+(progress events, checkpoint callback and all). Each run is its own process (clean peak RSS).
+Prints tokens/s of each and the ratio, time to reach the seed's final eval loss, and peak RSS of
+LoRA vs QLoRA.
 
-    python bench/trainer_throughput.py [--model smollm2|toy] [--steps N] [--hidden 256] [--layers 4]
+    python bench/trainer_throughput.py [--model smollm2|toy] [--steps N] [--seed defaults|fp32|both]
+                                       [--hidden 256] [--layers 4]
 
 `--model smollm2` (default): SmolLM2-135M-Instruct on the built-in reviews task (40 steps,
 ~15 minutes on two CPU cores); `--model toy`: a random Llama of --hidden/--layers on tiny-chat.
@@ -29,7 +34,8 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-model_dir, data_file, steps, eval_every, out = sys.argv[1:6]
+model_dir, data_file, steps, eval_every, out, variant = sys.argv[1:7]
+tuned = {"bf16": False, "gradient_checkpointing": False} if variant == "fp32" else {}
 set_seed(42)
 records = [json.loads(l) for l in Path(data_file).read_text().splitlines()]
 split = Dataset.from_list(records).train_test_split(test_size=0.1, seed=42)
@@ -43,7 +49,8 @@ class Clock(TrainerCallback):
 args = SFTConfig(output_dir=out, max_steps=int(steps), per_device_train_batch_size=2,
                  gradient_accumulation_steps=4, learning_rate=2e-4, logging_steps=10,
                  eval_strategy="steps", eval_steps=int(eval_every), save_strategy="no",
-                 report_to=[], use_cpu=True, max_length=256, seed=42, disable_tqdm=True)
+                 report_to=[], use_cpu=True, max_length=256, seed=42, disable_tqdm=True,
+                 **tuned)
 trainer = SFTTrainer(model=model, args=args, train_dataset=split["train"],
                      eval_dataset=split["test"], processing_class=tok, callbacks=[Clock()],
                      peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
@@ -111,6 +118,9 @@ def main() -> int:
                         help="default: 40 on smollm2, 200 on the toy")
     parser.add_argument("--eval-every", type=int, default=None,
                         help="default: 10 on smollm2, 20 on the toy")
+    parser.add_argument("--seed", choices=["defaults", "fp32", "both"], default="both",
+                        help="seed recipe with TRL's defaults, with bf16 and gradient "
+                             "checkpointing off, or both (default)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     args = parser.parse_args()
@@ -151,11 +161,15 @@ def main() -> int:
 
     seed_script = work / "seed.py"
     seed_script.write_text(SEED_RECIPE)
-    wall, seed_rss, out = _run([sys.executable, str(seed_script), str(model_dir),
-                                str(data_file), str(args.steps), str(args.eval_every),
-                                str(work / "seed-out")])
-    seed = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
-    seed_tps = seed["tokens"] / seed["runtime"]
+    seeds = {}
+    for variant in (("defaults", "fp32") if args.seed == "both" else (args.seed,)):
+        wall, rss, out = _run([sys.executable, str(seed_script), str(model_dir),
+                               str(data_file), str(args.steps), str(args.eval_every),
+                               str(work / f"seed-{variant}"), variant])
+        seeds[variant] = json.loads(next(l for l in out.splitlines()
+                                         if l.startswith("RESULT "))[7:])
+        seeds[variant]["rss"] = rss
+        seeds[variant]["tps"] = seeds[variant]["tokens"] / seeds[variant]["runtime"]
 
     results = {}
     for method in ("LoRA", "QLoRA"):
@@ -171,21 +185,24 @@ def main() -> int:
         results[method] = {"tps": summary["metrics"]["tokensPerSecond"], "rss": rss,
                            "evals": evals, "eval_loss": summary["metrics"].get("evalLoss")}
 
+    baseline = next(iter(seeds))  # the first seed run is the baseline of the ratios
+    seed = seeds[baseline]
     target = seed["evals"][-1][1]
     ours = results["LoRA"]
-    seed_time = _first_time_at(seed["evals"], target)
-    our_time = _first_time_at(ours["evals"], target)
-    print(f"{'':28}{'tokens/s':>12}{'ratio':>9}{'t(eval<=' + f'{target:.4f}' + ')':>20}"
+    print(f"{'':30}{'tokens/s':>10}{'ratio':>9}{'t(eval<=' + f'{target:.4f}' + ')':>20}"
           f"{'peak RSS':>12}")
-    print(f"{'seed recipe (PEFT+TRL)':28}{seed_tps:>12.0f}{1.0:>9.2f}"
-          f"{(f'{seed_time:.1f}s' if seed_time else 'never'):>20}{seed_rss:>10}MiB")
-    print(f"{'kubetune LoRA (defaults)':28}{ours['tps']:>12.0f}{ours['tps'] / seed_tps:>9.2f}"
-          f"{(f'{our_time:.1f}s' if our_time else 'never'):>20}{ours['rss']:>10}MiB")
-    q = results["QLoRA"]
-    print(f"{'kubetune QLoRA (nf4)':28}{q['tps']:>12.0f}{q['tps'] / seed_tps:>9.2f}"
-          f"{'':>20}{q['rss']:>10}MiB")
-    print(f"Throughput ratio ours/seed: {ours['tps'] / seed_tps:.3f}; peak RSS QLoRA/LoRA: "
-          f"{q['rss'] / ours['rss']:.2f}")
+    rows = [(f"seed recipe ({v})", s["tps"], s["evals"], s["rss"]) for v, s in seeds.items()]
+    rows += [("kubetune LoRA (defaults)", ours["tps"], ours["evals"], ours["rss"]),
+             ("kubetune QLoRA (nf4)", results["QLoRA"]["tps"], results["QLoRA"]["evals"],
+              results["QLoRA"]["rss"])]
+    for label, tps, evals, rss in rows:
+        at = _first_time_at(evals, target)
+        print(f"{label:30}{tps:>10.0f}{tps / seed['tps']:>9.2f}"
+              f"{(f'{at:.1f}s' if at else 'never'):>20}{rss:>10}MiB")
+    for v, s in seeds.items():
+        print(f"Throughput ratio ours/seed ({v}): {ours['tps'] / s['tps']:.3f}")
+    print(f"Peak RSS QLoRA/LoRA: {results['QLoRA']['rss'] / ours['rss']:.2f}; final eval loss "
+          f"LoRA {ours['eval_loss']}, seed ({baseline}) {target:.4f}")
     return 0
 
 

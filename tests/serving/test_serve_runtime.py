@@ -170,6 +170,9 @@ def test_s3_downloads_are_held_to_the_cache_limit(s3_server, storage, tmp_path):
         assert "unload an adapter first" in err["message"]
         assert sorted(cache.iterdir()) == held  # nothing fetched for "b"
         assert "b" not in {m["id"] for m in call(url, "/v1/models")[1]["data"]}
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert f"kubetune_serve_adapter_cache_bytes {size}" in text
         assert call(url, "/v1/unload_lora_adapter", {"lora_name": "a"})[0] == 200
         assert call(url, "/v1/load_lora_adapter", {"lora_name": "b", "lora_path": uri_b})[0] \
             == 200

@@ -57,30 +57,51 @@ class Syncer:
             shutil.rmtree(stale, ignore_errors=True)
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
+        # Recency of use, newest highest: a counter, since file times can tie. Folders synced
+        # before a restart rank by their record's mtime, below anything used since.
+        self._seq = 0
+        self._recency: dict[str, int] = {}
+        for _, folder in sorted(self._synced()):
+            self._touch(folder)
         self.budget = DiskBudget(max_total_bytes, folder_bytes(self.root), self._evict,
                                  what=f"{self.root}")
 
-    def _evict(self, needed: int) -> int:
-        """Remove least recently synced folders until `needed` bytes are free; bytes freed.
-        Only folders this sidecar synced (they hold its marker) are touched."""
-        from .diskbudget import folder_bytes
-
-        synced = []
+    def _synced(self) -> list[tuple[float, Path]]:
+        """(record mtime, folder) of every folder this sidecar synced (it holds the record)."""
+        found = []
         for folder in self.root.iterdir():
             marker = folder / MARKER
             try:
                 if folder.is_dir() and not folder.is_symlink() and marker.is_file():
-                    synced.append((marker.stat().st_mtime, folder))
+                    found.append((marker.stat().st_mtime, folder))
             except OSError:
                 continue
+        return found
+
+    def _touch(self, folder: Path) -> None:
+        with self.lock:
+            self._seq += 1
+            self._recency[folder.name] = self._seq
+        try:
+            os.utime(folder / MARKER)  # the order survives a restart
+        except OSError:
+            pass
+
+    def _evict(self, needed: int) -> int:
+        """Remove the least recently used synced folders until `needed` bytes are free; the
+        bytes freed. Only folders this sidecar synced are touched."""
+        from .diskbudget import folder_bytes
+
         freed = 0
-        for _, folder in sorted(synced):
+        for _, folder in sorted(self._synced(),
+                                key=lambda f: (self._recency.get(f[1].name, 0), f[0])):
             if freed >= needed:
                 break
             size = folder_bytes(folder)
             shutil.rmtree(folder, ignore_errors=True)
             if not folder.exists():
                 freed += size
+                self._recency.pop(folder.name, None)
         return freed
 
     def _synced_from(self, dest: Path) -> str | None:
@@ -107,10 +128,7 @@ class Syncer:
             raise SyncError(str(exc)) from None
         if dest.exists():
             if self._synced_from(dest) == sha256:
-                try:
-                    os.utime(dest / MARKER)  # recently used: evicted last
-                except OSError:
-                    pass
+                self._touch(dest)  # recently used: evicted last
                 return {"path": str(dest), "cached": True}
             raise SyncError(f"{dest} already holds another artifact (not synced from "
                             f"manifest {sha256}); refusing to replace it")
@@ -135,6 +153,8 @@ class Syncer:
                     os.rename(scratch, dest)
                     kept = True
                     self.budget.settle(held[0], folder_bytes(dest))  # with its sync record
+            if kept:
+                self._touch(dest)
         except BudgetExceeded as exc:
             raise SyncError(f"{uri}: {exc}", 507) from None
         except (VerificationError, StorageError) as exc:

@@ -170,6 +170,7 @@ class AdapterServer:
             raise
         self.metrics.inc("kubetune_serve_adapter_loads_total", result="success")
         self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
+        self.metrics.set("kubetune_serve_adapter_cache_bytes", self.disk.used)
         return message
 
     def _load(self, name: str, lora_path: str) -> str:
@@ -258,6 +259,7 @@ class AdapterServer:
             self.disk.release(loaded.owned_bytes)
         gc.collect()
         self.metrics.set("kubetune_serve_adapters_loaded", len(self.adapters))
+        self.metrics.set("kubetune_serve_adapter_cache_bytes", self.disk.used)
         return f"Success: LoRA adapter '{name}' removed successfully."
 
     def models(self) -> dict:

@@ -18,6 +18,8 @@ _HELP = {
     "kubetune_serve_generation_tokens_total": ("counter", "Tokens generated, by model"),
     "kubetune_serve_adapter_loads_total": ("counter", "Adapter load calls by result"),
     "kubetune_serve_adapters_loaded": ("gauge", "Adapters loaded now"),
+    "kubetune_serve_adapter_cache_bytes": ("gauge", "Bytes of s3:// adapter downloads held "
+                                                    "(limit: --max-cache-bytes)"),
     "kubetune_serve_requests_running": ("gauge", "Completion requests being answered now"),
 }
 
