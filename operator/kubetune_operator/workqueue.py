@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections import deque
 import time
+from collections import deque
 from typing import Callable, Hashable
 
 
