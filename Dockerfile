@@ -30,10 +30,10 @@ RUN sh docker/install.sh deps operator
 FROM base AS trainer-deps
 RUN sh docker/install.sh deps trainer
 
+# The operator never imports the trainer (tests/unit/test_layout.py): no trainer code is copied.
 FROM operator-deps AS operator
 COPY kubetune ./kubetune
 COPY operator ./operator
-COPY trainer ./trainer
 RUN sh docker/install.sh app && rm -rf /src
 WORKDIR /
 ENV HOME=/tmp
@@ -43,7 +43,6 @@ ENTRYPOINT ["kubetune", "operator"]
 
 FROM trainer-deps AS trainer
 COPY kubetune ./kubetune
-COPY operator ./operator
 COPY trainer ./trainer
 RUN sh docker/install.sh app && rm -rf /src
 WORKDIR /work

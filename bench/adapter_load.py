@@ -32,7 +32,7 @@ from servingutil import call, ready_pods, serve_deployment  # noqa: E402
 
 from kubetune.devcluster import procs  # noqa: E402
 from kubetune.devcluster.cluster import DevCluster  # noqa: E402
-from kubetune_trainer.storage import Storage  # noqa: E402
+from kubetune.storage import Storage  # noqa: E402
 
 
 def main() -> int:

@@ -70,7 +70,7 @@ print("RESULT " + json.dumps({"tokens": tokens, "runtime": result.metrics["train
 
 def _ours(model_dir: Path, data_file: Path, steps: int, eval_every: int, out: Path,
           method: str) -> dict:
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune.trainerconfig import TrainerConfig
 
     block = {"type": method}
     if method == "QLoRA":

@@ -54,7 +54,7 @@ def make_adapter(directory: Path, method: str = "LoRA", rank: int = 8, seed: int
 def publish(storage, uri: str, directory: Path, method: str = "LoRA", rank: int | None = 8,
             base_uri: str = BASE, revision: str | None = "v1") -> str:
     """Manifest + upload, like the trainer; returns the manifest's sha256."""
-    from kubetune_trainer import artifacts
+    from kubetune import artifacts
 
     manifest = artifacts.build_manifest(
         directory, kind="adapter", method={"type": method, "rank": rank},

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 import structlog
 from kubernetes.client.exceptions import ApiException
 
+from kubetune import reasons
 from kubetune.api.validation import SpecError, parse
 
 from . import metrics, policy
@@ -28,7 +29,6 @@ from .verification import Verifier
 from .workqueue import WorkQueue
 
 log = structlog.get_logger("kubetune.operator")
-TRANSIENT = ("StorageError", "SourceNotReady")
 
 
 def _target_of(body: dict) -> str | None:
@@ -217,7 +217,7 @@ class LoRAAdapterController:
         # until it is ready and loaded), or more while a rollout surges.
         wanted = max(int((deployment.get("spec") or {}).get("replicas", 1) or 0), len(pods))
         decision = rec.decide(body, eligible, self._members(ns, body))
-        if not v.ok and v.reason in TRANSIENT and decision.want == "unload" and not deleting:
+        if not v.ok and reasons.kind(v.reason) == "transient" and decision.want == "unload" and not deleting:
             decision = rec.Decision("hold", v.reason, v.message)  # S3 hiccup: keep serving
         path = rec.lora_path(adapter, v, self.settings.vllm_adapter_dir) if v.ok else ""
         inputs.decision, inputs.path = decision, path
@@ -348,7 +348,7 @@ class LoRAAdapterController:
         return self.kube.get_custom("FineTuneJob", ns, name) if name else None
 
     def _storage(self, ns: str, adapter):
-        from kubetune_trainer.storage import Storage
+        from kubetune.storage import Storage
 
         src = adapter.spec.source
         secret = src.credentials_secret.name if src.credentials_secret else \
@@ -413,8 +413,7 @@ class LoRAAdapterController:
             if c["type"] == "Degraded" and c["status"] != "True" and not prev:
                 continue
             bad = (c["status"] == "False" and c["type"] != "Degraded" and
-                   c["reason"] not in ("ArtifactNotVerified", "Pending", "NoTarget",
-                                       "Superseded", "MergedMode", "PromotionPending")) or \
+                   reasons.warns(c["reason"])) or \
                 (c["type"] == "Degraded" and c["status"] == "True")
             text = f"{c['type']}={c['status']} ({c['reason']})" + \
                 (f": {c['message']}" if c.get("message") else "")

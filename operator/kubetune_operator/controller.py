@@ -88,8 +88,8 @@ class FineTuneJobController:
 
     def _verify(self, job, body: dict, attempt: rec.Attempt) -> tuple[dict | None, str | None]:
         """Check the published artifact against its manifest (never deletes anything)."""
-        from kubetune_trainer.artifacts import VerificationError, described, verify
-        from kubetune_trainer.storage import Storage, StorageError
+        from kubetune.artifacts import VerificationError, described, verify
+        from kubetune.storage import Storage, StorageError
 
         summary = attempt.summary if isinstance(attempt.summary, dict) else {}
         published = summary.get("artifact")

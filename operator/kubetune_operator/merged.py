@@ -12,8 +12,8 @@ import json
 
 import structlog
 
-from kubetune_trainer.artifacts import MANIFEST, MAX_MANIFEST_BYTES
-from kubetune_trainer.storage import StorageError, join
+from kubetune.artifacts import MANIFEST, MAX_MANIFEST_BYTES
+from kubetune.storage import StorageError, join
 
 from . import policy
 from .kube import Kube

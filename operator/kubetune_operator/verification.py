@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from kubetune_trainer.artifacts import (MANIFEST, MAX_MANIFEST_BYTES, VerificationError,
+from kubetune.artifacts import (MANIFEST, MAX_MANIFEST_BYTES, VerificationError,
                                         described, verify)
-from kubetune_trainer.storage import Storage, StorageError, join
+from kubetune.storage import Storage, StorageError, join
 
 from . import metrics
 from .reconcile.loraadapter import Verification

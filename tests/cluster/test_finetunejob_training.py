@@ -10,8 +10,8 @@ import yaml
 from kubernetes import client
 
 from helpers import wait_for
-from kubetune_trainer import artifacts
-from kubetune_trainer.storage import Storage
+from kubetune import artifacts
+from kubetune.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 

@@ -83,11 +83,13 @@ def test_operator_image_runs_as_its_user_without_torch(cluster, namespace):
     code, log = _run_image(cluster, namespace, "probe", image, ["-c", (
         "import importlib.util as u, os, pwd, kopf, kubetune_operator.main;"
         "print(pwd.getpwuid(os.getuid()).pw_name, os.path.expanduser('~'),"
-        "      u.find_spec('torch') is None, u.find_spec('transformers') is None)")],
+        "      u.find_spec('torch') is None, u.find_spec('transformers') is None,"
+        "      u.find_spec('kubetune_trainer') is None)")],
         command=["python"])
     assert code == 0, log[-3000:]
-    assert log.split() == ["kubetune", "/tmp", "True", "True"], \
-        "the operator image runs as its named user with a writable home, and holds no torch"
+    assert log.split() == ["kubetune", "/tmp", "True", "True", "True"], \
+        "the operator image runs as its named user with a writable home, and holds no torch " \
+        "and no trainer code"
 
 
 @pytest.mark.cluster
@@ -96,10 +98,12 @@ def test_trainer_and_serve_images_hold_the_training_stack_and_no_kopf(cluster, n
     code, log = _run_image(cluster, namespace, "trainer", trainer, ["-c", (
         "import importlib.util as u, os, torch, transformers, peft, trl, bitsandbytes;"
         "import kubetune_trainer.train, kubetune_trainer.serve;"
-        "print(os.getuid(), os.environ['HOME'], u.find_spec('kopf') is None)")],
+        "print(os.getuid(), os.environ['HOME'], u.find_spec('kopf') is None,"
+        "      u.find_spec('kubetune_operator') is None)")],
         command=["python"])
     assert code == 0, log[-3000:]
-    assert log.split()[-3:] == ["65532", "/tmp", "True"], "the trainer image must not hold kopf"
+    assert log.split()[-4:] == ["65532", "/tmp", "True", "True"], \
+        "the trainer image must hold neither kopf nor the operator's code"
     code, log = _run_image(cluster, namespace, "trainer-entry", trainer, ["--help"])
     assert code == 0 and "train" in log and "merge" in log, log[-2000:]
     code, log = _run_image(cluster, namespace, "serve-entry", serve, [])  # CMD: --help

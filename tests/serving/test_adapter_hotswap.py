@@ -12,7 +12,7 @@ from kubernetes import client, watch
 
 from adapterfactory import published
 from helpers import wait_for
-from kubetune_trainer.storage import Storage
+from kubetune.storage import Storage
 from servingutil import (adapter, complete, condition, create_deployment, events, image,
                          models, ready_pods, serve_deployment, wait_condition, wait_ready)
 

@@ -11,8 +11,8 @@ from kubernetes import client
 
 from adapterfactory import published
 from helpers import wait_for
-from kubetune_trainer import artifacts
-from kubetune_trainer.storage import Storage
+from kubetune import artifacts
+from kubetune.storage import Storage
 from servingutil import (adapter, call, complete, condition, create_deployment, events,
                          ready_pods, serve_deployment, wait_condition, wait_ready)
 

@@ -13,7 +13,7 @@ from kubernetes import client
 
 from adapterfactory import published
 from helpers import wait_for
-from kubetune_trainer.storage import Storage
+from kubetune.storage import Storage
 from servingutil import (adapter, condition, create_deployment, models,
                          serve_deployment, wait_ready)
 

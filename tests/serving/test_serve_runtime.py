@@ -17,7 +17,7 @@ import pytest
 from adapterfactory import make_adapter, published
 from helpers import start_serve
 from servingutil import PROMPT, call, complete
-from kubetune_trainer.storage import Storage
+from kubetune.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 DOWNLOADS: list[Path] = []  # the server's folder of s3:// adapter downloads

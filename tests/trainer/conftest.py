@@ -18,7 +18,7 @@ def s3_env(s3_server, monkeypatch):
 
 @pytest.fixture
 def make_config(tmp_path, s3_env):
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune.trainerconfig import TrainerConfig
 
     def make(method: dict, *, training: dict | None = None, data: dict | None = None,
              merge: dict | None = None, checkpointing: dict | None = None,

@@ -15,7 +15,7 @@ import pytest
 from adapterfactory import published
 from kubetune_trainer.adaptersync import Syncer, SyncError, make_handler
 from kubetune_trainer.diskbudget import folder_bytes
-from kubetune_trainer.storage import Storage
+from kubetune.storage import Storage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.trainer]
 KEY = "sync-key"

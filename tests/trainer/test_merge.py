@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from trainerutil import summary
-from kubetune_trainer import artifacts, merge, sources, train
-from kubetune_trainer.storage import Storage
+from kubetune import artifacts
+from kubetune_trainer import merge, sources, train
+from kubetune.storage import Storage
 
 pytestmark = pytest.mark.trainer
 

@@ -7,8 +7,9 @@ import pytest
 from safetensors.torch import load_file
 
 from trainerutil import events, summary
-from kubetune_trainer import artifacts, loading, sources, train
-from kubetune_trainer.storage import Storage
+from kubetune import artifacts
+from kubetune_trainer import loading, sources, train
+from kubetune.storage import Storage
 
 pytestmark = pytest.mark.trainer
 

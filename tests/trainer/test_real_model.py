@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kubetune_trainer import builtin, chatmask, ggufconvert, scoring, sources
-from kubetune_trainer.storage import Storage
+from kubetune.storage import Storage
 
 pytestmark = pytest.mark.trainer
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +116,7 @@ def test_assistant_only_loss_trains_exactly_the_assistant_turns(tokenizer, smoll
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune.trainerconfig import TrainerConfig
     from kubetune_trainer.data import LoadedData
     from kubetune_trainer.train import _trainer
 

@@ -14,8 +14,8 @@ import pytest
 
 from trainerutil import events
 from kubetune.devcluster import procs, s3
-from kubetune_trainer import artifacts
-from kubetune_trainer.storage import Storage, StorageError
+from kubetune import artifacts
+from kubetune.storage import Storage, StorageError
 
 pytestmark = pytest.mark.trainer
 

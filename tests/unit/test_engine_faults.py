@@ -170,7 +170,7 @@ def test_one_slow_replica_does_not_hold_another_adapters_calls():
 def test_an_s3_endpoint_that_drips_cannot_hold_the_operator(fault):
     """The operator's reads from S3 have a total deadline too: an "S3" that answers a GET with
     a 10 MB Content-Length and then one byte at a time is given up on in time."""
-    from kubetune_trainer.storage import Storage, StorageError
+    from kubetune.storage import Storage, StorageError
 
     def drip(h):
         h.send_response(200)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_trainer import artifacts, safepath
-from kubetune_trainer.artifacts import VerificationError
+from kubetune import artifacts, safepath
+from kubetune.artifacts import VerificationError
 from kubetune_trainer.checkpoints import Checkpoints
-from kubetune_trainer.storage import Storage, StorageError
+from kubetune.storage import Storage, StorageError
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,8 @@ import yaml
 from kubetune.api.validation import SpecError, parse
 from kubetune_operator.reconcile import finetunejob as rec
 from kubetune_trainer import builtin, compare, scoring
-from kubetune_trainer.config import from_finetunejob
-from kubetune_trainer.methods import DEFAULT_LEARNING_RATES
+from kubetune.trainerconfig import from_finetunejob
+from kubetune.trainerconfig import DEFAULT_LEARNING_RATES
 
 from test_finetunejob_reconcile import _body, _cond, _job, _pod, _run
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from kubetune.api.validation import parse
-from kubetune_trainer.config import TrainerConfig, from_finetunejob
+from kubetune.trainerconfig import TrainerConfig, from_finetunejob
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def _cfg(**changes) -> dict:
 
 
 def test_config_module_imports_without_torch_or_kopf():
-    code = ("import sys, kubetune_trainer.config; "
+    code = ("import sys, kubetune.trainerconfig; "
             "bad=[m for m in ('torch','kopf','transformers','peft') if m in sys.modules]; "
             "sys.exit(1 if bad else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

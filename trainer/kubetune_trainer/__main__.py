@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from pydantic import ValidationError
 
-        from .config import TrainerConfig
+        from kubetune.trainerconfig import TrainerConfig
 
         try:
             cfg = TrainerConfig.load(args.config, args.set)
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (all(uris) or all(folders)):
             parser.error("merge: give --base/--adapter/--out or --base-uri/--adapter-uri/"
                          "--out-uri")
-        from .artifacts import VerificationError
+        from kubetune.artifacts import VerificationError
         from .sources import SourceError
-        from .storage import StorageError
+        from kubetune.storage import StorageError
 
         try:
             if all(uris):
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(result))
         return 0
-    from .artifacts import VerificationError, verify as verify_artifact
-    from .storage import Storage, StorageError
+    from kubetune.artifacts import VerificationError, verify as verify_artifact
+    from kubetune.storage import Storage, StorageError
 
     try:
         manifest, digest = verify_artifact(args.uri, Storage(), args.download)

@@ -111,9 +111,9 @@ class Syncer:
             return None
 
     def sync(self, uri: str, sha256: str, path: str) -> dict:
-        from . import safepath
-        from .artifacts import VerificationError, verify
-        from .storage import Storage, StorageError
+        from kubetune import safepath
+        from kubetune.artifacts import VerificationError, verify
+        from kubetune.storage import Storage, StorageError
 
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise SyncError("'uri' must be an s3:// URI")

@@ -15,9 +15,9 @@ import signal
 import time
 from pathlib import Path
 
-from .config import TrainerConfig
-from . import safepath
-from .storage import Location, Storage, StorageError, join
+from kubetune.trainerconfig import TrainerConfig
+from kubetune import safepath
+from kubetune.storage import Location, Storage, StorageError, join
 
 MARKER = "COMPLETE"
 _STEP = re.compile(r"step-(\d+)/")

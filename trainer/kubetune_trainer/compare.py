@@ -7,7 +7,7 @@ parameters, peak memory (GPU: torch's peak allocation; CPU: the process's peak R
 tokens/s, wall time, eval loss, the task score on the eval split and the artifact's size, then
 writes comparison.json, comparison.md and comparison.png into the output folder.
 
-Every method uses its own default learning rate (``methods.default_learning_rate``), except the
+Every method uses its own default learning rate (``trainerconfig.default_learning_rate``), except the
 job's own method, which keeps the job's; ``--learning-rate`` sets one for all.
 """
 
@@ -59,8 +59,8 @@ def is_jobs_method(name: str, job_method) -> bool:
 def plan(job, methods: list[str], learning_rate: float | None, max_steps: int | None,
          max_samples: int | None, root: Path) -> list[dict]:
     """One child spec per method: the TrainerConfig to run and where its result goes."""
-    from .config import from_finetunejob
-    from .methods import default_learning_rate
+    from kubetune.trainerconfig import from_finetunejob
+    from kubetune.trainerconfig import default_learning_rate
 
     cfg = from_finetunejob(job, termination_log=os.devnull)
     if cfg.data.eval is None and not cfg.data.eval_fraction:
@@ -106,8 +106,8 @@ def run_one(spec: dict) -> dict:
     import torch
 
     from . import inputs, methods, scoring
-    from .config import TrainerConfig
-    from .storage import Storage
+    from kubetune.trainerconfig import TrainerConfig
+    from kubetune.storage import Storage
     from .train import _trainer, save_adapter
 
     import peft  # noqa: F401 - imported before the baseline is taken

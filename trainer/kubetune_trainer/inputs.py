@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainerConfig
-from .storage import Storage
+from kubetune.trainerconfig import TrainerConfig
+from kubetune.storage import Storage
 
 
 @dataclass

@@ -148,7 +148,7 @@ def run_local(manifest: Path, output: str | None, runs_dir: Path, max_steps: int
         quiet_third_party()
     from kubetune.api.validation import SpecError, parse
 
-    from .config import LoggingConfig, from_finetunejob
+    from kubetune.trainerconfig import LoggingConfig, from_finetunejob
     from .train import run
 
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import TrainerConfig
+from kubetune.trainerconfig import TrainerConfig
 
 MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
@@ -76,7 +76,7 @@ def _merge_checked(base_path: Path, adapter_dir: Path, method: str, dtype: str, 
 
 def merge_and_publish(cfg: TrainerConfig, base_path: Path, adapter_dir: Path, storage,
                       work: Path) -> dict:
-    from . import artifacts
+    from kubetune import artifacts
 
     dtype = cfg.merge.dtype if cfg.merge else "float32"
     out, diff, tolerance = _merge_checked(base_path, adapter_dir, cfg.method.type, dtype,
@@ -107,9 +107,9 @@ def publish_merged(base_uri: str, revision: str | None, adapter_uri: str, out_ur
     """`python -m kubetune_trainer merge --adapter-uri`: the merge Job of a LoRAAdapter in
     merged mode. Verifies the adapter against its manifest, merges into the original-precision
     base, checks the logits, uploads the merged model with a manifest naming the adapter."""
-    from . import artifacts
+    from kubetune import artifacts
     from .sources import resolve_model
-    from .storage import Storage
+    from kubetune.storage import Storage
 
     storage = Storage()
     adapter_dir = work / "adapter"

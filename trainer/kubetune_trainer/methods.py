@@ -7,21 +7,11 @@ from pathlib import Path
 
 from kubetune.api.finetunejob import LoraSpec
 
-from .config import TrainerConfig
+from kubetune.trainerconfig import TrainerConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 IA3_DEFAULT = ("k_proj", "v_proj", "down_proj")
 IA3_FEEDFORWARD = ("down_proj",)
-
-
-# Peak learning rates per method when training.learningRate is unset: measured on
-# SmolLM2-135M-Instruct with the built-in reviews task (bench/methods_table.py, docs/methods.md).
-DEFAULT_LEARNING_RATES = {"LoRA": 5e-4, "QLoRA": 5e-4, "PrefixTuning": 1e-2, "IA3": 1e-2,
-                          "Adapter": 1e-3, "Full": 5e-5}
-
-
-def default_learning_rate(method: str) -> float:
-    return DEFAULT_LEARNING_RATES.get(method, 2e-4)
 
 
 class MethodError(ValueError):

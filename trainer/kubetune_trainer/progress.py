@@ -17,7 +17,8 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import LoggingConfig
+from kubetune.contract import TerminationSummary
+from kubetune.trainerconfig import LoggingConfig
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
@@ -94,7 +95,7 @@ class Reporter:
         self.emit({"event": "summary", **summary})
         if self.rank != 0:
             return
-        text = json.dumps(summary, sort_keys=True)[:4000]
+        text = TerminationSummary.model_validate(summary).render()  # fits, and parses
         try:
             Path(self.cfg.termination_log).write_text(text)
         except OSError:

@@ -134,9 +134,9 @@ class AdapterServer:
     def _resolve(self, lora_path: str) -> tuple[Path, int]:
         """The adapter's folder, and the bytes reserved in the disk budget for it (s3://)."""
         if lora_path.startswith("s3://"):
-            from .artifacts import VerificationError, verify
+            from kubetune.artifacts import VerificationError, verify
             from .diskbudget import BudgetExceeded
-            from .storage import Storage, StorageError
+            from kubetune.storage import Storage, StorageError
 
             dest = self.cache_dir / uuid.uuid4().hex
             held = [0]
@@ -566,7 +566,7 @@ def build(model_uri: str, revision: str | None, served_name: str | None, host: s
           max_cache_bytes: int = MAX_CACHE_BYTES) -> ThreadingHTTPServer:
     """Resolve the base model (builtin://, s3://, file://, hf://), load it once, bind."""
     from .sources import resolve_model
-    from .storage import Storage
+    from kubetune.storage import Storage
 
     base_path = resolve_model(model_uri, revision, cache_dir, Storage())
     server = AdapterServer(base_path, served_name or model_uri, max_loras, max_lora_rank,

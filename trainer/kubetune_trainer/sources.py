@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 from . import builtin, ggufconvert
-from .storage import Storage, StorageError
+from kubetune.storage import Storage, StorageError
 
 
 class SourceError(RuntimeError):

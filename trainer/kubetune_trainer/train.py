@@ -1,8 +1,7 @@
 """The training recipe: parse → validate → fetch → set up → train → save → upload (→ merge).
 
-Exit codes are the contract with the operator (with the termination message and the manifest):
-0 succeeded; 1 failed, worth retrying; 2 invalid input (data, model, config), never retried;
-143 stopped by SIGTERM after saving a checkpoint (preemption, suspension).
+Exit codes and the termination summary are the contract with the operator (with the manifest):
+``kubetune.contract``.
 """
 
 from __future__ import annotations
@@ -12,9 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import TrainerConfig
+from kubetune.contract import ExitCode
+from kubetune.trainerconfig import TrainerConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = 0, 1, 2, 143
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_PREEMPTED = (
+    ExitCode.OK, ExitCode.FAILED, ExitCode.INVALID, ExitCode.PREEMPTED)
 
 
 class InvalidInput(ValueError):
@@ -33,12 +34,12 @@ def _rank() -> int:
 
 def run(cfg: TrainerConfig, listeners=()) -> int:
     """Run one training attempt; returns the process exit code. `listeners` get every event."""
-    from .artifacts import VerificationError
+    from kubetune.artifacts import VerificationError
     from .data import DataError
     from .methods import MethodError
     from .progress import Reporter
     from .sources import SourceError
-    from .storage import StorageError
+    from kubetune.storage import StorageError
 
     reporter = Reporter(cfg.logging, rank=_rank())
     reporter.listeners.extend(listeners)
@@ -87,7 +88,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     from .checkpoints import Checkpoints, Preemption
     from .checkpoints import make_callback as checkpoint_callback
     from .progress import make_callback as progress_callback
-    from .storage import Storage
+    from kubetune.storage import Storage
 
     preemption = Preemption()
     preemption.install()  # before the slow parts: a SIGTERM while downloading is honoured too
@@ -281,7 +282,7 @@ def publish(cfg: TrainerConfig, adapter_dir: Path, data_files: list[Path], metri
     import hashlib
     import json
 
-    from . import artifacts
+    from kubetune import artifacts
 
     digest = hashlib.sha256()
     for path in data_files:

@@ -5,11 +5,11 @@ No I/O and no clock reads here; the controller gathers the world and applies the
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from kubetune.api.finetunejob import FineTuneJob
+from kubetune.contract import ExitCode, TerminationSummary
 
 from .. import conditions as cond
 from ..resources import finetunejob as res
@@ -81,31 +81,14 @@ def _trainer_state(pod: dict) -> dict:
     return {}
 
 
-def _clean_summary(summary: dict) -> dict:
-    """The termination message's fields as the reconcile reads them: strings are strings
-    (bounded), metrics/artifact/merged are objects; anything else is dropped."""
-    out = {}
-    for key, value in summary.items():
-        if key in ("status", "reason", "message") and isinstance(value, str):
-            out[key] = value[-2000:]
-        elif key in ("metrics", "artifact", "merged") and isinstance(value, dict):
-            out[key] = value
-    return out
-
-
 def _summary(pods: list[dict]) -> dict | None:
+    """The newest trainer termination message, typed and bounded (kubetune.contract)."""
     for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "",
                       reverse=True):
-        term = _trainer_state(pod).get("terminated") or {}
-        message = term.get("message")
-        if message:
-            try:
-                summary = json.loads(message)
-            except ValueError:
-                summary = None
-            if not isinstance(summary, dict):  # written by the container: any shape at all
-                return {"status": "Unknown", "message": str(message)[-2000:]}
-            return _clean_summary(summary)
+        summary = TerminationSummary.parse(
+            (_trainer_state(pod).get("terminated") or {}).get("message"))
+        if summary is not None:
+            return summary.as_dict()
     return None
 
 
@@ -142,7 +125,7 @@ def classify(job: dict, pods: list[dict]) -> Attempt:
             kind = DISRUPTION_REASONS.get((disruption or {}).get("reason", ""), "Preempted")
             attempt.reason = kind
             attempt.message = (disruption or {}).get("message") or message
-        elif res.EXIT_INVALID_INPUT in exit_codes or (summary or {}).get("reason") == \
+        elif ExitCode.INVALID in exit_codes or (summary or {}).get("reason") == \
                 "InvalidInput":
             attempt.reason, attempt.terminal = "InvalidSpec", True
             attempt.message = (summary or {}).get("message") or message

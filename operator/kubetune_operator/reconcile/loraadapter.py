@@ -10,18 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from kubetune import reasons
+from kubetune.api.finetunejob import MERGEABLE_METHODS as MERGEABLE
 from kubetune.api.loraadapter import LoRAAdapter
 
 from .. import conditions as cond
 
 FINALIZER = "kubetune.io/adapter-unload"
 MAX_FAILURES = 10
-# Methods each runtime can hot-swap; merging works for the additive/rescaling ones.
+# Methods each runtime can hot-swap; merging works for the additive/rescaling ones (MERGEABLE).
 SERVABLE = {"vllm": {"LoRA", "QLoRA"},
             "kubetune": {"LoRA", "QLoRA", "IA3", "PrefixTuning", "Adapter"}}
-MERGEABLE = {"LoRA", "QLoRA", "IA3"}
-OWN_CONDITIONS = ("ArtifactVerified", "Compatible", "Promoted", "Loaded", "RolledOut", "Ready",
-                  "Degraded")
 
 
 @dataclass
@@ -268,8 +267,8 @@ def status(inp: StatusInputs, now: datetime) -> dict:
         setc("ArtifactVerified", False, reason, message)
         for kind in ("Compatible", "Promoted", "Loaded"):
             setc(kind, False, "ArtifactNotVerified", "")
-        terminal = reason not in ("SourceNotReady", "Pending", "StorageError")
-        return finish(False, reason, message, (reason, message) if terminal else None)
+        return finish(False, reason, message,
+                      (reason, message) if reasons.degrades(reason) else None)
     out["artifact"] = {k: val for k, val in {"uri": v.uri, "manifestSha256": v.digest,
                                             "method": v.method, "rank": v.rank}.items()
                        if val is not None}

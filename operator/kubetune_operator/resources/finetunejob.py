@@ -4,7 +4,8 @@ deterministic names (a repeated create hits 409 instead of duplicating work)."""
 from __future__ import annotations
 
 from kubetune.api.finetunejob import FineTuneJob
-from kubetune_trainer.config import from_finetunejob
+from kubetune.contract import ExitCode
+from kubetune.trainerconfig import from_finetunejob
 
 from ..settings import OperatorSettings
 
@@ -36,7 +37,6 @@ def sealed_artifact(body: dict) -> dict | None:
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/kubetune"
 TERMINATION_LOG = "/dev/termination-log"
-EXIT_INVALID_INPUT = 2
 RDZV_PORT = 29500
 MAX_NAME = 50  # leaves room for "-<attempt>" and the pod suffix within 63 characters
 
@@ -210,7 +210,7 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
             # Invalid input (data, model, config): never worth a retry.
             {"action": "FailJob", "onExitCodes": {"containerName": "trainer",
                                                   "operator": "In",
-                                                  "values": [EXIT_INVALID_INPUT]}},
+                                                  "values": [int(ExitCode.INVALID)]}},
         ]},
         "template": {"metadata": {"labels": {**labels(name, "trainer"), **extra}},
                      "spec": pod_spec},

@@ -1,6 +1,7 @@
 """The trainer's configuration: what the operator renders from a FineTuneJob and mounts.
 
-Importable without torch (the operator validates and renders it). It reuses the API's blocks
+A contract between the operator and the trainer, so it lives here and not in the trainer:
+the operator validates and renders it without importing the trainer. It reuses the API's blocks
 for what the user wrote (model, data, method, training, checkpointing, merge) and adds what the
 trainer needs to run (output location, progress sinks, run identity). Impossible combinations
 fail here, before a GPU is touched.
@@ -17,6 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kubetune.api.finetunejob import (MERGEABLE_METHODS, BaseModelSpec, CheckpointingSpec,
                                       DatasetSpec, EvaluationSpec, FineTuneJob, MergeSpec,
                                       MethodSpec, TrainingSpec)
+
+
+# Peak learning rates per method when training.learningRate is unset: measured on
+# SmolLM2-135M-Instruct with the built-in reviews task (bench/methods_table.py, docs/methods.md).
+DEFAULT_LEARNING_RATES = {"LoRA": 5e-4, "QLoRA": 5e-4, "PrefixTuning": 1e-2, "IA3": 1e-2,
+                          "Adapter": 1e-3, "Full": 5e-5}
+
+
+def default_learning_rate(method: str) -> float:
+    return DEFAULT_LEARNING_RATES.get(method, 2e-4)
 
 
 class _Model(BaseModel):
@@ -132,8 +143,6 @@ class TrainerConfig(_Model):
     @property
     def learning_rate(self) -> float:
         """training.learningRate, else the method's measured default."""
-        from .methods import default_learning_rate
-
         return self.training.learning_rate or default_learning_rate(self.method.type)
 
     @property

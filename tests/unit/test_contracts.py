@@ -1,0 +1,87 @@
+"""The typed contracts in `kubetune/`: the trainer's exit codes and termination summary, and
+the registry of condition reasons the operator decides by."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kubetune import reasons
+from kubetune.contract import MAX_MESSAGE_BYTES, ExitCode, TerminationSummary
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_exit_codes_are_the_ones_the_job_policy_and_kubelet_use():
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 143]  # 143 = 128 + SIGTERM
+
+
+def test_a_summary_too_large_for_the_termination_message_still_parses():
+    metrics = {f"m{i}": "x" * 300 for i in range(30)}
+    metrics["steps"] = 12
+    summary = TerminationSummary(status="Succeeded", metrics=metrics,
+                                 artifact={"uri": "s3://b/a", "manifestSha256": "0" * 64})
+    text = summary.render()
+    assert len(text.encode()) <= MAX_MESSAGE_BYTES
+    back = TerminationSummary.parse(text)
+    assert back.status == "Succeeded" and back.artifact["uri"] == "s3://b/a"
+    assert back.metrics["steps"] == 12  # small metrics survive, large ones go first
+    huge = TerminationSummary(status="Failed", reason="Error", message="é" * 9000).render()
+    assert len(huge.encode()) <= MAX_MESSAGE_BYTES and \
+        TerminationSummary.parse(huge).reason == "Error"
+
+
+@pytest.mark.parametrize("text, status", [
+    ("not json", "Unknown"), ("[1, 2]", "Unknown"), ('{"status": 7}', "Unknown"),
+    ('{"status": "Preempted", "checkpointStep": "3"}', "Preempted"),
+])
+def test_any_text_the_container_writes_is_a_bounded_summary(text, status):
+    parsed = TerminationSummary.parse(text)
+    assert parsed.status == status
+    assert parsed.checkpointStep is None  # a string is not a step
+    assert TerminationSummary.parse("") is None
+
+
+def test_hostile_summary_fields_are_dropped_or_bounded():
+    parsed = TerminationSummary.parse(json.dumps({
+        "status": "Failed", "reason": {"x": 1}, "message": "m" * 10_000, "metrics": [1],
+        "artifact": "s3://evil", "extra": "ignored"}))
+    assert parsed.reason is None and parsed.metrics is None and parsed.artifact is None
+    assert len(parsed.message) == 2000 and "extra" not in parsed.as_dict()
+
+
+def test_reason_kinds_drive_degraded_and_warnings():
+    assert not reasons.degrades("StorageError") and reasons.warns("StorageError")
+    assert reasons.degrades("DigestMismatch") and reasons.degrades("BehaviourMismatch")
+    assert not reasons.warns("PromotionPending") and not reasons.degrades("Pending")
+    assert reasons.degrades("SomethingNobodyRegistered")  # unknown: never silently ignored
+    for reason in reasons.REASONS.values():
+        assert reason.doc and reason.kind in ("ok", "progress", "transient", "terminal")
+
+
+def test_every_reason_the_adapter_side_writes_is_registered():
+    """A CamelCase literal in the LoRAAdapter modules is a registered reason, a condition type,
+    or one of the Kubernetes / spec words listed here: new inline reasons fail this test."""
+    other = {"LoRA", "QLoRA", "IA3", "PrefixTuning", "Adapter", "Auto", "HotSwap", "Merged",
+             "FineTuneJob", "LoRAAdapter", "Job", "True", "False", "Normal", "Warning",
+             "Running", "Failed", "Never", "Exists", "NoSchedule", "FallbackToLogsOnError",
+             "Progressing", "ProgressDeadlineExceeded", "PodScheduled", "Unschedulable",
+             "RollingUpdate", "CrashLoopBackOff", "NoSuchKey", "Accept", "Authorization"}
+    known = set(reasons.REASONS) | set(reasons.LORAADAPTER_CONDITIONS) | other
+    files = ["reconcile/loraadapter.py", "adapters.py", "merged.py", "engine.py",
+             "verification.py"]
+    unknown = []
+    for name in files:
+        path = ROOT / "operator" / "kubetune_operator" / name
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    re.fullmatch(r"[A-Z][a-z]+(?:[A-Z0-9][a-z0-9]*)*", node.value) and \
+                    node.value not in known:
+                unknown.append(f"{name}:{node.lineno}: {node.value}")
+    assert not unknown, unknown
