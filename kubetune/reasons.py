@@ -152,5 +152,7 @@ TARGET_IN_USE = _r("TargetInUse", "terminal", "another adapter holds the Deploym
 # Events about replicas (not condition reasons).
 LOADED_ON_REPLICA = _r("LoadedOnReplica", "ok", "Event: loaded on one pod")
 UNLOADED_FROM_REPLICA = _r("UnloadedFromReplica", "ok", "Event: unloaded from one pod")
+BEHAVIOUR_VERIFIED = _r("BehaviourVerified", "ok", "Event: a replica answers the probe like the "
+                        "trained adapter")
 RESTORED = _r("Restored", "ok", "Event: the Deployment is back on the model it served before")
 LOAD_FAILED = _r("LoadFailed", "terminal", "Event: one pod failed a load")

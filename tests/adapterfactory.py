@@ -51,14 +51,28 @@ def make_adapter(directory: Path, method: str = "LoRA", rank: int = 8, seed: int
     return directory
 
 
+def probe(directory: Path) -> dict:
+    """The manifest's probe of an adapter folder, computed as the trainer does (loading.py)."""
+    from transformers import AutoTokenizer
+
+    from kubetune_trainer import loading
+
+    model = loading.load(base_path(), directory)
+    return loading.probe(model, AutoTokenizer.from_pretrained(str(base_path())))
+
+
 def publish(storage, uri: str, directory: Path, method: str = "LoRA", rank: int | None = 8,
-            base_uri: str = BASE, revision: str | None = "v1") -> str:
-    """Manifest + upload, like the trainer; returns the manifest's sha256."""
+            base_uri: str = BASE, revision: str | None = "v1",
+            probe_of: Path | None = None) -> str:
+    """Manifest (with the probe, like the trainer's) + upload; returns the manifest's sha256.
+    `probe_of`: record another folder's probe instead (an artifact whose weights do not
+    behave as its manifest says)."""
     from kubetune import artifacts
 
     manifest = artifacts.build_manifest(
         directory, kind="adapter", method={"type": method, "rank": rank},
-        base_model={"uri": base_uri, "revision": revision}, dataset=None, metrics={})
+        base_model={"uri": base_uri, "revision": revision}, dataset=None, metrics={},
+        extra={"probe": probe(probe_of or directory)} if base_uri == BASE else None)
     return artifacts.upload(directory, manifest, uri, storage)
 
 
@@ -67,5 +81,8 @@ def published(storage, bucket: str, tmp: Path, method: str = "LoRA", rank: int =
     """A fresh artifact in S3: (uri, manifest sha256)."""
     uri = f"s3://{bucket}/adapters/{method.lower()}-{secrets.token_hex(4)}"
     directory = make_adapter(tmp / f"{method}-{secrets.token_hex(3)}", method, rank, seed)
+    if kwargs.get("probe_of") == "seed+1":  # the probe of a sibling adapter
+        kwargs["probe_of"] = make_adapter(tmp / f"{method}-{secrets.token_hex(3)}", method,
+                                          rank, seed + 1)
     return uri, publish(storage, uri, directory, method,
                         rank if method in ("LoRA", "QLoRA") else None, **kwargs)

@@ -80,6 +80,10 @@ class CompatibilitySpec(KubeModel):
     """Refuse to load an incompatible adapter (Compatible=False); false only reports."""
     max_rank: Optional[Annotated[int, Field(ge=1, le=1024)]] = None
     """Largest LoRA rank the server accepts (vLLM --max-lora-rank)."""
+    verify_behaviour: bool = True
+    """Count a replica only if it answers the manifest's probe like the trained adapter."""
+    probe_tolerance: Annotated[float, Field(gt=0, le=5)] = 0.1
+    """Largest difference (nats) between a replica's probe log-probs and the manifest's."""
 
 
 class RolloutSpec(KubeModel):

@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune import reasons
 from kubetune.api.validation import SpecError, parse
+from kubetune.behaviour import judge
 
 from . import metrics, policy
 from .cache import Key
@@ -60,6 +61,8 @@ class LoRAAdapterController:
         self.adapters: dict[Key, dict] = {}
         self.selectors: dict[Key, dict[str, str]] = {}
         self.verifier = Verifier(settings.max_artifact_bytes)
+        # (namespace, pod, serving name) → ((path, digest), verdict) of the behaviour probe.
+        self.behaviour: dict[tuple[str, str, str], tuple[tuple[str, str | None], object]] = {}
         # Fair between namespaces: slow serving pods of one tenant hold at most its share.
         self.queue = WorkQueue(self.reconcile, settings.adapter_workers,
                                settings.adapter_workers_per_namespace, lane_of=lambda k: k[0])
@@ -231,6 +234,8 @@ class LoRAAdapterController:
         if acted:
             fresh = {r.pod: r for r in self._observe({p: engines[p] for p in acted})}
             replicas = [fresh.get(r.pod, r) for r in replicas]
+        if spec.compatibility.verify_behaviour and v.ok and v.probe is not None and path:
+            self._check_behaviour(body, engines, replicas, acted, spec, v, path, errors)
         inputs.replicas = replicas
         inputs.desired = wanted
         inputs.failures = rec.failures_for(replicas, spec.serving_name, path, decision.want,
@@ -268,6 +273,47 @@ class LoRAAdapterController:
             (status.get("replicas") or {}).get("desired")
         self.queue.add(key, min(self.settings.adapter_resync_seconds, 2.0) if pending else
                        self.settings.adapter_resync_seconds)
+
+    def _check_behaviour(self, body: dict, engines: dict[str, Engine],
+                         replicas: list[rec.Replica], acted: set[str], spec,
+                         v: rec.Verification, path: str, errors: dict) -> None:
+        """Ask every replica that lists the adapter for the manifest's probe, once per load:
+        the verdict is kept per (pod, adapter, digest) until the operator loads it there again.
+        A replica that answers like the base model (or anything else) is `mismatch`."""
+        ns, name = body["metadata"]["namespace"], spec.serving_name
+        serving = [r for r in replicas if r.models is not None and r.models.get(name) == path]
+        for pod in acted:
+            self.behaviour.pop((ns, pod, name), None)
+        live = {r.pod for r in replicas}
+        for key in [k for k in self.behaviour if k[0] == ns and k[2] == name and
+                    k[1] not in live]:
+            self.behaviour.pop(key, None)  # pods that are gone
+
+        def ask(replica: rec.Replica):
+            known = self.behaviour.get((ns, replica.pod, name))
+            if known is not None and known[0] == (path, v.digest):
+                return replica, known[1], None
+            try:
+                got = engines[replica.pod].probe(name, v.probe.text, len(v.probe.adapter))
+            except EngineError as exc:
+                return replica, None, exc
+            return replica, judge(v.probe, got, spec.compatibility.probe_tolerance), None
+
+        for replica, verdict, exc in _fan_out(ask, serving):
+            if exc is not None:
+                replica.behaviour = "unknown"
+                errors[replica.pod] = rec.Failure(replica.pod, exc.reason,
+                                                  f"behaviour probe: {exc}")
+                continue
+            replica.behaviour = "ok" if verdict.ok else "mismatch"
+            replica.behaviour_message = verdict.message
+            if (ns, replica.pod, name) not in self.behaviour:
+                self.behaviour[(ns, replica.pod, name)] = ((path, v.digest), verdict)
+                self.kube.event(body, "Normal" if verdict.ok else "Warning",
+                                "BehaviourVerified" if verdict.ok else "BehaviourMismatch",
+                                f"pod {replica.pod}: {verdict.message}")
+                metrics.BEHAVIOUR_CHECKS.labels(result="ok" if verdict.ok else
+                                                "mismatch").inc()
 
     def _unload_from(self, body: dict, ns: str, deployment_name: str, adapter, api_key) -> bool:
         """spec.target changed (promotion to another Deployment): unload from the old one.

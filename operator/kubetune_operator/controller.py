@@ -78,12 +78,11 @@ class FineTuneJobController:
                           "the attempt's artifact again")
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
-        plan = rec.reconcile(body, job, errors, jobs, pods, artifact, None, adapter,
-                             self.settings, now)
+        world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter)
+        plan = rec.reconcile(world, self.settings, now)
         if plan.verify_attempt is not None:
-            artifact, error = self._verify(job, body, plan.verify_attempt)
-            plan = rec.reconcile(body, job, errors, jobs, pods, artifact, error, adapter,
-                                 self.settings, now)
+            world.artifact, world.artifact_error = self._verify(job, body, plan.verify_attempt)
+            plan = rec.reconcile(world, self.settings, now)
         self._apply(key, body, plan, bound)
 
     def _verify(self, job, body: dict, attempt: rec.Attempt) -> tuple[dict | None, str | None]:

@@ -1,5 +1,6 @@
 """Client of the serving engines' runtime LoRA API (vLLM's, which `kubetune serve` speaks too):
-GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter.
+GET /v1/models, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter, and one-token
+POST /v1/completions with log-probs for the behaviour probe.
 
 A serving pod is not trusted: every call has a total deadline (a watchdog closes the socket, so
 a server that drips one byte at a time cannot hold it longer), the response is read up to a size
@@ -13,6 +14,8 @@ import json
 import socket
 import threading
 from urllib.parse import urlsplit
+
+from kubetune.behaviour import top_entries
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 MAX_MESSAGE = 300  # characters of an engine's error message kept for status and Events
@@ -114,6 +117,22 @@ class Engine:
             raise EngineError("BadResponse", f"/v1/models: not a model list: "
                                              f"{_printable(raw[:200])}") from None
         return adapters, base
+
+    def probe(self, name: str, text: str, k: int):
+        """The top-k log-probs of the next token after `text` from adapter `name` (one greedy
+        token through the completions API: vLLM's and OpenAI's shape)."""
+        raw = self._call("/v1/completions", {"model": name, "prompt": text, "max_tokens": 1,
+                                             "temperature": 0, "logprobs": k},
+                         self.timeout * 6)
+        try:
+            top = json.loads(raw)["choices"][0]["logprobs"]["top_logprobs"][0]
+        except (ValueError, KeyError, IndexError, TypeError):
+            top = None
+        entries = top_entries(top)
+        if entries is None:
+            raise EngineError("BadResponse", f"/v1/completions: no top log-probs in the "
+                                             f"answer: {_printable(raw[:200])}")
+        return entries
 
     def load(self, name: str, path: str) -> None:
         self._call("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path},

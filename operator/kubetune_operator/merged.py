@@ -17,7 +17,7 @@ from kubetune.storage import StorageError, join
 
 from . import policy
 from .kube import Kube
-from .resources.finetunejob import RESTRICTED_CONTAINER, RESTRICTED_POD
+from .resources.loraadapter import merge_job, merge_job_name
 from .settings import OperatorSettings
 
 log = structlog.get_logger("kubetune.operator")
@@ -29,10 +29,6 @@ CRASH_RESTARTS = 2
 
 def merged_uri(adapter_uri: str) -> str:
     return adapter_uri.rstrip("/") + "-merged"
-
-
-def merge_job_name(name: str, digest: str) -> str:
-    return f"{name[:40]}-merge-{digest[:8]}"
 
 
 def _container(deployment: dict, name: str | None) -> tuple[int, dict]:
@@ -71,53 +67,6 @@ def with_model(container: dict, model: str) -> dict:
     env = [e for e in out.get("env") or [] if e["name"] != "KUBETUNE_MODEL"]
     out["env"] = [*env, {"name": "KUBETUNE_MODEL", "value": model}]
     return out
-
-
-def merge_job(body: dict, adapter, digest: str, adapter_uri: str, out_uri: str,
-              settings: OperatorSettings) -> dict:
-    meta = body["metadata"]
-    src = adapter.spec.source
-    secret = src.credentials_secret.name if src.credentials_secret else \
-        settings.s3_credentials_secret
-    env = [{"name": "AWS_DEFAULT_REGION", "value": settings.s3_region}]
-    if src.endpoint or settings.s3_endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": src.endpoint or settings.s3_endpoint})
-    if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    args = ["merge", "--base-uri", adapter.spec.base_model.uri, "--adapter-uri", adapter_uri,
-            "--adapter-sha256", digest,  # the manifest the operator verified, no other
-            "--out-uri", out_uri, "--work-dir", "/work"]
-    if adapter.spec.base_model.revision:
-        args += ["--revision", adapter.spec.base_model.revision]
-    pod_spec = {
-        "restartPolicy": "Never",
-        "securityContext": RESTRICTED_POD,  # as the training pods: restricted namespaces admit it
-        "containers": [{"name": "merge", "image": settings.trainer_image,
-                        "command": list(settings.trainer_command), "args": args, "env": env,
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "volumeMounts": [{"name": "work", "mountPath": "/work"},
-                                         {"name": "tmp", "mountPath": "/tmp"}],
-                        "securityContext": RESTRICTED_CONTAINER}],
-        "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
-    }
-    if settings.merge_node_selector:
-        pod_spec["nodeSelector"] = dict(settings.merge_node_selector)
-    if settings.gpu_tolerations:  # merge nodes are usually the GPU nodes
-        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                    "effect": "NoSchedule"}]
-    labels = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune",
-              "app.kubernetes.io/component": "merge", "kubetune.io/loraadapter": meta["name"]}
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": merge_job_name(meta["name"], digest),
-                         "namespace": meta["namespace"], "labels": labels,
-                         "ownerReferences": [{"apiVersion": body["apiVersion"],
-                                              "kind": body["kind"], "name": meta["name"],
-                                              "uid": meta["uid"], "controller": True,
-                                              "blockOwnerDeletion": True}]},
-            "spec": {"backoffLimit": 1, "ttlSecondsAfterFinished": 3600,
-                     "activeDeadlineSeconds": int(settings.merge_deadline_seconds),
-                     "template": {"metadata": {"labels": labels}, "spec": pod_spec}}}
 
 
 class MergedRollout:

@@ -20,6 +20,9 @@ API_REQUESTS = Counter("kubetune_api_requests_total",
 ADAPTER_QUEUE = Gauge("kubetune_adapter_queue_waiting",
                       "LoRAAdapters waiting for a reconcile worker (all namespaces)")
 S3_ERRORS = Counter("kubetune_s3_errors_total", "S3 operation errors", ["operation"])
+BEHAVIOUR_CHECKS = Counter("kubetune_adapter_behaviour_checks_total",
+                           "Behaviour probes of loaded adapters by verdict (ok, mismatch)",
+                           ["result"])
 
 _phases: dict = {}
 _phase_counts: _Counter = _Counter()

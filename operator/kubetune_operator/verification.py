@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import threading
 
-from kubetune.artifacts import (MANIFEST, MAX_MANIFEST_BYTES, VerificationError,
-                                        described, verify)
+from kubetune.artifacts import MANIFEST, MAX_MANIFEST_BYTES, VerificationError, described, verify
+from kubetune.behaviour import Probe
 from kubetune.storage import Storage, StorageError, join
 
 from . import metrics
@@ -55,7 +55,7 @@ class Verifier:
         about = described(manifest)
         result = Verification(True, "Verified", "", uri, digest, about["method"], about["rank"],
                               about["baseModelUri"], about["baseModelRevision"],
-                              about["mergedModelUri"])
+                              about["mergedModelUri"], Probe.from_manifest(manifest.get("probe")))
         with self._lock:
             self._cache[(uri, digest)] = result
         return result

@@ -88,9 +88,12 @@ def test_hot_swap_per_replica_truth_restart_scale_drift_delete(
     assert st["artifact"]["manifestSha256"] == digest and st["resolvedMode"] == "HotSwap"
     assert st["servedRevision"] == f"sha256:{digest}"
     assert "kubetune.io/adapter-unload" in done["metadata"]["finalizers"]
+    assert "probe" in condition(done, "Loaded")["message"]  # verified by behaviour too
     for pod in pods:
         assert "support" in models(pod["ip"])
         assert complete(pod["ip"], "support") != base_text
+        assert any(e.reason == "BehaviourVerified" and pod["name"] in e.message
+                   for e in events(cluster, ns, "support"))
     # /metrics: adapters loaded per target, LoRAAdapter reconciles.
     import re
     import urllib.request
@@ -176,6 +179,40 @@ def test_corrupted_artifact_and_rank_above_max_load_nothing(
     import time
     time.sleep(5)
     assert models(pods[0]["ip"]) == set()
+
+
+def test_a_replica_that_does_not_behave_as_the_manifest_says_is_failed(
+        cluster, operator, job_namespace, storage, s3_server, tmp_path):
+    """The replica accepts and lists the adapter, but its answer to the manifest's probe is not
+    the trained model's (here: the manifest carries a sibling adapter's probe, as if the engine
+    applied the wrong weights): BehaviourMismatch, not Ready; with the check off it is Ready."""
+    ns = job_namespace
+    create_deployment(cluster, ns, serve_deployment("srv", 1, endpoint=s3_server.endpoint))
+    pod = wait_ready(cluster, ns, "srv", 1)[0]
+    uri, _ = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=11,
+                       probe_of="seed+1")
+    apply(cluster, ns, lora_adapter("liar", uri, "srv",
+                                    compatibility={"probeTolerance": 0.01}))
+    bad = wait_condition(cluster, ns, "liar", "Degraded", "True", timeout=120, op=operator)
+    st = bad["status"]
+    assert "liar" in models(pod["ip"])  # listed by the API: the old check would say Loaded
+    assert st["replicas"] == {"desired": 1, "loaded": 0, "failed": 1}, st
+    assert st["failures"][0]["reason"] == "BehaviourMismatch" and \
+        st["failures"][0]["pod"] == pod["name"]
+    assert "tolerance 0.01" in st["failures"][0]["message"]
+    assert condition(bad, "Ready")["status"] == "False"
+    assert any(e.reason == "BehaviourMismatch" and e.type == "Warning"
+               for e in events(cluster, ns, "liar"))
+    # Checked once per load, not on every resync: the verdict stays, nothing is reloaded.
+    import time
+    time.sleep(4)
+    assert sum(e.reason == "BehaviourMismatch" for e in events(cluster, ns, "liar")) == 1
+    assert sum(e.reason == "LoadedOnReplica" for e in events(cluster, ns, "liar")) == 1
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object(
+        "kubetune.io", "v1alpha1", ns, "loraadapters", "liar",
+        {"spec": {"compatibility": {"verifyBehaviour": False}}})
+    ok = wait_condition(cluster, ns, "liar", "Ready", timeout=60, op=operator)
+    assert ok["status"]["replicas"] == {"desired": 1, "loaded": 1, "failed": 0}
 
 
 def test_vllm_runtime_loads_from_the_sidecar_synced_volume(

@@ -106,6 +106,48 @@ def test_chat_completions_name_the_adapter(server, tmp_path):
     call(server, "/v1/unload_lora_adapter", {"lora_name": "chat"})
 
 
+def test_serving_reproduces_the_manifests_probe_through_the_openai_logprobs_api(
+        server, tmp_path):
+    """The probe the trainer records (loading.probe) is what a replica answers through the
+    completions API's `logprobs` (the operator's behaviour check), for every method; the
+    chat API's `top_logprobs` agrees; a bad value is a 400."""
+    from adapterfactory import probe
+    from kubetune.behaviour import Probe, judge, top_entries
+    from kubetune_operator.engine import Engine
+
+    host, port = urlparse(server).hostname, urlparse(server).port
+    for method in ("LoRA", "IA3", "PrefixTuning", "Adapter"):
+        path = make_adapter(tmp_path / f"probe-{method}", method, seed=8)
+        name = f"probe-{method.lower()}"
+        assert call(server, "/v1/load_lora_adapter", {"lora_name": name,
+                                                      "lora_path": str(path)})[0] == 200
+        recorded = Probe.from_manifest(probe(path))
+        got = Engine(host, port).probe(name, recorded.text, len(recorded.adapter))
+        verdict = judge(recorded, got, tolerance=1e-3)  # the same float32 numerics
+        assert verdict.ok and verdict.distance < 1e-4, (method, verdict)
+        status, chat = call(server, "/v1/chat/completions", {
+            "model": name, "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 2, "logprobs": True, "top_logprobs": 3})
+        assert status == 200, chat
+        content = chat["choices"][0]["logprobs"]["content"]
+        assert len(content) == chat["usage"]["completion_tokens"]
+        assert len(content[0]["top_logprobs"]) == 3 and content[0]["logprob"] <= 0
+        assert top_entries(content[0]["top_logprobs"])[0][1] >= content[0]["logprob"] - 1e-6
+        call(server, "/v1/unload_lora_adapter", {"lora_name": name})
+    status, body = call(server, "/v1/completions", {"model": "base", "prompt": "x",
+                                                    "max_tokens": 3, "logprobs": 2})
+    lp = body["choices"][0]["logprobs"]
+    assert status == 200 and len(lp["tokens"]) == len(lp["token_logprobs"]) == 3
+    assert lp["text_offset"][0] == 0 and all(len(t) <= 2 for t in lp["top_logprobs"])
+    for bad in (21, -1, "5", 2.5):
+        status, err = call(server, "/v1/completions", {"model": "base", "prompt": "x",
+                                                       "logprobs": bad})
+        assert status == 400 and "logprobs" in err["message"], err
+    status, err = call(server, "/v1/completions", {"model": "base", "prompt": "x",
+                                                   "logprobs": 1, "stream": True})
+    assert status == 400 and "stream" in err["message"]
+
+
 def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp_path):
     status, err = call(server, "/v1/completions", {"model": "nope", "prompt": "x"})
     assert status == 404 and err["object"] == "error" and "nope" in err["message"]

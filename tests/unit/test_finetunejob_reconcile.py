@@ -48,8 +48,8 @@ def _pod(job, phase="Running", exit_code=None, message=None, disruption=None, re
 
 def _run(body, jobs=(), pods=(), artifact=None, error=None, now=NOW):
     job = parse(body)
-    return rec.reconcile(body, job, rec.semantic_errors(body), list(jobs), list(pods), artifact,
-                         error, None, SETTINGS, now)
+    return rec.reconcile(rec.Observed(body, job, rec.semantic_errors(body), list(jobs),
+                                      list(pods), artifact, error), SETTINGS, now)
 
 
 def _cond(plan, kind):
@@ -106,12 +106,12 @@ def test_counted_failure_waits_for_backoff_then_retries():
     pods = [_pod("quickstart-lora-0", "Failed", 1)]
     body = _body(retryPolicy={"maxRetries": 3, "backoffSeconds": 60, "maxBackoffSeconds": 600})
     early = datetime(2026, 11, 28, 11, 50, 10, tzinfo=timezone.utc)
-    settings_less = rec.reconcile(body, parse(body), [], jobs, pods, None, None, None,
+    settings_less = rec.reconcile(rec.Observed(body, parse(body), [], jobs, pods),
                                   OperatorSettings(), early)
     assert not any(o["kind"] == "Job" for o in settings_less.create)
     assert settings_less.requeue_after == pytest.approx(50, abs=1)  # finished 11:50, +60s
     assert _cond(settings_less, "Ready")["reason"] == "RetryBackoff"
-    later = rec.reconcile(body, parse(body), [], jobs, pods, None, None, None,
+    later = rec.reconcile(rec.Observed(body, parse(body), [], jobs, pods),
                           OperatorSettings(), early + timedelta(seconds=60))
     assert later.create[-1]["metadata"]["name"] == "quickstart-lora-1"
 
@@ -209,3 +209,29 @@ def test_a_malformed_termination_message_is_read_safely(message):
                if k in ("status", "reason", "message"))
     plan = _run(_body(), [failed], [_pod("quickstart-lora-0", "Failed", 1, message)])
     assert plan.status["attempts"][0]["reason"] == "Error"
+
+
+@pytest.mark.parametrize("attempt, retries, max_retries, at, want", [
+    # terminal causes stop whatever the budget
+    (dict(terminal=True, reason="InvalidSpec", counts=False), 0, 3, 0, ("stop", "InvalidSpec")),
+    # counted failures back off exponentially: 10 s, then 20 s
+    (dict(counts=True, reason="Error"), 1, 3, 5, ("wait", "")),
+    (dict(counts=True, reason="Error"), 1, 3, 10, ("now", "")),
+    (dict(counts=True, reason="Error"), 2, 3, 15, ("wait", "")),
+    (dict(counts=True, reason="Error"), 2, 3, 20, ("now", "")),
+    # the budget used up
+    (dict(counts=True, reason="OOMKilled"), 4, 3, 999, ("stop", "BackoffLimitExceeded")),
+    # preemption never counts and never waits, whatever was used before
+    (dict(counts=False, reason="Preempted"), 9, 3, 0, ("now", "")),
+])
+def test_retry_decision_table(attempt, retries, max_retries, at, want):
+    body = _body(retryPolicy={"maxRetries": max_retries, "backoffSeconds": 10,
+                              "maxBackoffSeconds": 600})
+    failed = rec.Attempt(number=retries, job_name="j", state="Failed",
+                         finished="2026-11-28T11:50:00Z", message="m", **attempt)
+    decision = rec.retry_decision(parse(body), failed, retries, OperatorSettings(),
+                                  datetime(2026, 11, 28, 11, 50, tzinfo=timezone.utc)
+                                  + timedelta(seconds=at))
+    assert (decision.action, decision.reason) == want, decision
+    if decision.action == "wait":
+        assert 0 < decision.wait_seconds <= 20

@@ -177,8 +177,11 @@ def test_the_merge_job_is_restricted_bounded_and_pins_the_verified_digest():
     from kubetune_operator.settings import OperatorSettings
 
     obj = body(mode="Merged")
-    job = merged.merge_job(obj, parse(obj), "d" * 64, "s3://bkt/x", "s3://bkt/x-merged",
-                           OperatorSettings(merge_deadline_seconds=900))
+    from kubetune_operator.resources import finetunejob as training
+    from kubetune_operator.resources.loraadapter import merge_job
+
+    job = merge_job(obj, parse(obj), "d" * 64, "s3://bkt/x", "s3://bkt/x-merged",
+                    OperatorSettings(merge_deadline_seconds=900))
     spec = job["spec"]
     assert spec["activeDeadlineSeconds"] == 900 and spec["backoffLimit"] == 1
     pod = spec["template"]["spec"]
@@ -191,3 +194,45 @@ def test_the_merge_job_is_restricted_bounded_and_pins_the_verified_digest():
     args = container["args"]
     assert args[args.index("--adapter-sha256") + 1] == "d" * 64
     assert job["metadata"]["ownerReferences"][0]["uid"] == "u-a"
+    # Built from the training Job's pieces: the same pod and container hardening, no API token.
+    ft = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+          "metadata": {"name": "j", "namespace": "ns", "uid": "u-j"},
+          "spec": {"baseModel": {"uri": "builtin://tiny-llama"},
+                   "dataset": {"train": {"uri": "builtin://reviews"}},
+                   "method": {"type": "LoRA"}, "output": {"uri": "s3://bkt/j"}}}
+    train_pod = training.training_job(parse(ft), ft, 0, OperatorSettings(),
+                                      False)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == train_pod["securityContext"]
+    assert sc == train_pod["containers"][0]["securityContext"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert pod["automountServiceAccountToken"] is False
+    assert train_pod["automountServiceAccountToken"] is True  # its progress needs the API
+    assert {"name": "scratch", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_a_replica_that_lists_the_adapter_but_answers_like_the_base_is_not_loaded():
+    """vLLM issue 55193: accepted, listed, and still serving the base model."""
+    obj = body()
+    reps = [rec.Replica("p0", "i", {"a": "s3://bkt/x"}, behaviour="ok"),
+            rec.Replica("p1", "i", {"a": "s3://bkt/x"}, behaviour="mismatch",
+                        behaviour_message="that is the base model"),
+            rec.Replica("p2", "i", {"a": "s3://bkt/x"}, behaviour="unknown")]
+    failures = rec.failures_for(reps, "a", "s3://bkt/x", "load", {}, "builtin://tiny-llama",
+                                "kubetune")
+    assert [(f.pod, f.reason) for f in failures] == [("p1", "BehaviourMismatch")]
+    inp = rec.StatusInputs(obj, parse(obj), [], verified(), (True, "Compatible", ""),
+                           (True, ""), "HotSwap", None, rec.Decision("load", "Serving", ""),
+                           reps, failures, "s3://bkt/x", desired=3)
+    st = rec.status(inp, NOW)
+    assert st["replicas"] == {"desired": 3, "loaded": 1, "failed": 1}
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Degraded"]["status"] == "True"
+    assert "BehaviourMismatch" in conds["Loaded"]["message"]
+    for r in reps:
+        r.behaviour = "ok"
+    st = rec.status(rec.StatusInputs(obj, parse(obj), [], verified(), (True, "Compatible", ""),
+                                     (True, ""), "HotSwap", None,
+                                     rec.Decision("load", "Serving", ""), reps, [],
+                                     "s3://bkt/x", desired=3), NOW)
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["Ready"]["status"] == "True" and "probe" in conds["Loaded"]["message"]

@@ -1,7 +1,7 @@
 """`kubetune serve`'s SSE framing when generation fails after the stream has begun: the
 client gets an error event in vLLM's shape and `[DONE]`, never a second HTTP response.
 
-The server object here is a stand-in for AdapterServer (no model): only its streaming
+The server object here is a stand-in for serve's Completions (no model): only its streaming
 contract (a generator of chunks that may raise ServeError) is exercised, over real HTTP."""
 
 import json

@@ -20,6 +20,7 @@ class Request:
     max_tokens: int
     temperature: float = 0.0
     ignore_eos: bool = False
+    logprobs: int | None = None  # top-k log-probs per generated token (of the raw logits)
 
 
 @dataclass
@@ -27,11 +28,23 @@ class Outcome:
     token_ids: list[int]
     prompt_tokens: int
     finish: str  # "stop" (end of sequence), "length" (max_tokens) or "cancelled"
+    # Per generated token: (its log-prob, [(token id, log-prob)] top-k), when asked for.
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+def token_logprobs(logits, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-prob and the top-k, from one position's raw logits."""
+    import torch
+
+    logp = torch.log_softmax(logits.float().reshape(-1), dim=-1)
+    values, ids = logp.topk(k) if k else (logp[:0], logp[:0].long())
+    return float(logp[token]), [(int(i), float(v)) for v, i in zip(values, ids)]
 
 
 def decode_steps(model, inputs, max_tokens: int, temperature: float, eos: int | None,
-                 cancel: threading.Event | None = None):
-    """Token-by-token decoding with a full forward per step, yielding each new token id."""
+                 cancel: threading.Event | None = None, on_logits=None):
+    """Token-by-token decoding with a full forward per step, yielding each new token id
+    (`on_logits(logits, token)` sees each step's raw logits)."""
     import torch
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -43,6 +56,8 @@ def decode_steps(model, inputs, max_tokens: int, temperature: float, eos: int | 
             token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1)
         else:
             token = logits.argmax(dim=-1, keepdim=True)
+        if on_logits is not None:
+            on_logits(logits[0], int(token[0, 0]))
         ids = torch.cat([ids, token], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         yield int(token[0, 0])
@@ -62,12 +77,17 @@ def run(model, tokenizer, req: Request, full_forward: bool,
     eos = tokenizer.eos_token_id
     inputs = req.inputs
     n_prompt = int(inputs["input_ids"].shape[1])
+    logprobs: list | None = [] if req.logprobs is not None else None
+
+    def keep(logits, token: int) -> None:
+        logprobs.append(token_logprobs(logits, token, req.logprobs))
     with torch.no_grad():
         if full_forward:
             produced: list[int] = []
             shown = ""
             for token in decode_steps(model, inputs, req.max_tokens, req.temperature,
-                                      None if req.ignore_eos else eos, cancel):
+                                      None if req.ignore_eos else eos, cancel,
+                                      keep if logprobs is not None else None):
                 produced.append(token)
                 if on_text is not None:
                     text = tokenizer.decode(produced, skip_special_tokens=True)
@@ -95,12 +115,18 @@ def run(model, tokenizer, req: Request, full_forward: bool,
             if on_text is not None:
                 kwargs["streamer"] = Pieces(tokenizer, skip_prompt=True,
                                             skip_special_tokens=True)
+            if logprobs is not None:  # the raw logits, before temperature or any processor
+                kwargs.update(output_logits=True, return_dict_in_generate=True)
             out = model.generate(**inputs, **kwargs)
-            produced = out[0][n_prompt:].tolist()
+            sequence = out.sequences[0] if logprobs is not None else out[0]
+            produced = sequence[n_prompt:].tolist()
+            if logprobs is not None:
+                for step, token in zip(out.logits, produced):
+                    keep(step[0], token)
     if cancel.is_set():
         finish = "cancelled"
     elif produced and produced[-1] == eos and not req.ignore_eos:
         finish = "stop"
     else:
         finish = "length"
-    return Outcome(produced, n_prompt, finish)
+    return Outcome(produced, n_prompt, finish, logprobs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kubetune.api.finetunejob import MERGEABLE_METHODS
 from kubetune.trainerconfig import TrainerConfig
 
 MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -41,17 +42,16 @@ def merge(base_path: Path, adapter_dir: Path, method: str, dtype: str = "float32
           trust_remote_code: bool = False):
     """Return (merged model, tokenizer, max |logit difference|) vs base + adapter."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    if method not in ("LoRA", "QLoRA", "IA3"):
+    from .loading import load
+
+    if method not in MERGEABLE_METHODS:
         raise MergeError(f"{method} adapters cannot be merged into the base model (only LoRA, "
                          f"QLoRA and IA3 can; serve {method} adapters with kubetune serve)")
     tokenizer = AutoTokenizer.from_pretrained(str(base_path))
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=_dtype(dtype),
-                                                trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    model.eval()
+    model = load(base_path, adapter_dir, dtype=_dtype(dtype),
+                 trust_remote_code=trust_remote_code)  # never 4-bit: see the module's note
     ids, mask = _probe_inputs(tokenizer)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=mask).logits.float()

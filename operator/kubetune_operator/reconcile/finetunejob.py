@@ -186,193 +186,286 @@ def _backoff(job: FineTuneJob, retries: int, settings: OperatorSettings) -> floa
     return float(min(base * (2 ** max(retries - 1, 0)), job.spec.retry_policy.max_backoff_seconds))
 
 
-def reconcile(body: dict, job: FineTuneJob | None, spec_errors: list[str], jobs: list[dict],
-              pods: list[dict], artifact: dict | None, artifact_error: str | None,
-              adapter: dict | None, settings: OperatorSettings, now: datetime) -> Plan:
-    plan = Plan()
-    meta = body["metadata"]
-    generation = meta.get("generation")
-    old = body.get("status") or {}
-    conditions = [dict(c) for c in old.get("conditions") or []]
-    status: dict = {"observedGeneration": generation}
+@dataclass
+class Observed:
+    """The world one reconcile sees: the object, its parsed spec (None if invalid) and the
+    spec errors, its Jobs and their pods, and what the controller verified in S3."""
+    body: dict
+    job: FineTuneJob | None
+    spec_errors: list[str]
+    jobs: list[dict]
+    pods: list[dict]
+    artifact: dict | None = None  # the verified artifact of the succeeded attempt
+    artifact_error: str | None = None  # why it did not verify
+    adapter: dict | None = None  # the LoRAAdapter created from it, if any
 
-    def setc(kind, ok, reason, message):
-        cond.set_condition(conditions, kind, ok, reason, message, generation, now)
 
-    if spec_errors or job is None:
-        message = "; ".join(spec_errors)
-        for kind in ("Running", "Succeeded", "Suspended", "ArtifactPublished"):
-            setc(kind, False, "InvalidSpec", message)
-        setc("Failed", True, "InvalidSpec", message)
-        setc("Ready", False, "InvalidSpec", message)
-        status.update(phase="Failed", conditions=conditions,
-                      completionTime=old.get("completionTime") or _ts(now))
-        plan.status = status
-        if job is not None:
-            _expire(plan, job, status, now)
-        _transition_events(plan, old, status, message)
-        return plan
+@dataclass
+class Attempts:
+    """Every attempt, from its Job (live) or from status (a Job already cleaned up)."""
+    live: dict[int, Attempt]
+    history: list[dict]  # status.attempts, bounded
+    retries: int  # attempts that count against retryPolicy.maxRetries
+    current: Attempt | None
 
-    by_attempt: dict[int, Attempt] = {}
+
+@dataclass
+class Retry:
+    """What follows a failed attempt."""
+    action: str  # "stop" (terminal) | "now" (start the next attempt) | "wait" (back-off)
+    reason: str = ""
+    message: str = ""
+    wait_seconds: float = 0.0
+
+
+class _Status:
+    """The status being rebuilt: conditions carried over and updated, the fields, the plan."""
+
+    def __init__(self, body: dict, now: datetime):
+        self.old = body.get("status") or {}
+        self.generation = body["metadata"].get("generation")
+        self.now = now
+        self.conditions = [dict(c) for c in self.old.get("conditions") or []]
+        self.fields: dict = {"observedGeneration": self.generation}
+        self.plan = Plan()
+
+    def set(self, kind: str, ok: bool, reason: str, message: str = "") -> None:
+        cond.set_condition(self.conditions, kind, ok, reason, message, self.generation,
+                           self.now)
+
+    def has(self, kind: str) -> bool:
+        return cond.find(self.conditions, kind) is not None
+
+    def done(self, phase: str) -> dict:
+        self.fields["phase"] = phase
+        self.fields["conditions"] = self.conditions
+        self.plan.status = {k: v for k, v in self.fields.items() if v is not None}
+        return self.plan.status
+
+
+def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict) -> Attempts:
+    """Classify each Job with its own pods; keep attempts whose Job is gone from status."""
+    live: dict[int, Attempt] = {}
     for j in jobs:
         number = int(j["metadata"]["labels"][res.LABEL_ATTEMPT])
         job_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(
             "batch.kubernetes.io/job-name", (p["metadata"].get("labels") or {}).get("job-name"))
             == j["metadata"]["name"]]
-        by_attempt[number] = classify(j, job_pods)
-    # Attempts whose Job is gone (TTL cleanup) survive in status.
-    history = {a["number"]: a for a in old.get("attempts") or []}
-    attempts = [by_attempt[n].status() if n in by_attempt else history[n]
-                for n in sorted(set(by_attempt) | set(history))][-MAX_ATTEMPTS_IN_STATUS:]
+        live[number] = classify(j, job_pods)
+    history = {a["number"]: a for a in old_status.get("attempts") or []}
+    attempts = [live[n].status() if n in live else history[n]
+                for n in sorted(set(live) | set(history))][-MAX_ATTEMPTS_IN_STATUS:]
     retries = sum(1 for a in attempts if a.get("countsAgainstRetries"))
-    current = by_attempt[max(by_attempt)] if by_attempt else None
-    spec = job.spec
-    suspend_wanted = spec.scheduling.suspend
-    status["attempts"] = attempts
-    status["retries"] = retries
-    status["startTime"] = old.get("startTime") or (current.started if current else None)
+    return Attempts(live, attempts, retries, live[max(live)] if live else None)
 
-    # Children that every attempt needs (idempotent: 409 on repeat).
-    base_children = [res.config_map(job, body, settings), *res.rbac(body)]
 
-    def new_attempt(number: int) -> None:
-        plan.create.extend(base_children)
-        initial_suspend = suspend_wanted or bool(spec.scheduling.queue_name)
-        if spec.resources.nodes > 1:
-            plan.create.append(res.headless_service(body, number))
-        plan.create.append(res.training_job(job, body, number, settings, initial_suspend))
-        plan.events.append(("Normal", "CreatedJob",
-                            f"Created Job {res.job_name(meta['name'], number)} (attempt {number})"))
-        status["jobName"] = res.job_name(meta["name"], number)
-        status["startTime"] = status["startTime"] or _ts(now)
+def retry_decision(job: FineTuneJob, failed: Attempt, retries: int,
+                   settings: OperatorSettings, now: datetime) -> Retry:
+    """After a failed attempt: stop (terminal cause, or retries used up), start the next one
+    now, or wait out the back-off. Attempts that do not count (preemption, eviction, a node
+    lost) start again at once."""
+    policy = job.spec.retry_policy
+    if failed.terminal:
+        return Retry("stop", failed.reason, failed.message)
+    if failed.counts and retries > policy.max_retries:
+        return Retry("stop", "BackoffLimitExceeded",
+                     f"{retries} failed attempts (retryPolicy.maxRetries {policy.max_retries});"
+                     f" last: {failed.reason}: {failed.message}")
+    delay = _backoff(job, retries, settings) if failed.counts else 0.0
+    due = (_parse_time(failed.finished) or now) + timedelta(seconds=delay)
+    if now >= due:
+        return Retry("now")
+    return Retry("wait", wait_seconds=(due - now).total_seconds())
 
-    terminal_reason = None
-    terminal_message = ""
-    phase = "Pending"
+
+def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Plan:
+    """The plan for one FineTuneJob: children to create or patch, its status, Events, when to
+    look again."""
+    st = _Status(world.body, now)
+    if world.spec_errors or world.job is None:
+        return _invalid(world, st)
+    spec = world.job.spec
+    attempts = observe_attempts(world.jobs, world.pods, st.old)
+    st.fields.update(attempts=attempts.history, retries=attempts.retries,
+                     startTime=st.old.get("startTime") or (
+                         attempts.current.started if attempts.current else None))
+    current = attempts.current
+    terminal: tuple[str, str] | None = None
     if current is None:
-        new_attempt(0)
-        phase = "Queued" if (spec.scheduling.queue_name and not suspend_wanted) else \
-            ("Suspended" if suspend_wanted else "Pending")
-        setc("Running", False, "Created", "created the first attempt")
-        setc("Ready", False, "Pending", "waiting for the trainer to start")
-        setc("Suspended", suspend_wanted, "Suspended" if suspend_wanted else "NotSuspended",
-             "spec.scheduling.suspend is true" if suspend_wanted else "")
+        _start_attempt(world, st, settings, 0)
+        phase = "Queued" if (spec.scheduling.queue_name and not spec.scheduling.suspend) else \
+            ("Suspended" if spec.scheduling.suspend else "Pending")
+        st.set("Running", False, "Created", "created the first attempt")
+        st.set("Ready", False, "Pending", "waiting for the trainer to start")
+        _suspended_condition(spec, st)
     else:
-        status["jobName"] = current.job_name
-        job_obj = next(j for j in jobs if j["metadata"]["name"] == current.job_name)
-        if current.state not in ("Succeeded", "Failed"):
-            is_suspended = bool((job_obj.get("spec") or {}).get("suspend"))
-            if suspend_wanted and not is_suspended:
-                plan.patches.append((job_obj, {"spec": {"suspend": True}}))
-                plan.events.append(("Normal", "Suspending",
-                                    f"Suspending Job {current.job_name}: the trainer "
-                                    f"checkpoints and stops"))
-            elif not suspend_wanted and is_suspended and not spec.scheduling.queue_name:
-                plan.patches.append((job_obj, {"spec": {"suspend": False}}))
-                plan.events.append(("Normal", "Resuming", f"Resuming Job {current.job_name}"))
-        setc("Suspended", suspend_wanted, "Suspended" if suspend_wanted else "NotSuspended",
-             "spec.scheduling.suspend is true" if suspend_wanted else "")
-
+        st.fields["jobName"] = current.job_name
+        _suspension(world, st, current)
         if current.state == "Succeeded":
-            if artifact is None and artifact_error is None:
-                plan.verify_attempt = current  # the controller checks S3, then reconciles again
-                phase = "Running"
-                setc("Running", True, "Publishing", "verifying the published artifact")
-                setc("Ready", False, "Publishing", "verifying the published artifact")
-            elif artifact_error:
-                terminal_reason, terminal_message = "ArtifactInvalid", artifact_error
-                setc("ArtifactPublished", False, "ArtifactInvalid", artifact_error)
-            else:
-                phase = "Succeeded"
-                status["artifact"] = {k: v for k, v in artifact.items() if k != "metrics"}
-                if artifact.get("metrics"):
-                    status["metrics"] = artifact["metrics"]
-                setc("ArtifactPublished", True, "Verified",
-                     f"{artifact['uri']} (manifest sha256 {artifact['manifestSha256'][:12]})")
-                setc("Running", False, "Succeeded", "training finished")
-                setc("Succeeded", True, "Succeeded",
-                     f"trained {((current.summary or {}).get('metrics') or {}).get('steps')} "
-                     f"steps in {len(by_attempt)} attempt(s)")
-                setc("Failed", False, "Succeeded", "")
-                setc("Ready", True, "Succeeded", "the adapter is published")
-                status["completionTime"] = old.get("completionTime") or current.finished or \
-                    _ts(now)
-                _eval_gate(job, current, status.get("metrics"), conditions, setc)
-                if spec.output.create_adapter:
-                    wanted = res.lora_adapter(job, body, artifact)
-                    status["adapterRef"] = wanted["metadata"]["name"]
-                    if adapter is None:
-                        plan.create.append(wanted)
-                        plan.events.append(("Normal", "CreatedAdapter",
-                                            f"Created LoRAAdapter {wanted['metadata']['name']}"))
+            phase, terminal = _succeeded(world, st, attempts)
         elif current.state == "Failed":
-            if current.terminal:
-                terminal_reason, terminal_message = current.reason, current.message
-            elif current.counts and retries > spec.retry_policy.max_retries:
-                terminal_reason = "BackoffLimitExceeded"
-                terminal_message = (f"{retries} failed attempts (retryPolicy.maxRetries "
-                                    f"{spec.retry_policy.max_retries}); last: "
-                                    f"{current.reason}: {current.message}")
-            else:
-                delay = _backoff(job, retries, settings) if current.counts else 0.0
-                finished = _parse_time(current.finished) or now
-                due = finished + timedelta(seconds=delay)
-                counted = "counts against retries" if current.counts else \
-                    "does not count against retries"
-                if now >= due:
-                    new_attempt(current.number + 1)
-                    plan.events.append((
-                        "Warning" if current.counts else "Normal", "Retrying",
-                        f"Attempt {current.number} ended ({current.reason}: "
-                        f"{current.message[:200]}); {counted}; starting attempt "
-                        f"{current.number + 1} from the latest checkpoint"))
-                    setc("Running", False, "Retrying", f"starting attempt {current.number + 1}")
-                    setc("Ready", False, "Retrying", f"attempt {current.number} "
-                                                     f"{current.reason}; retrying")
-                else:
-                    wait = (due - now).total_seconds()
-                    plan.requeue_after = wait
-                    setc("Running", False, "RetryBackoff",
-                         f"attempt {current.number} failed ({current.reason}); retrying in "
-                         f"{wait:.0f}s")
-                    setc("Ready", False, "RetryBackoff", current.message[:1000])
-                phase = "Pending"
+            phase, terminal = _failed(world, st, settings, attempts)
         else:
-            mapping = {"Running": ("Running", True, "Running"),
-                       "Unschedulable": ("Pending", False, "Unschedulable"),
-                       "Pending": ("Pending", False, "Pending"),
-                       "Suspended": ("Suspended", False, "Suspended")}
-            phase, running, reason = mapping[current.state]
-            if current.state == "Suspended" and (current.summary or {}).get("queued") and \
-                    not suspend_wanted:
-                phase, reason = "Queued", "Queued"
-            setc("Running", running, reason, current.message)
-            setc("Ready", False, reason, current.message)
+            phase = _in_flight(spec, st, current)
+    return _finish(world, st, phase, terminal)
 
-    if terminal_reason:
-        phase = "Failed"
-        setc("Running", False, terminal_reason, terminal_message)
-        setc("Failed", True, terminal_reason, terminal_message)
-        setc("Succeeded", False, terminal_reason, "")
-        setc("Ready", False, terminal_reason, terminal_message)
-        status["completionTime"] = old.get("completionTime") or _ts(now)
+
+def _invalid(world: Observed, st: _Status) -> Plan:
+    message = "; ".join(world.spec_errors)
+    for kind in ("Running", "Succeeded", "Suspended", "ArtifactPublished"):
+        st.set(kind, False, "InvalidSpec", message)
+    st.set("Failed", True, "InvalidSpec", message)
+    st.set("Ready", False, "InvalidSpec", message)
+    st.fields["completionTime"] = st.old.get("completionTime") or _ts(st.now)
+    status = st.done("Failed")
+    if world.job is not None:
+        _expire(st.plan, world.job, status, st.now)
+    _transition_events(st.plan, st.old, status, message)
+    return st.plan
+
+
+def _start_attempt(world: Observed, st: _Status, settings: OperatorSettings,
+                   number: int) -> None:
+    """The children of attempt `number` (the shared ones are idempotent: 409 on repeat)."""
+    job, body, spec = world.job, world.body, world.job.spec
+    name = body["metadata"]["name"]
+    st.plan.create.extend([res.config_map(job, body, settings), *res.rbac(body)])
+    if spec.resources.nodes > 1:
+        st.plan.create.append(res.headless_service(body, number))
+    suspended = spec.scheduling.suspend or bool(spec.scheduling.queue_name)  # Kueue admits it
+    st.plan.create.append(res.training_job(job, body, number, settings, suspended))
+    st.plan.events.append(("Normal", "CreatedJob",
+                           f"Created Job {res.job_name(name, number)} (attempt {number})"))
+    st.fields["jobName"] = res.job_name(name, number)
+    st.fields["startTime"] = st.fields.get("startTime") or _ts(st.now)
+
+
+def _suspended_condition(spec, st: _Status) -> None:
+    wanted = spec.scheduling.suspend
+    st.set("Suspended", wanted, "Suspended" if wanted else "NotSuspended",
+           "spec.scheduling.suspend is true" if wanted else "")
+
+
+def _suspension(world: Observed, st: _Status, current: Attempt) -> None:
+    """spec.scheduling.suspend → the running attempt's Job (Kueue owns it when queued)."""
+    spec = world.job.spec
+    job_obj = next(j for j in world.jobs if j["metadata"]["name"] == current.job_name)
+    if current.state not in ("Succeeded", "Failed"):
+        is_suspended = bool((job_obj.get("spec") or {}).get("suspend"))
+        if spec.scheduling.suspend and not is_suspended:
+            st.plan.patches.append((job_obj, {"spec": {"suspend": True}}))
+            st.plan.events.append(("Normal", "Suspending",
+                                   f"Suspending Job {current.job_name}: the trainer "
+                                   f"checkpoints and stops"))
+        elif not spec.scheduling.suspend and is_suspended and not spec.scheduling.queue_name:
+            st.plan.patches.append((job_obj, {"spec": {"suspend": False}}))
+            st.plan.events.append(("Normal", "Resuming", f"Resuming Job {current.job_name}"))
+    _suspended_condition(spec, st)
+
+
+def _succeeded(world: Observed, st: _Status, attempts: Attempts
+               ) -> tuple[str, tuple[str, str] | None]:
+    """The trainer succeeded: verify the artifact (the controller's next look), then publish
+    it in status, gate it, and create the LoRAAdapter."""
+    current, artifact = attempts.current, world.artifact
+    if artifact is None and world.artifact_error is None:
+        st.plan.verify_attempt = current  # the controller checks S3, then reconciles again
+        st.set("Running", True, "Publishing", "verifying the published artifact")
+        st.set("Ready", False, "Publishing", "verifying the published artifact")
+        return "Running", None
+    if world.artifact_error:
+        st.set("ArtifactPublished", False, "ArtifactInvalid", world.artifact_error)
+        return "Failed", ("ArtifactInvalid", world.artifact_error)
+    job = world.job
+    st.fields["artifact"] = {k: v for k, v in artifact.items() if k != "metrics"}
+    if artifact.get("metrics"):
+        st.fields["metrics"] = artifact["metrics"]
+    st.set("ArtifactPublished", True, "Verified",
+           f"{artifact['uri']} (manifest sha256 {artifact['manifestSha256'][:12]})")
+    st.set("Running", False, "Succeeded", "training finished")
+    st.set("Succeeded", True, "Succeeded",
+           f"trained {((current.summary or {}).get('metrics') or {}).get('steps')} "
+           f"steps in {len(attempts.live)} attempt(s)")
+    st.set("Failed", False, "Succeeded", "")
+    st.set("Ready", True, "Succeeded", "the adapter is published")
+    st.fields["completionTime"] = st.old.get("completionTime") or current.finished or \
+        _ts(st.now)
+    _eval_gate(job, current, st.fields.get("metrics"), st.conditions, st.set)
+    if job.spec.output.create_adapter:
+        wanted = res.lora_adapter(job, world.body, artifact)
+        st.fields["adapterRef"] = wanted["metadata"]["name"]
+        if world.adapter is None:
+            st.plan.create.append(wanted)
+            st.plan.events.append(("Normal", "CreatedAdapter",
+                                   f"Created LoRAAdapter {wanted['metadata']['name']}"))
+    return "Succeeded", None
+
+
+def _failed(world: Observed, st: _Status, settings: OperatorSettings, attempts: Attempts
+            ) -> tuple[str, tuple[str, str] | None]:
+    current = attempts.current
+    retry = retry_decision(world.job, current, attempts.retries, settings, st.now)
+    if retry.action == "stop":
+        return "Failed", (retry.reason, retry.message)
+    if retry.action == "now":
+        _start_attempt(world, st, settings, current.number + 1)
+        counted = "counts against retries" if current.counts else \
+            "does not count against retries"
+        st.plan.events.append((
+            "Warning" if current.counts else "Normal", "Retrying",
+            f"Attempt {current.number} ended ({current.reason}: {current.message[:200]}); "
+            f"{counted}; starting attempt {current.number + 1} from the latest checkpoint"))
+        st.set("Running", False, "Retrying", f"starting attempt {current.number + 1}")
+        st.set("Ready", False, "Retrying", f"attempt {current.number} {current.reason}; "
+                                           f"retrying")
     else:
-        if not cond.find(conditions, "Failed"):
-            setc("Failed", False, "NoFailure", "")
-        if not cond.find(conditions, "Succeeded"):
-            setc("Succeeded", False, "NotFinished", "")
-    if not cond.find(conditions, "ArtifactPublished"):
-        setc("ArtifactPublished", False, "NotPublished", "")
+        st.plan.requeue_after = retry.wait_seconds
+        st.set("Running", False, "RetryBackoff",
+               f"attempt {current.number} failed ({current.reason}); retrying in "
+               f"{retry.wait_seconds:.0f}s")
+        st.set("Ready", False, "RetryBackoff", current.message[:1000])
+    return "Pending", None
 
-    status["phase"] = phase
-    status["conditions"] = conditions
-    status = {k: v for k, v in status.items() if v is not None}
-    plan.status = status
 
+IN_FLIGHT = {"Running": ("Running", True, "Running"),
+             "Unschedulable": ("Pending", False, "Unschedulable"),
+             "Pending": ("Pending", False, "Pending"),
+             "Suspended": ("Suspended", False, "Suspended")}
+
+
+def _in_flight(spec, st: _Status, current: Attempt) -> str:
+    phase, running, reason = IN_FLIGHT[current.state]
+    if current.state == "Suspended" and (current.summary or {}).get("queued") and \
+            not spec.scheduling.suspend:
+        phase, reason = "Queued", "Queued"
+    st.set("Running", running, reason, current.message)
+    st.set("Ready", False, reason, current.message)
+    return phase
+
+
+def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] | None
+            ) -> Plan:
+    """The conditions every status carries, the terminal state, TTL expiry and Events."""
+    message = ""
+    if terminal:
+        phase, (reason, message) = "Failed", terminal
+        st.set("Running", False, reason, message)
+        st.set("Failed", True, reason, message)
+        st.set("Succeeded", False, reason, "")
+        st.set("Ready", False, reason, message)
+        st.fields["completionTime"] = st.old.get("completionTime") or _ts(st.now)
+    else:
+        if not st.has("Failed"):
+            st.set("Failed", False, "NoFailure", "")
+        if not st.has("Succeeded"):
+            st.set("Succeeded", False, "NotFinished", "")
+    if not st.has("ArtifactPublished"):
+        st.set("ArtifactPublished", False, "NotPublished", "")
+    status = st.done(phase)
     if phase in ("Succeeded", "Failed"):
-        _expire(plan, job, status, now)
-    _transition_events(plan, old, status, terminal_message)
-    return plan
+        _expire(st.plan, world.job, status, st.now)
+    _transition_events(st.plan, st.old, status, message)
+    return st.plan
 
 
 FINAL_METRICS = {"trainLoss": float, "evalLoss": float, "exactMatch": float,

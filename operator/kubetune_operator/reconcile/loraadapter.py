@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from kubetune import reasons
+from kubetune.behaviour import Probe
 from kubetune.api.finetunejob import MERGEABLE_METHODS as MERGEABLE
 from kubetune.api.loraadapter import LoRAAdapter
 
@@ -36,6 +37,7 @@ class Verification:
     base_uri: str | None = None
     base_revision: str | None = None
     merged_uri: str | None = None
+    probe: Probe | None = None  # what a replica serving it must answer (kubetune.behaviour)
 
 
 @dataclass
@@ -46,6 +48,15 @@ class Replica:
     models: dict[str, str] | None = None
     base_root: str | None = None
     error: str | None = None  # why /v1/models could not be read
+    # The adapter's answer to the manifest's probe on this replica: "ok", "mismatch" (with
+    # `behaviour_message`), "unknown" (not asked yet or no answer) or None (not checked).
+    behaviour: str | None = None
+    behaviour_message: str = ""
+
+    def serves(self, name: str, path: str) -> bool:
+        """Lists the adapter at `path` and, where its behaviour is checked, reproduces it."""
+        return self.models is not None and self.models.get(name) == path and \
+            self.behaviour in (None, "ok")
 
 
 @dataclass
@@ -209,7 +220,9 @@ def failures_for(replicas: list[Replica], name: str, path: str, want: str,
         elif r.models is None:
             out.append(Failure(r.pod, "Unreachable", r.error or "no answer from /v1/models"))
         elif want == "load" and r.models.get(name) != path:
-            out.append(Failure(r.pod, "NotLoaded", f"{name} is not listed by /v1/models"))
+            out.append(Failure(r.pod, reasons.NOT_LOADED, f"{name} is not listed by /v1/models"))
+        elif want == "load" and r.behaviour == "mismatch":
+            out.append(Failure(r.pod, reasons.BEHAVIOUR_MISMATCH, r.behaviour_message))
         if want == "load" and runtime == "kubetune" and r.base_root and r.base_root != base_uri \
                 and not any(f.pod == r.pod for f in out):
             out.append(Failure(r.pod, "BaseModelMismatch", f"the server's base model is "
@@ -296,8 +309,7 @@ def status(inp: StatusInputs, now: datetime) -> dict:
         return finish(False, reason, message, (reason, message))
     d = inp.decision
     desired = inp.desired if inp.desired is not None else len(inp.replicas)
-    loaded = sum(1 for r in inp.replicas if r.models is not None and
-                 r.models.get(inp.adapter.spec.serving_name) == inp.path)
+    loaded = sum(1 for r in inp.replicas if r.serves(inp.adapter.spec.serving_name, inp.path))
     failed = len(inp.failures) if d and d.want == "load" else 0
     out["servedTarget"] = inp.adapter.spec.target.deployment
     out["replicas"] = {"desired": desired if d and d.want != "unload" else 0,
@@ -318,7 +330,9 @@ def status(inp: StatusInputs, now: datetime) -> dict:
         setc("Loaded", False, "NoReadyReplicas", f"deployment {inp.adapter.spec.target.deployment}"
                                                  f" has no ready serving pods")
         return finish(False, "NoReadyReplicas", "waiting for ready serving pods")
-    summary = f"loaded on {loaded}/{desired} replicas"
+    checked = any(r.behaviour is not None for r in inp.replicas)
+    summary = f"loaded on {loaded}/{desired} replicas" + (
+        " (each answers the manifest's probe like the trained adapter)" if checked else "")
     if loaded >= desired:
         setc("Loaded", True, "AllReplicas", summary)
         if d.want == "hold":

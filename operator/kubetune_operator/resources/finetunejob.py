@@ -8,6 +8,7 @@ from kubetune.contract import ExitCode
 from kubetune.trainerconfig import from_finetunejob
 
 from ..settings import OperatorSettings
+from .pods import GPU_TOLERATION, TERMINATION_LOG, restricted_pod, s3_env, trainer_container
 
 GROUP = "kubetune.io"
 LABEL_JOB = "kubetune.io/finetunejob"
@@ -36,7 +37,6 @@ def sealed_artifact(body: dict) -> dict | None:
     return artifact
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 CONFIG_MOUNT = "/etc/kubetune"
-TERMINATION_LOG = "/dev/termination-log"
 RDZV_PORT = 29500
 MAX_NAME = 50  # leaves room for "-<attempt>" and the pod suffix within 63 characters
 
@@ -109,27 +109,12 @@ def _credentials_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict]
     out = job.spec.output
     secret = out.credentials_secret.name if out.credentials_secret else \
         settings.s3_credentials_secret
-    env: list[dict] = []
-    if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    endpoint = out.endpoint or settings.s3_endpoint
-    if endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
-    env.append({"name": "AWS_DEFAULT_REGION", "value": out.region or settings.s3_region})
+    env = s3_env(secret, out.endpoint or settings.s3_endpoint, out.region or settings.s3_region)
     if job.spec.base_model.credentials_secret:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": job.spec.base_model.credentials_secret.name, "key": "HF_TOKEN",
             "optional": True}}})
     return env
-
-
-RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
-                        "seccompProfile": {"type": "RuntimeDefault"}}
-# The images' user (Dockerfile: USER 65532); fsGroup makes emptyDir volumes its own.
-RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
-                  "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorSettings,
@@ -166,31 +151,17 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
     tolerations = [t.wire() for t in res.tolerations or []]
     if res.gpus_per_node and settings.gpu_tolerations and not any(
             t.get("key") == "nvidia.com/gpu" for t in tolerations):
-        tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists",
-                            "effect": "NoSchedule"})
-    pod_spec = {
-        "restartPolicy": "Never",
-        "serviceAccountName": res.service_account_name or trainer_account(name),
-        "terminationGracePeriodSeconds": 120,  # time to write a checkpoint on SIGTERM
-        "securityContext": RESTRICTED_POD,
-        "containers": [{
-            "name": "trainer", "image": res.image or settings.trainer_image,
-            "command": command, "args": train_args, "env": env,
-            "resources": {"limits": limits, "requests": dict(limits)} if limits else {},
-            "volumeMounts": [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-                             {"name": "scratch", "mountPath": "/tmp"}],
-            "securityContext": RESTRICTED_CONTAINER,
-            "terminationMessagePath": TERMINATION_LOG,
-            "terminationMessagePolicy": "FallbackToLogsOnError",
-        }],
-        "volumes": [{"name": "config", "configMap": {"name": config_map_name(name)}},
-                    {"name": "scratch", "emptyDir": {}}],
-    }
-    node_selector = dict(res.node_selector or {}) or dict(settings.default_node_selector)
-    if node_selector:
-        pod_spec["nodeSelector"] = node_selector
-    if tolerations:
-        pod_spec["tolerations"] = tolerations
+        tolerations.append(dict(GPU_TOLERATION))
+    container = trainer_container(
+        "trainer", res.image or settings.trainer_image, command, train_args, env,
+        [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}], limits)
+    pod_spec = restricted_pod(
+        container, [{"name": "config", "configMap": {"name": config_map_name(name)}}],
+        service_account=res.service_account_name or trainer_account(name),
+        api_token=True,  # progress goes to the FineTuneJob's status with the pod's token
+        grace_seconds=120,  # time to write a checkpoint on SIGTERM
+        node_selector=dict(res.node_selector or {}) or dict(settings.default_node_selector),
+        tolerations=tolerations)
     if res.affinity:
         pod_spec["affinity"] = res.affinity
     if res.priority_class_name:
