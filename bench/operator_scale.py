@@ -4,8 +4,11 @@ Same run, same fresh dev cluster: (a) a plain client script creates N batch/v1 J
 pod each) and waits until every pod is Running; (b) N FineTuneJobs are applied to the operator
 and we wait until every one has its Job and status phase Running. Prints both times, the ratio,
 the operator's peak RSS and its API requests per job (reconcile requests; watches excluded).
+Also the latency of one FineTuneJob apply → its Job created (p50, p95 of --probes applies, with
+0 and with N FineTuneJobs present), and the operator's API requests in an idle window after
+everything runs (--idle seconds; it should not grow with N: watches, not polling).
 
-    python bench/operator_scale.py [--jobs 200]
+    python bench/operator_scale.py [--jobs 200] [--probes 10] [--idle 60]
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def wait(predicate, timeout=900, interval=0.5):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--probes", type=int, default=10)
+    parser.add_argument("--idle", type=float, default=60.0)
     args = parser.parse_args()
     n = args.jobs
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-op-"))
@@ -58,7 +63,8 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(dev.kubeconfig))
         core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
         custom = client.CustomObjectsApi(api)
-        for i in range((2 * n) // 8 + 2):  # GPU capacity for both halves
+        nodes = (2 * n + 2 * args.probes) // 8 + 2
+        for i in range(nodes):  # GPU capacity for both halves and the probes
             core.create_node(node_manifest(NodeSpec(f"bench-gpu-{i}", 8, GPU, [])))
         env = {**os.environ, **dev.env()}
         subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds")], env=env, check=True,
@@ -88,6 +94,11 @@ def main() -> int:
                                f"--metrics-port={metrics}", "--bind=127.0.0.1", "--json-logs"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), timeout=60, interval=0.2)
+        empty = _apply_latencies(custom, batch, "probe0", args.probes)
+        wait(lambda: sum((i.get("status") or {}).get("phase") == "Running" for i in
+                         custom.list_namespaced_custom_object(
+                             "kubetune.io", "v1alpha1", "operator", "finetunejobs")["items"])
+             >= args.probes)  # settled: their requests are not counted below
         before = _requests(metrics)
         t0 = time.monotonic()
         for i in range(n):
@@ -98,24 +109,63 @@ def main() -> int:
         def operator_running():
             items = custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
                                                          "finetunejobs")["items"]
-            return sum((i.get("status") or {}).get("phase") == "Running" for i in items) >= n
+            return sum((i.get("status") or {}).get("phase") == "Running" for i in items) >= \
+                n + args.probes
 
         wait(operator_running)
         operated = time.monotonic() - t0
         requests = _requests(metrics) - before
+        full = _apply_latencies(custom, batch, "probe1", args.probes)
+        time.sleep(5)  # the probes' own aftermath
+        idle_start = _requests(metrics)
+        time.sleep(args.idle)
+        idle = (_requests(metrics) - idle_start) * 60 / args.idle
         rss = _peak_rss_mib(op.pid)
         op.terminate()
         op.wait(timeout=30)
         jobs = len(batch.list_namespaced_job("operator").items)
-        print(f"{n} jobs on KWOK GPU nodes ({(2 * n) // 8 + 2} nodes x 8 GPUs)")
+        print(f"{n} jobs on KWOK GPU nodes ({nodes} nodes x 8 GPUs)")
         print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s")
         print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
               f"ratio {operated / plain:.2f}")
         print(f"  operator peak RSS {rss:.0f} MiB; reconcile API requests per job "
-              f"{requests / n:.1f}; Jobs created {jobs} (expected {n})")
+              f"{requests / n:.1f}; Jobs created {jobs} (expected {n + 2 * args.probes})")
+        print(f"  one apply -> Job created: with 0 present p50 {_pct(empty, 50):.3f}s "
+              f"p95 {_pct(empty, 95):.3f}s; with {n + args.probes} present "
+              f"p50 {_pct(full, 50):.3f}s p95 {_pct(full, 95):.3f}s")
+        print(f"  idle: {idle:.1f} API requests per minute with {n + 2 * args.probes} "
+              f"FineTuneJobs present")
     finally:
         dev.down(progress=lambda m: None)
     return 0
+
+
+def _apply_latencies(custom, batch, prefix: str, count: int) -> list[float]:
+    """Apply FineTuneJobs one at a time; seconds from the create call until its Job exists."""
+    from kubernetes.client.exceptions import ApiException
+
+    out = []
+    for i in range(count):
+        name = f"{prefix}-{i}"
+        t0 = time.monotonic()
+        custom.create_namespaced_custom_object(
+            "kubetune.io", "v1alpha1", "operator", "finetunejobs",
+            kwok_finetunejob(name, f"s3://kubetune/bench/{name}"))
+        while True:
+            try:
+                batch.read_namespaced_job(f"{name}-0", "operator")
+                break
+            except ApiException as exc:
+                if exc.status != 404 or time.monotonic() - t0 > 120:
+                    raise
+                time.sleep(0.005)
+        out.append(time.monotonic() - t0)
+    return out
+
+
+def _pct(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def _ok(url: str) -> bool:

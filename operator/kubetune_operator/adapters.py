@@ -1,9 +1,14 @@
 """LoRAAdapter controller glue: observe (artifact, target Deployment, every ready serving pod's
-/v1/models), ask the pure reconcile what to load or unload, do it on every replica in
-parallel, observe again, write the status rebuilt from what the replicas now say.
+/v1/models and its answer to the behaviour probe), ask the pure reconcile what to load or
+unload, do it on every replica in parallel, observe again, write the status rebuilt from what
+the replicas now say.
 
-Every adapter with a target is looked at again every `adapter_resync_seconds`: a replica that
-restarted and lost the adapter, or a new replica, is found and repaired without any event."""
+The Kubernetes side is read from caches, not the API: target Deployments and pods come from
+watches (primed by a LIST), the source FineTuneJob from the FineTuneJob controller's cache,
+Secrets are read once and again only when a server refuses the key (or after
+SECRET_TTL_SECONDS). Every adapter with a target is still looked at every
+`adapter_resync_seconds`, which costs calls to its serving pods and one S3 GET, no API request:
+a replica that restarted and lost the adapter, or drifted, is found and repaired."""
 
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from kubetune.api.validation import SpecError, parse
 from kubetune.behaviour import judge
 
 from . import metrics, policy
-from .cache import Key
+from .cache import Key, ServingCache
 from .engine import Engine, EngineError
 from .kube import Kube
 from .merged import MergedRollout
@@ -30,19 +35,13 @@ from .verification import Verifier
 from .workqueue import WorkQueue
 
 log = structlog.get_logger("kubetune.operator")
+DEPLOYMENT_SELECTOR = f"{policy.TARGET_LABEL}=true"
+SECRET_TTL_SECONDS = 600.0  # a Secret read is trusted this long (a refused key drops it at once)
 
 
 def _target_of(body: dict) -> str | None:
     """The Deployment an adapter body targets (from the raw object; None without a target)."""
     return ((body.get("spec") or {}).get("target") or {}).get("deployment")
-
-
-def _ready(pod: dict) -> bool:
-    status = pod.get("status") or {}
-    return not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" \
-        and bool(status.get("podIP")) and any(
-            c.get("type") == "Ready" and c.get("status") == "True"
-            for c in status.get("conditions") or [])
 
 
 def _fan_out(fn, items: list) -> list:
@@ -55,9 +54,13 @@ def _fan_out(fn, items: list) -> list:
 
 
 class LoRAAdapterController:
-    def __init__(self, kube: Kube, settings: OperatorSettings):
+    def __init__(self, kube: Kube, settings: OperatorSettings,
+                 finetunejobs: dict[Key, dict] | None = None):
         self.kube = kube
         self.settings = settings
+        self.serving = ServingCache()
+        self.finetunejobs = finetunejobs if finetunejobs is not None else {}
+        self._secrets: dict[Key, tuple[float, dict[str, str]]] = {}
         self.adapters: dict[Key, dict] = {}
         self.selectors: dict[Key, dict[str, str]] = {}
         self.verifier = Verifier(settings.max_artifact_bytes)
@@ -65,7 +68,8 @@ class LoRAAdapterController:
         self.behaviour: dict[tuple[str, str, str], tuple[tuple[str, str | None], object]] = {}
         # Fair between namespaces: slow serving pods of one tenant hold at most its share.
         self.queue = WorkQueue(self.reconcile, settings.adapter_workers,
-                               settings.adapter_workers_per_namespace, lane_of=lambda k: k[0])
+                               settings.adapter_workers_per_namespace, lane_of=lambda k: k[0],
+                               name="kubetune-adapter")
         metrics.ADAPTER_QUEUE.set_function(self.queue.depth)
         self.merged = MergedRollout(kube, settings)
 
@@ -81,8 +85,44 @@ class LoRAAdapterController:
             self.queue.add(key)
         self._poke_target(body)
 
+    def prime(self, scopes: list[str | None], watched) -> None:
+        """Fill the serving cache before the first reconcile (LIST, then the watches).
+        `scopes`: namespaces to list (None: all); `watched(ns)`: whether ns is watched."""
+        for ns in scopes:
+            for obj in self.kube.list("Deployment", DEPLOYMENT_SELECTOR
+                                      if self.settings.require_target_opt_in else "", ns):
+                if watched(obj["metadata"]["namespace"]):
+                    self.serving.put_deployment(obj)
+            for obj in self.kube.list("Pod", "", ns):
+                if watched(obj["metadata"]["namespace"]):
+                    self.serving.put_pod(obj)
+
+    def on_deployment(self, event_type: str, body: dict) -> None:
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if event_type == "DELETED":
+            self.serving.remove_deployment(ns, name)
+        else:
+            self.serving.put_deployment(body)
+        for key, other in list(self.adapters.items()):
+            if key[0] == ns and _target_of(other) == name:
+                self.queue.add(key, 0.2)
+
+    def on_finetunejob(self, body: dict) -> None:
+        """A FineTuneJob changed (an artifact published, a gate passed): its adapters look."""
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        for key, other in list(self.adapters.items()):
+            spec = other.get("spec") or {}
+            source = ((spec.get("source") or {}).get("fromFineTuneJob") or {}).get("name") or \
+                (other["metadata"].get("labels") or {}).get("kubetune.io/finetunejob")
+            if key[0] == ns and source == name:
+                self.queue.add(key, 0.1)
+
     def on_pod(self, event_type: str, pod: dict) -> None:
         ns = pod["metadata"]["namespace"]
+        if event_type == "DELETED":
+            self.serving.remove_pod(ns, pod["metadata"]["name"])
+        else:
+            self.serving.put_pod(pod)
         labels = pod["metadata"].get("labels") or {}
         for key, selector in list(self.selectors.items()):
             if key[0] == ns and selector and all(labels.get(k) == v for k, v in selector.items()):
@@ -101,8 +141,9 @@ class LoRAAdapterController:
 
     # ---- reconcile -------------------------------------------------------------------------
     def reconcile(self, key: Key) -> None:
-        run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
-                      lambda k: self.queue.add(k, 5))
+        if run_reconcile("LoRAAdapter", key, self.adapters.get(key), self._reconcile,
+                         self.queue.retry) != "error":
+            self.queue.forget(key)
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key
@@ -172,7 +213,7 @@ class LoRAAdapterController:
         api_key = None
         if target.api_key_secret:
             try:
-                api_key = self.kube.secret_data(ns, target.api_key_secret.name).get("API_KEY")
+                api_key = self._secret(ns, target.api_key_secret.name).get("API_KEY")
             except ApiException as exc:
                 if exc.status != 404:
                     raise
@@ -190,7 +231,7 @@ class LoRAAdapterController:
         moved_from = (body.get("status") or {}).get("servedTarget")
         left_behind = moved_from if moved_from and moved_from != target.deployment and \
             not self._unload_from(body, ns, moved_from, adapter, api_key) else None
-        deployment = self.kube.get_deployment(ns, target.deployment)
+        deployment = self._deployment(ns, target.deployment)
         if deployment is not None and not policy.target_opted_in(deployment, self.settings):
             if deleting:  # never loaded there (nothing is done to a Deployment not opted in)
                 self._drop_finalizer(body)
@@ -215,7 +256,7 @@ class LoRAAdapterController:
                     ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels")
                     or {})
         self.selectors[key] = selector
-        pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
+        pods = self.serving.ready_pods(ns, selector)
         # Desired: every replica the Deployment wants (a starting replica lacks the adapter
         # until it is ready and loaded), or more while a rollout surges.
         wanted = max(int((deployment.get("spec") or {}).get("replicas", 1) or 0), len(pods))
@@ -236,6 +277,10 @@ class LoRAAdapterController:
             replicas = [fresh.get(r.pod, r) for r in replicas]
         if spec.compatibility.verify_behaviour and v.ok and v.probe is not None and path:
             self._check_behaviour(body, engines, replicas, acted, spec, v, path, errors)
+        if target.api_key_secret and (
+                any(r.error_reason == reasons.UNAUTHORIZED for r in replicas) or
+                any(f.reason == reasons.UNAUTHORIZED for f in errors.values())):
+            self._secrets.pop((ns, target.api_key_secret.name), None)  # read it again
         inputs.replicas = replicas
         inputs.desired = wanted
         inputs.failures = rec.failures_for(replicas, spec.serving_name, path, decision.want,
@@ -318,11 +363,11 @@ class LoRAAdapterController:
     def _unload_from(self, body: dict, ns: str, deployment_name: str, adapter, api_key) -> bool:
         """spec.target changed (promotion to another Deployment): unload from the old one.
         True when no reachable replica there serves it any more."""
-        old = self.kube.get_deployment(ns, deployment_name)
+        old = self._deployment(ns, deployment_name)
         if old is None:
             return True
         selector = ((old.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-        pods = [p for p in self.kube.pods(ns, selector) if _ready(p)]
+        pods = self.serving.ready_pods(ns, selector)
         engines = self._engines(pods, adapter.spec.target.port, api_key)
         replicas = self._observe(engines)
         _, unload, _ = rec.actions(replicas, adapter.spec.serving_name, "", "unload")
@@ -350,7 +395,8 @@ class LoRAAdapterController:
                 models, base = engine.models()
                 return rec.Replica(pod, engine.base, models, base)
             except EngineError as exc:
-                return rec.Replica(pod, engine.base, None, None, str(exc))
+                return rec.Replica(pod, engine.base, None, None, str(exc),
+                                   error_reason=exc.reason)
         return _fan_out(one, sorted(engines.items()))
 
     def _act(self, engines, name, path, load, unload, replace, errors, sync=None) -> set[str]:
@@ -391,7 +437,26 @@ class LoRAAdapterController:
         ref = adapter.spec.source.from_fine_tune_job
         name = ref.name if ref else (body["metadata"].get("labels") or {}).get(
             "kubetune.io/finetunejob")
-        return self.kube.get_custom("FineTuneJob", ns, name) if name else None
+        if not name:
+            return None
+        cached = self.finetunejobs.get((ns, name))  # the FineTuneJob controller's watch cache
+        return cached if cached is not None else self.kube.get_custom("FineTuneJob", ns, name)
+
+    def _deployment(self, ns: str, name: str) -> dict | None:
+        """The target from the watch cache; a miss is asked of the API (the watch holds only
+        opted-in Deployments, so a miss may be one that is not: the status says which)."""
+        cached = self.serving.deployment(ns, name)
+        return cached if cached is not None else self.kube.get_deployment(ns, name)
+
+    def _secret(self, ns: str, name: str) -> dict[str, str]:
+        import time
+
+        held = self._secrets.get((ns, name))
+        if held is not None and time.monotonic() - held[0] < SECRET_TTL_SECONDS:
+            return held[1]
+        data = self.kube.secret_data(ns, name)
+        self._secrets[(ns, name)] = (time.monotonic(), data)
+        return data
 
     def _storage(self, ns: str, adapter):
         from kubetune.storage import Storage
@@ -401,7 +466,7 @@ class LoRAAdapterController:
             self.settings.s3_credentials_secret
         keys = {}
         if secret:
-            data = self.kube.secret_data(ns, secret)
+            data = self._secret(ns, secret)
             keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
                     "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
         return Storage(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,

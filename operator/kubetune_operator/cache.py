@@ -48,3 +48,71 @@ class Caches:
         self.jobs = Store()
         self.pods = Store()
         self.lock = threading.Lock()
+
+
+def pod_view(pod: dict) -> dict:
+    """What the adapter controller needs of a pod, kept small: every pod in the watched
+    namespaces passes through this cache (serving pods carry no label of ours)."""
+    status = pod.get("status") or {}
+    ready = not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" \
+        and bool(status.get("podIP")) and any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or [])
+    return {"metadata": {"name": pod["metadata"]["name"],
+                         "namespace": pod["metadata"]["namespace"],
+                         "labels": dict(pod["metadata"].get("labels") or {}),
+                         "resourceVersion": pod["metadata"].get("resourceVersion")},
+            "status": {"podIP": status.get("podIP")}, "ready": bool(ready)}
+
+
+class ServingCache:
+    """Deployments that adapters may target (the watch is filtered to opted-in ones when the
+    policy requires it) and every pod's small view, by namespace: the adapter reconcile reads
+    them without an API call; LIST primes them, watch events keep them fresh."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.deployments: dict[Key, dict] = {}
+        self._pods: dict[str, dict[str, dict]] = defaultdict(dict)
+
+    def put_deployment(self, obj: dict) -> None:
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        with self._lock:
+            current = self.deployments.get(key)
+            if current is None or _rv(current) <= _rv(obj):
+                self.deployments[key] = obj
+
+    def remove_deployment(self, ns: str, name: str) -> None:
+        with self._lock:
+            self.deployments.pop((ns, name), None)
+
+    def deployment(self, ns: str, name: str) -> dict | None:
+        with self._lock:
+            return self.deployments.get((ns, name))
+
+    def put_pod(self, pod: dict) -> None:
+        view = pod_view(pod)
+        ns, name = view["metadata"]["namespace"], view["metadata"]["name"]
+        with self._lock:
+            current = self._pods[ns].get(name)
+            if current is None or _rv(current) <= _rv(view):
+                self._pods[ns][name] = view
+
+    def remove_pod(self, ns: str, name: str) -> None:
+        with self._lock:
+            self._pods.get(ns, {}).pop(name, None)
+
+    def ready_pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
+        """Ready pods of `ns` whose labels match `selector` (an empty selector matches none:
+        a Deployment always has one)."""
+        if not selector:
+            return []
+        with self._lock:
+            pods = list(self._pods.get(ns, {}).values())
+        return sorted((p for p in pods if p["ready"] and all(
+            p["metadata"]["labels"].get(k) == v for k, v in selector.items())),
+            key=lambda p: p["metadata"]["name"])
+
+    def pod_count(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._pods.values())

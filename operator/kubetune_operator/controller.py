@@ -3,8 +3,6 @@ succeeded), run the pure reconcile, apply its plan through `kube`, schedule the 
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
 from datetime import datetime, timezone
 
 import structlog
@@ -18,7 +16,7 @@ from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
 from .runner import run_reconcile
 from .settings import OperatorSettings
-from .workqueue import DelayQueue
+from .workqueue import WorkQueue
 
 log = structlog.get_logger("kubetune.operator")
 
@@ -28,21 +26,20 @@ class FineTuneJobController:
         self.kube = kube
         self.settings = settings
         self.caches = caches
-        self.queue = DelayQueue(self.reconcile)
-        self._locks: dict[Key, threading.Lock] = defaultdict(threading.Lock)
-        self._locks_lock = threading.Lock()
-
-    def _lock(self, key: Key) -> threading.Lock:
-        with self._locks_lock:
-            return self._locks[key]
+        # Events only queue a key; workers reconcile it, one worker per key at a time, and a
+        # burst of child events (a pod's many updates) becomes one reconcile.
+        self.queue = WorkQueue(self.reconcile, settings.finetunejob_workers,
+                               settings.finetunejob_workers_per_namespace,
+                               lane_of=lambda k: k[0], name="kubetune-finetunejob")
+        self.listeners: list = []  # called with each changed FineTuneJob (its adapters look)
 
     def reconcile(self, key: Key) -> None:
-        with self._lock(key):
-            body = self.caches.finetunejobs.get(key)
-            if body is not None and body["metadata"].get("deletionTimestamp"):
-                body = None  # being deleted: owner references clean up the children
-            run_reconcile("FineTuneJob", key, body, self._reconcile,
-                          lambda k: self.queue.add_after(k, 5))
+        body = self.caches.finetunejobs.get(key)
+        if body is not None and body["metadata"].get("deletionTimestamp"):
+            body = None  # being deleted: owner references clean up the children
+        if run_reconcile("FineTuneJob", key, body, self._reconcile,
+                         self.queue.retry) != "error":
+            self.queue.forget(key)
 
     def _reconcile(self, key: Key, body: dict) -> None:
         ns, name = key
@@ -137,7 +134,7 @@ class FineTuneJobController:
                 # Never adopt a look-alike: say so, touch nothing, look again later.
                 self.kube.event(body, "Warning", "ChildConflict", str(exc))
                 log.warning("Child name taken by another owner", error=str(exc))
-                self.queue.add_after(key, 30)
+                self.queue.add(key, 30)
                 return
             if obj["kind"] == "Job":
                 self.caches.jobs.put(key, obj)  # write-through: the watch event follows
@@ -164,7 +161,7 @@ class FineTuneJobController:
         if plan.delete_self:
             self.kube.delete_custom("FineTuneJob", ns, name)
         if plan.requeue_after is not None:
-            self.queue.add_after(key, plan.requeue_after + 0.05)
+            self.queue.add(key, plan.requeue_after + 0.05)
 
     # ---- cache maintenance (called by the kopf handlers) -----------------------------------
     def on_finetunejob(self, event_type: str, body: dict) -> None:
@@ -176,7 +173,9 @@ class FineTuneJobController:
             metrics.observe_phase(key, None)
             return
         self.caches.finetunejobs[key] = body
-        self.reconcile(key)
+        self.queue.add(key)
+        for listener in self.listeners:
+            listener(body)
 
     def on_child(self, store, event_type: str, body: dict) -> None:
         owner = (body["metadata"]["namespace"],
@@ -190,7 +189,7 @@ class FineTuneJobController:
             # exit code); it is kept until its FineTuneJob goes.
             store.put(owner, body)
         if owner in self.caches.finetunejobs:
-            self.reconcile(owner)
+            self.queue.add(owner)
 
 
 def _changed(old: dict, new: dict) -> bool:

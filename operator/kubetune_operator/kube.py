@@ -198,6 +198,11 @@ class Kube:
             items = (self.core.list_namespaced_pod(namespace, label_selector=label_selector)
                      if namespace else
                      self.core.list_pod_for_all_namespaces(label_selector=label_selector))
+        elif kind == "Deployment":
+            items = (self.apps.list_namespaced_deployment(namespace,
+                                                          label_selector=label_selector)
+                     if namespace else
+                     self.apps.list_deployment_for_all_namespaces(label_selector=label_selector))
         else:
             raise ValueError(kind)
         return [self.api.sanitize_for_serialization(i) for i in items.items]

@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     controller = FineTuneJobController(kube, settings, caches)
     registry = kopf.OperatorRegistry()
     ftj_handlers.register(registry, controller)
-    adapters = LoRAAdapterController(kube, settings)
+    adapters = LoRAAdapterController(kube, settings, caches.finetunejobs)
+    controller.listeners.append(adapters.on_finetunejob)
     adapter_handlers.register(registry, adapters)
 
     @kopf.on.login(registry=registry)
@@ -110,11 +111,17 @@ def run(args: argparse.Namespace) -> int:
         patterns = controller.settings.namespaces
         exact = [ns for ns in patterns if not any(c in ns for c in "*?[")]
         scopes = [None] if not patterns or len(exact) < len(patterns) else exact
+
+        def watched(namespace: str) -> bool:
+            return not patterns or any(fnmatch.fnmatch(namespace, p) for p in patterns)
+
+        # And the serving cache (target Deployments, pods) before the first adapter reconcile.
+        adapters.prime(scopes, watched)
         for ns in scopes:
             for kind, store in (("Job", caches.jobs), ("Pod", caches.pods)):
                 for obj in kube.list(kind, "kubetune.io/finetunejob", ns):
                     namespace = obj["metadata"]["namespace"]
-                    if patterns and not any(fnmatch.fnmatch(namespace, p) for p in patterns):
+                    if not watched(namespace):
                         continue
                     owner = (namespace, obj["metadata"]["labels"]["kubetune.io/finetunejob"])
                     store.put(owner, obj)

@@ -22,9 +22,10 @@ def namespace_terminating(exc: Exception) -> bool:
 
 def run_reconcile(kind: str, key, body: dict | None,
                   reconcile: Callable[[object, dict], None],
-                  retry: Callable[[object], None]) -> None:
-    """One reconcile with its duration and result (success/skipped/error) recorded. No body
-    means nothing to do (skipped); an exception is logged and the key handed to `retry`."""
+                  retry: Callable[[object], None]) -> str:
+    """One reconcile with its duration and result (success/skipped/error) recorded, and
+    returned. No body means nothing to do (skipped); an exception is logged and the key
+    handed to `retry`."""
     start = time.perf_counter()
     result = "skipped"
     try:
@@ -37,10 +38,11 @@ def run_reconcile(kind: str, key, body: dict | None,
                     result = "skipped"
                     log.info("Namespace is being deleted; nothing to reconcile", kind=kind,
                              namespace=key[0], name=key[1])
-                    return
+                    return result
                 result = "error"
                 log.exception("Reconcile failed", kind=kind, namespace=key[0], name=key[1])
                 retry(key)
     finally:
         RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - start)
         RECONCILES.labels(kind=kind, result=result).inc()
+    return result

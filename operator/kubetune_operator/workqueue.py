@@ -1,9 +1,12 @@
-"""Delayed reconciles (retry back-off, TTL, errors): one thread sleeping until the next due key.
-No polling: it wakes only when something is due or newly scheduled."""
+"""The operator's one work queue (both kinds): keys reconciled by a worker pool, never on
+kopf's threads; bursts collapse; fair between namespaces; failures retried with per-key
+exponential back-off and jitter. Delayed looks (retry back-off, TTL, resync) wait in a
+DelayQueue: one thread sleeping until the next due key, no polling."""
 
 from __future__ import annotations
 
 import heapq
+import random
 import threading
 import time
 from collections import deque
@@ -68,7 +71,8 @@ class WorkQueue:
     at most `per_lane` workers; every other namespace keeps the rest."""
 
     def __init__(self, handler: Callable[[Hashable], None], workers: int = 16,
-                 per_lane: int = 2, lane_of: Callable[[Hashable], Hashable] | None = None):
+                 per_lane: int = 2, lane_of: Callable[[Hashable], Hashable] | None = None,
+                 name: str = "kubetune-worker", backoff: tuple[float, float] = (0.5, 300.0)):
         from concurrent.futures import ThreadPoolExecutor
 
         if workers < 1 or per_lane < 1:
@@ -76,7 +80,9 @@ class WorkQueue:
         self.handler = handler
         self.workers, self.per_lane = workers, min(per_lane, workers)
         self.lane_of = lane_of or (lambda key: key[0] if isinstance(key, tuple) else key)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kubetune-adapter")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self.backoff = backoff  # (first delay, cap) of retries after failures, in seconds
+        self._failures: dict[Hashable, int] = {}
         self._running: set = set()
         self._dirty: set = set()
         self._waiting: dict[Hashable, dict[Hashable, None]] = {}  # lane -> keys, in order
@@ -100,6 +106,21 @@ class WorkQueue:
             self._delay.add_after(key, delay)
         else:
             self._submit(key)
+
+    def retry(self, key: Hashable) -> float:
+        """A failed reconcile: look again after base·2^(n-1) seconds (capped), ±20 % jitter so
+        keys that failed together (an apiserver hiccup) do not come back together."""
+        with self._lock:
+            n = self._failures[key] = self._failures.get(key, 0) + 1
+        first, cap = self.backoff
+        delay = min(first * 2 ** (n - 1), cap) * random.uniform(0.8, 1.2)
+        self.add(key, delay)
+        return delay
+
+    def forget(self, key: Hashable) -> None:
+        """A successful reconcile: the next failure starts the back-off from the beginning."""
+        with self._lock:
+            self._failures.pop(key, None)
 
     def depth(self) -> int:
         """Keys waiting for a worker (not counting running ones)."""
@@ -159,7 +180,7 @@ class WorkQueue:
         try:
             self.handler(key)
         except Exception:  # noqa: BLE001 - the handler logs; retry later
-            self._delay.add_after(key, 10)
+            self.retry(key)
         finally:
             lane = self.lane_of(key)
             with self._lock:

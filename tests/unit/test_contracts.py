@@ -72,7 +72,8 @@ def test_every_reason_the_adapter_side_writes_is_registered():
              "FineTuneJob", "LoRAAdapter", "Job", "True", "False", "Normal", "Warning",
              "Running", "Failed", "Never", "Exists", "NoSchedule", "FallbackToLogsOnError",
              "Progressing", "ProgressDeadlineExceeded", "PodScheduled", "Unschedulable",
-             "RollingUpdate", "CrashLoopBackOff", "NoSuchKey", "Accept", "Authorization"}
+             "RollingUpdate", "CrashLoopBackOff", "NoSuchKey", "Accept", "Authorization",
+             "Deployment", "Pod"}
     known = set(reasons.REASONS) | set(reasons.LORAADAPTER_CONDITIONS) | other
     files = ["reconcile/loraadapter.py", "adapters.py", "merged.py", "engine.py",
              "verification.py"]

@@ -139,3 +139,68 @@ def test_the_adapter_controller_is_fair_by_namespace_with_the_configured_shares(
     assert REGISTRY.get_sample_value("kubetune_adapter_queue_waiting") == 2
     with pytest.raises(ValueError):
         WorkQueue(lambda key: None, workers=0)
+
+
+def test_failures_back_off_exponentially_with_jitter_and_success_resets():
+    import time
+
+    calls: list[float] = []
+    fail = {"on": True}
+
+    def handler(key):
+        calls.append(time.monotonic())
+        if fail["on"]:
+            raise RuntimeError("apiserver hiccup")
+
+    q = WorkQueue(handler, workers=2, per_lane=2, backoff=(0.05, 0.4))
+    q.start()
+    try:
+        q.add(("ns", "a"))
+        deadline = time.monotonic() + 10
+        while len(calls) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gaps = [b - a for a, b in zip(calls, calls[1:])]
+        # 0.05, 0.1, 0.2, 0.4, 0.4 (capped), each ±20 %
+        for gap, want in zip(gaps, (0.05, 0.1, 0.2, 0.4, 0.4)):
+            assert want * 0.8 - 0.01 <= gap <= want * 1.2 + 0.15, gaps
+        assert q._failures[("ns", "a")] >= 5
+        q.forget(("ns", "a"))
+        assert ("ns", "a") not in q._failures
+        delays = [q.retry(("ns", f"k{i}")) for i in range(20)]  # each a first failure
+        assert all(0.04 <= d <= 0.06 for d in delays)
+        assert len({round(d, 6) for d in delays}) > 10  # jittered, not in lockstep
+    finally:
+        fail["on"] = False
+        q.stop()
+
+
+def test_the_finetunejob_controller_reconciles_off_kopfs_threads():
+    """An event only queues the key: the handler returns at once, a worker reconciles."""
+    from kubetune_operator.cache import Caches
+    from kubetune_operator.controller import FineTuneJobController
+
+    seen = []
+    controller = FineTuneJobController(None, OperatorSettings(), Caches())
+    def reconcile(key, body):
+        import time
+
+        seen.append(threading.current_thread().name)
+        time.sleep(0.3)  # the burst arrives while the first run is busy
+    controller._reconcile = reconcile
+    controller.queue.start()
+    try:
+        body = {"metadata": {"namespace": "ns", "name": "j", "uid": "u"}}
+        controller.on_finetunejob("ADDED", body)
+        for _ in range(3):  # a burst of child events for the same job
+            controller.on_child(controller.caches.pods, "MODIFIED", {"metadata": {
+                "namespace": "ns", "name": "p", "resourceVersion": "1",
+                "labels": {"kubetune.io/finetunejob": "j"}}})
+        import time
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)
+    finally:
+        controller.queue.stop()
+    assert seen and all(name.startswith("kubetune-finetunejob") for name in seen)
+    assert len(seen) == 2  # four events: one run, and one rerun for the burst

@@ -64,7 +64,7 @@ controllers use; nothing else. */}}
   verbs: ["create"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "patch"]
+  verbs: ["get", "list", "watch", "patch"]  # watched (opted-in ones): the adapters' targets
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get"]

@@ -1,5 +1,5 @@
-"""kopf-facing handlers for LoRAAdapters and the serving pods they target: thin, level-based.
-An adapter event or a change of one of its target's pods queues that adapter's reconcile."""
+"""kopf-facing handlers for LoRAAdapters, the Deployments they target and the serving pods:
+thin, level-based. Events refresh the controller's caches and queue the adapters concerned."""
 
 from __future__ import annotations
 
@@ -8,12 +8,20 @@ import copy
 import kopf
 
 from ..adapters import LoRAAdapterController
+from ..policy import TARGET_LABEL
 
 
 def register(registry: kopf.OperatorRegistry, controller: LoRAAdapterController) -> None:
     @kopf.on.event("kubetune.io", "v1alpha1", "loraadapters", registry=registry)
     def adapter_event(type, body, **_):  # noqa: A002 - kopf's keyword
         controller.on_adapter(type or "ADDED", copy.deepcopy(dict(body)))
+
+    # Only Deployments an adapter may change are watched when the policy requires opting in.
+    opted_in = {TARGET_LABEL: "true"} if controller.settings.require_target_opt_in else None
+
+    @kopf.on.event("apps", "v1", "deployments", labels=opted_in, registry=registry)
+    def deployment_event(type, body, **_):  # noqa: A002
+        controller.on_deployment(type or "ADDED", copy.deepcopy(dict(body)))
 
     @kopf.on.event("", "v1", "pods", registry=registry)
     def serving_pod_event(type, body, **_):  # noqa: A002

@@ -48,6 +48,7 @@ class Replica:
     models: dict[str, str] | None = None
     base_root: str | None = None
     error: str | None = None  # why /v1/models could not be read
+    error_reason: str | None = None  # its reason (kubetune.reasons), e.g. Unauthorized
     # The adapter's answer to the manifest's probe on this replica: "ok", "mismatch" (with
     # `behaviour_message`), "unknown" (not asked yet or no answer) or None (not checked).
     behaviour: str | None = None
