@@ -5,8 +5,13 @@ replicas: download the artifact from S3 and make one load call.
 A fresh dev cluster (real control plane, the real node, SeaweedFS), a `kubetune serve`
 Deployment with --replicas pods (tiny Llama, the `serve` image), the operator with its default
 settings. Each round uses a fresh artifact (nothing cached). Prints medians and the ratio.
+"Loaded" is the operator's status: listed by every replica *and* behaviour-verified (each
+replica answered the manifest's probe like the trained adapter).
 
-    python bench/adapter_load.py [--replicas 2] [--rounds 5]
+With --real: the real model (SmolLM2-135M-Instruct) and a realistic artifact, LoRA r=64 on
+every linear layer (~80 MB), instead of tiny Llama and a rank-8 LoRA.
+
+    python bench/adapter_load.py [--replicas 2] [--rounds 5] [--real]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from kubernetes import client, config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "serving")]
 
-from adapterfactory import make_adapter, publish  # noqa: E402
+from adapterfactory import make_adapter, make_lora_on, publish  # noqa: E402
 from helpers import wait_for  # noqa: E402
 from servingutil import call, ready_pods, serve_deployment  # noqa: E402
 
@@ -39,7 +44,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--real", action="store_true",
+                        help="SmolLM2-135M-Instruct and LoRA r=64 on all linear layers")
     args = parser.parse_args()
+    model = "builtin://smollm2-135m-instruct" if args.real else "builtin://tiny-llama"
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-adapter-"))
     dev = DevCluster(work / "cluster")
     dev.up(progress=lambda m: None)
@@ -59,16 +67,27 @@ def main() -> int:
         wait_for(lambda: core.list_namespaced_service_account(ns).items, 30, 0.2)
         core.create_namespaced_secret(ns, {"metadata": {"name": "s3-creds"}, "stringData": {
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
-        apps.create_namespaced_deployment(ns, serve_deployment("srv", args.replicas,
-                                                               endpoint=s3.endpoint))
+        apps.create_namespaced_deployment(ns, serve_deployment(
+            "srv", args.replicas, model=model, max_rank=64, endpoint=s3.endpoint))
         wait_for(lambda: len(ready_pods(_Cluster(api), ns, "srv")) == args.replicas, 300, 0.5)
         pods = ready_pods(_Cluster(api), ns, "srv")
 
         artifacts = []
+        base = None
+        if args.real:
+            from kubetune_trainer.sources import resolve_model
+
+            base = resolve_model(model, None, work / "models", storage)
         for i in range(2 * args.rounds):
-            directory = make_adapter(work / f"a{i}", "LoRA", seed=i)
             uri = f"s3://{s3.bucket}/bench/a{i}"
-            artifacts.append((uri, publish(storage, uri, directory)))
+            if args.real:
+                directory = make_lora_on(base, work / f"a{i}", 64, seed=i)
+                artifacts.append((uri, publish(storage, uri, directory, "LoRA", 64,
+                                               base_uri=model, revision=None, base=base)))
+            else:
+                directory = make_adapter(work / f"a{i}", "LoRA", seed=i)
+                artifacts.append((uri, publish(storage, uri, directory)))
+        size = sum(f.stat().st_size for f in (work / "a0").rglob("*") if f.is_file())
 
         # (a) the floor: one load call, in which the server downloads the artifact from S3.
         floor = []
@@ -95,7 +114,8 @@ def main() -> int:
             name = f"bench-{i}"
             t0 = time.monotonic()
             custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
-                                                   "loraadapters", _adapter(name, uri, digest))
+                                                   "loraadapters",
+                                                   _adapter(name, uri, digest, model))
 
             def loaded():
                 st = custom.get_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
@@ -109,7 +129,9 @@ def main() -> int:
             wait_for(lambda: not custom.list_namespaced_custom_object(
                 "kubetune.io", "v1alpha1", ns, "loraadapters")["items"], 60, 0.1)
         f, o = statistics.median(floor), statistics.median(operated)
-        print(f"LoRA rank 8 on tiny Llama, {args.replicas} kubetune serve replicas, "
+        what = "LoRA r=64 on all linear layers of SmolLM2-135M" if args.real else \
+            "LoRA r=8 on tiny Llama"
+        print(f"{what} ({size / 1e6:.1f} MB), {args.replicas} kubetune serve replicas, "
               f"{args.rounds} rounds (medians)")
         print(f"  floor: one load call incl. its S3 download (1 replica): {f:6.2f}s")
         print(f"  kubetune: apply LoRAAdapter -> loaded on {args.replicas}/{args.replicas} "
@@ -129,10 +151,11 @@ class _Cluster:
         self.api = api
 
 
-def _adapter(name: str, uri: str, digest: str) -> dict:
+def _adapter(name: str, uri: str, digest: str, model: str) -> dict:
+    base = {"uri": model, "revision": "v1"} if model == "builtin://tiny-llama" else {"uri": model}
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "LoRAAdapter",
             "metadata": {"name": name},
-            "spec": {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+            "spec": {"baseModel": base,
                      "source": {"uri": uri, "sha256": digest}, "servingName": name,
                      "target": {"deployment": "srv"}}}
 

@@ -54,6 +54,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--operator-from", type=Path, default=None,
+                        help="run the operator from another checkout (a before/after "
+                             "comparison in the same conditions), e.g. a `git worktree`")
     args = parser.parse_args()
     n = args.jobs
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-op-"))
@@ -89,17 +92,23 @@ def main() -> int:
 
         # (b) the operator.
         health, metrics = procs.free_port(), procs.free_port()
+        op_env = dict(env)
+        if args.operator_from:
+            src = args.operator_from.resolve()
+            op_env["PYTHONPATH"] = os.pathsep.join(str(src / d) for d in ("", "operator",
+                                                                           "trainer"))
         op = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "operator",
                                "--namespace=operator", f"--health-port={health}",
                                f"--metrics-port={metrics}", "--bind=127.0.0.1", "--json-logs"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              env=op_env, cwd=args.operator_from or None,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait(lambda: _ok(f"http://127.0.0.1:{health}/healthz"), timeout=60, interval=0.2)
         empty = _apply_latencies(custom, batch, "probe0", args.probes)
         wait(lambda: sum((i.get("status") or {}).get("phase") == "Running" for i in
                          custom.list_namespaced_custom_object(
                              "kubetune.io", "v1alpha1", "operator", "finetunejobs")["items"])
              >= args.probes)  # settled: their requests are not counted below
-        before = _requests(metrics)
+        before, verbs0 = _requests(metrics), _by_verb(metrics)
         t0 = time.monotonic()
         for i in range(n):
             body = kwok_finetunejob(f"ftj-{i}", f"s3://kubetune/bench/ftj-{i}")
@@ -115,6 +124,7 @@ def main() -> int:
         wait(operator_running)
         operated = time.monotonic() - t0
         requests = _requests(metrics) - before
+        verbs = {k: v - verbs0.get(k, 0) for k, v in _by_verb(metrics).items()}
         full = _apply_latencies(custom, batch, "probe1", args.probes)
         time.sleep(5)  # the probes' own aftermath
         idle_start = _requests(metrics)
@@ -124,12 +134,14 @@ def main() -> int:
         op.terminate()
         op.wait(timeout=30)
         jobs = len(batch.list_namespaced_job("operator").items)
+        per_verb = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(verbs.items()) if v)
         print(f"{n} jobs on KWOK GPU nodes ({nodes} nodes x 8 GPUs)")
         print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s")
         print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
               f"ratio {operated / plain:.2f}")
         print(f"  operator peak RSS {rss:.0f} MiB; reconcile API requests per job "
-              f"{requests / n:.1f}; Jobs created {jobs} (expected {n + 2 * args.probes})")
+              f"{requests / n:.1f} ({per_verb}); "
+              f"Jobs created {jobs} (expected {n + 2 * args.probes})")
         print(f"  one apply -> Job created: with 0 present p50 {_pct(empty, 50):.3f}s "
               f"p95 {_pct(empty, 95):.3f}s; with {n + args.probes} present "
               f"p50 {_pct(full, 50):.3f}s p95 {_pct(full, 95):.3f}s")
@@ -177,9 +189,13 @@ def _ok(url: str) -> bool:
 
 
 def _requests(port: int) -> float:
+    return sum(_by_verb(port).values())
+
+
+def _by_verb(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-    return sum(float(m) for m in re.findall(r'^kubetune_api_requests_total\{[^}]*\} (\S+)$',
-                                           text, flags=re.M))
+    return {verb: float(value) for verb, value in re.findall(
+        r'^kubetune_api_requests_total\{verb="([^"]*)"\} (\S+)$', text, flags=re.M)}
 
 
 def _peak_rss_mib(pid: int) -> float:

@@ -51,28 +51,30 @@ def make_adapter(directory: Path, method: str = "LoRA", rank: int = 8, seed: int
     return directory
 
 
-def probe(directory: Path) -> dict:
+def probe(directory: Path, base: Path | None = None) -> dict:
     """The manifest's probe of an adapter folder, computed as the trainer does (loading.py)."""
     from transformers import AutoTokenizer
 
     from kubetune_trainer import loading
 
-    model = loading.load(base_path(), directory)
-    return loading.probe(model, AutoTokenizer.from_pretrained(str(base_path())))
+    base = base or base_path()
+    model = loading.load(base, directory)
+    return loading.probe(model, AutoTokenizer.from_pretrained(str(base)))
 
 
 def publish(storage, uri: str, directory: Path, method: str = "LoRA", rank: int | None = 8,
             base_uri: str = BASE, revision: str | None = "v1",
-            probe_of: Path | None = None) -> str:
+            probe_of: Path | None = None, base: Path | None = None) -> str:
     """Manifest (with the probe, like the trainer's) + upload; returns the manifest's sha256.
     `probe_of`: record another folder's probe instead (an artifact whose weights do not
-    behave as its manifest says)."""
+    behave as its manifest says). `base`: the base model folder when it is not tiny Llama."""
     from kubetune import artifacts
 
     manifest = artifacts.build_manifest(
         directory, kind="adapter", method={"type": method, "rank": rank},
         base_model={"uri": base_uri, "revision": revision}, dataset=None, metrics={},
-        extra={"probe": probe(probe_of or directory)} if base_uri == BASE else None)
+        extra={"probe": probe(probe_of or directory, base)}
+        if base_uri == BASE or base is not None else None)
     return artifacts.upload(directory, manifest, uri, storage)
 
 
@@ -86,3 +88,23 @@ def published(storage, bucket: str, tmp: Path, method: str = "LoRA", rank: int =
                                           rank, seed + 1)
     return uri, publish(storage, uri, directory, method,
                         rank if method in ("LoRA", "QLoRA") else None, **kwargs)
+
+
+def make_lora_on(base: Path, directory: Path, rank: int = 64, seed: int = 0) -> Path:
+    """A LoRA on every linear layer of the model in `base` (the real model's realistic size:
+    r=64 on SmolLM2-135M is ~80 MB), weights randomised so it changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank,
+                                                  target_modules="all-linear",
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for _, param in peft_model.named_parameters():
+            if param.requires_grad:
+                param.normal_(0.0, 0.02)
+    peft_model.save_pretrained(str(directory))
+    return directory

@@ -99,6 +99,14 @@ def api_markdown() -> str:
         for rule in schema.get("x-kubernetes-validations", []):
             out.append(f"- on update: {rule['message']} (CEL: `{rule['rule']}`)")
         out.append("")
+    from kubetune import reasons
+
+    out += ["## LoRAAdapter condition reasons", "",
+            "From `kubetune/reasons.py`: the operator decides by a reason's kind (`terminal` sets "
+            "`Degraded=True`; `transient` keeps what is served and looks again; both are Warning "
+            "Events), never by its message.", "",
+            "| reason | kind | meaning |", "|---|---|---|"]
+    out += [f"| `{r.name}` | {r.kind} | {r.doc} |" for r in reasons.REASONS.values()]
     return "\n".join(out).rstrip() + "\n"
 
 

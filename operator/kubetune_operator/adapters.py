@@ -79,6 +79,9 @@ class LoRAAdapterController:
         if event_type == "DELETED":
             self.adapters.pop(key, None)
             self.selectors.pop(key, None)
+            serving = (body.get("spec") or {}).get("servingName")
+            for k in [k for k in self.behaviour if k[0] == key[0] and k[2] == serving]:
+                self.behaviour.pop(k, None)
             metrics.observe_adapter(key, None)
         else:
             self.adapters[key] = body
@@ -260,9 +263,8 @@ class LoRAAdapterController:
         # Desired: every replica the Deployment wants (a starting replica lacks the adapter
         # until it is ready and loaded), or more while a rollout surges.
         wanted = max(int((deployment.get("spec") or {}).get("replicas", 1) or 0), len(pods))
-        decision = rec.decide(body, eligible, self._members(ns, body))
-        if not v.ok and reasons.kind(v.reason) == "transient" and decision.want == "unload" and not deleting:
-            decision = rec.Decision("hold", v.reason, v.message)  # S3 hiccup: keep serving
+        decision = rec.keep_through_transient(
+            rec.decide(body, eligible, self._members(ns, body)), v, deleting)
         path = rec.lora_path(adapter, v, self.settings.vllm_adapter_dir) if v.ok else ""
         inputs.decision, inputs.path = decision, path
 
@@ -286,38 +288,22 @@ class LoRAAdapterController:
         inputs.failures = rec.failures_for(replicas, spec.serving_name, path, decision.want,
                                            errors, spec.base_model.uri, target.runtime) \
             if decision.want == "load" else [f for f in errors.values()]
-        for r in load + replace:
-            if r.pod not in errors:
-                self.kube.event(body, "Normal", "LoadedOnReplica",
-                                f"Loaded {spec.serving_name} on pod {r.pod}")
-        for r in unload:
-            if r.pod not in errors:
-                self.kube.event(body, "Normal", "UnloadedFromReplica",
-                                f"Unloaded {spec.serving_name} from pod {r.pod}"
-                                + (f" ({decision.message})" if decision.message else ""))
-        for failure in errors.values():
-            self.kube.event(body, "Warning", "LoadFailed",
-                            f"pod {failure.pod}: {failure.reason}: {failure.message}")
-
+        out = rec.hot_swap_outcome(inputs, rec.Acted([r.pod for r in load + replace],
+                                                     [r.pod for r in unload]),
+                                   errors, deleting, left_behind,
+                                   self.settings.adapter_resync_seconds, now)
+        for kind, reason, message in out.events:
+            self.kube.event(body, kind, reason, message)
         if deleting:
-            still = [r for r in replicas if r.models and spec.serving_name in r.models]
-            if decision.want == "unload" and not still:
+            if out.release:
                 self._drop_finalizer(body)
                 metrics.observe_adapter(key, None)
             else:
-                self.queue.add(key, 1)
+                self.queue.add(key, out.requeue_after)
             return
-        status = rec.status(inputs, now)
-        if left_behind:  # not yet unloaded everywhere on the old target: look again
-            status["servedTarget"] = left_behind
-        metrics.observe_adapter(key, (ns, target.deployment, status.get("replicas") or {}))
-        self._write(body, status)
-        pending = decision.want == "hold" or bool(load or unload or replace or errors) or \
-            bool(left_behind) or \
-            (status.get("replicas") or {}).get("loaded") != \
-            (status.get("replicas") or {}).get("desired")
-        self.queue.add(key, min(self.settings.adapter_resync_seconds, 2.0) if pending else
-                       self.settings.adapter_resync_seconds)
+        metrics.observe_adapter(key, (ns, target.deployment, out.status.get("replicas") or {}))
+        self._write(body, out.status)
+        self.queue.add(key, out.requeue_after)
 
     def _check_behaviour(self, body: dict, engines: dict[str, Engine],
                          replicas: list[rec.Replica], acted: set[str], spec,
@@ -352,7 +338,8 @@ class LoRAAdapterController:
                 continue
             replica.behaviour = "ok" if verdict.ok else "mismatch"
             replica.behaviour_message = verdict.message
-            if (ns, replica.pod, name) not in self.behaviour:
+            known = self.behaviour.get((ns, replica.pod, name))
+            if known is None or known[0] != (path, v.digest):  # a new verdict
                 self.behaviour[(ns, replica.pod, name)] = ((path, v.digest), verdict)
                 self.kube.event(body, "Normal" if verdict.ok else "Warning",
                                 "BehaviourVerified" if verdict.ok else "BehaviourMismatch",

@@ -19,6 +19,7 @@ from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
 log = structlog.get_logger("kubetune.operator")
+CHILD_EVENT_DELAY = 0.3  # seconds
 
 
 class FineTuneJobController:
@@ -189,7 +190,9 @@ class FineTuneJobController:
             # exit code); it is kept until its FineTuneJob goes.
             store.put(owner, body)
         if owner in self.caches.finetunejobs:
-            self.queue.add(owner)
+            # A Job's and its pods' updates come in bursts (created, scheduled, running):
+            # one look shortly after the first of them sees them all (one status write).
+            self.queue.add(owner, CHILD_EVENT_DELAY)
 
 
 def _changed(old: dict, new: dict) -> bool:

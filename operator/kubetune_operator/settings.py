@@ -47,9 +47,9 @@ class OperatorSettings(BaseSettings):
     adapter_workers_per_namespace: int = Field(default=2, ge=1)
     """At most this many of them for one namespace: a tenant whose serving pods answer slowly
     (a load may take engine_load_timeout_seconds) holds only its own share of the workers."""
-    finetunejob_workers: int = Field(default=8, ge=1, le=256)
+    finetunejob_workers: int = Field(default=16, ge=1, le=256)
     """FineTuneJob reconciles that run at once (off kopf's threads, one per job at a time)."""
-    finetunejob_workers_per_namespace: int = Field(default=4, ge=1)
+    finetunejob_workers_per_namespace: int = Field(default=8, ge=1)
     """At most this many of them for one namespace."""
     vllm_adapter_dir: str = "/adapters"
     """Folder, shared with the sync sidecar, where vLLM pods find adapter files."""

@@ -236,3 +236,49 @@ def test_a_replica_that_lists_the_adapter_but_answers_like_the_base_is_not_loade
                                      "s3://bkt/x", desired=3), NOW)
     conds = {c["type"]: c for c in st["conditions"]}
     assert conds["Ready"]["status"] == "True" and "probe" in conds["Loaded"]["message"]
+
+
+@pytest.mark.parametrize("v, deleting, want", [
+    (rec.Verification(False, "StorageError", "s3 down"), False, "hold"),  # keep serving
+    (rec.Verification(False, "SourceNotReady", "not yet"), False, "hold"),
+    (rec.Verification(False, "DigestMismatch", "tampered"), False, "unload"),  # terminal
+    (rec.Verification(False, "StorageError", "s3 down"), True, "unload"),  # deletion wins
+])
+def test_only_a_transient_failure_keeps_what_is_served(v, deleting, want):
+    d = rec.keep_through_transient(rec.Decision("unload", "NotPromoted", ""), v, deleting)
+    assert d.want == want
+
+
+def _outcome_inputs(models: list[dict | None], want: str = "load"):
+    obj = body()
+    reps = [rec.Replica(f"p{i}", "i", m) for i, m in enumerate(models)]
+    return rec.StatusInputs(obj, parse(obj), [], verified(), (True, "Compatible", ""),
+                            (True, ""), "HotSwap", None, rec.Decision(want, "Serving", "why"),
+                            reps, [], "s3://bkt/x", desired=len(models))
+
+
+@pytest.mark.parametrize("models, acted, errors, deleting, left, release, requeue, events", [
+    # steady state: nothing done, all loaded → the slow resync
+    ([{"a": "s3://bkt/x"}] * 2, rec.Acted(), {}, False, None, False, 30.0, []),
+    # just loaded on one: look again soon, one Event
+    ([{"a": "s3://bkt/x"}] * 2, rec.Acted(["p1"]), {}, False, None, False, 2.0,
+     ["LoadedOnReplica"]),
+    # a failed load: a Warning, soon again
+    ([{"a": "s3://bkt/x"}, {}], rec.Acted(["p1"]),
+     {"p1": rec.Failure("p1", "LoadRejected", "rank")}, False, None, False, 2.0,
+     ["LoadFailed"]),
+    # still on the old target
+    ([{"a": "s3://bkt/x"}] * 2, rec.Acted(), {}, False, "old", False, 2.0, []),
+    # deleting: released only once no replica lists it
+    ([{}, {}], rec.Acted([], ["p0"]), {}, True, None, True, 1.0, ["UnloadedFromReplica"]),
+    ([{"a": "s3://bkt/x"}, {}], rec.Acted(), {}, True, None, False, 1.0, []),
+])
+def test_hot_swap_outcome_table(models, acted, errors, deleting, left, release, requeue,
+                                events):
+    inp = _outcome_inputs(models, "unload" if deleting else "load")
+    out = rec.hot_swap_outcome(inp, acted, errors, deleting, left, 30.0, NOW)
+    assert out.release is release and out.requeue_after == requeue
+    assert [e[1] for e in out.events] == events
+    assert (out.status is None) is deleting
+    if left:
+        assert out.status["servedTarget"] == left

@@ -7,7 +7,8 @@ parameters, peak memory (GPU: torch's peak allocation; CPU: the process's peak R
 tokens/s, wall time, eval loss, the task score on the eval split and the artifact's size, then
 writes comparison.json, comparison.md and comparison.png into the output folder.
 
-Every method uses its own default learning rate (``trainerconfig.default_learning_rate``), except the
+Every method uses its own default learning rate
+(``trainerconfig.default_learning_rate``), except the
 job's own method, which keeps the job's; ``--learning-rate`` sets one for all.
 """
 

@@ -36,8 +36,9 @@ class Completions:
 
     def _fits(self, prompt: str) -> None:
         """Refuse, before tokenising, a prompt too long to fit whatever its tokens."""
-        if len(prompt) > self.registry.max_model_len * self.registry.max_token_chars:
-            raise ServeError(f"This model's maximum context length is {self.registry.max_model_len} "
+        limit = self.registry.max_model_len
+        if len(prompt) > limit * self.registry.max_token_chars:
+            raise ServeError(f"This model's maximum context length is {limit} "
                              f"tokens; the prompt's {len(prompt)} characters cannot fit.")
 
     def _request(self, body: dict, prompt: str) -> decoding.Request:
@@ -53,10 +54,12 @@ class Completions:
             raise ServeError(f"'max_tokens' {max_tokens} is greater than the model's maximum "
                              f"context length {self.registry.max_model_len}")
         self._fits(prompt)
-        inputs = self.registry.tokenizer(prompt, return_tensors="pt")  # once: checked, then generated
+        # tokenized once: checked, then generated
+        inputs = self.registry.tokenizer(prompt, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        if prompt_tokens + max_tokens > self.registry.max_model_len:
-            raise ServeError(f"This model's maximum context length is {self.registry.max_model_len} "
+        limit = self.registry.max_model_len
+        if prompt_tokens + max_tokens > limit:
+            raise ServeError(f"This model's maximum context length is {limit} "
                              f"tokens. However, you requested {prompt_tokens + max_tokens} "
                              f"tokens ({prompt_tokens} in the messages, {max_tokens} in the "
                              f"completion). Please reduce the length of the messages or "

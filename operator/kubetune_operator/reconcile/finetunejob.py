@@ -541,6 +541,9 @@ def _transition_events(plan: Plan, old: dict, new: dict, message: str) -> None:
     before, after = old.get("phase"), new.get("phase")
     if before == after:
         return
+    if before is None and after in ("Pending", "Queued", "Suspended") and \
+            any(reason == "CreatedJob" for _, reason, _ in plan.events):
+        return  # the first look: "Created Job …" says it (one Event, not two)
     ready = cond.find(new.get("conditions") or [], "Ready") or {}
     text = ready.get("message") or message or ""
     kind = "Warning" if after == "Failed" else "Normal"

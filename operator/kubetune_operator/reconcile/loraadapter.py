@@ -194,6 +194,15 @@ def decide(me: dict, eligible: bool, members: list[dict]) -> Decision:
                                            f"replica", name)
 
 
+def keep_through_transient(decision: Decision, v: Verification, deleting: bool) -> Decision:
+    """An unload caused only by a transient failure (S3 down, the source not readable right
+    now) becomes a hold: what is served stays served until the artifact can be judged."""
+    if not v.ok and reasons.kind(v.reason) == "transient" and decision.want == "unload" and \
+            not deleting:
+        return Decision("hold", v.reason, v.message)
+    return decision
+
+
 def actions(replicas: list[Replica], name: str, path: str, want: str
             ) -> tuple[list[Replica], list[Replica], list[Replica]]:
     """(load here, unload here, unload then load here: a stale version under our name)."""
@@ -378,3 +387,45 @@ def _failures(old: list[dict], new: list[Failure], replicas: list[Replica], now:
     keys = {(f["pod"], f["reason"], f["message"]) for f in fresh}
     history = [f for f in old if (f["pod"], f["reason"], f.get("message", "")) not in keys]
     return (fresh + history)[:MAX_FAILURES] or None
+
+
+@dataclass
+class Acted:
+    """What the controller did to replicas this pass (pod names)."""
+    loaded: list[str] = field(default_factory=list)  # loads and replacements
+    unloaded: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """The rest of a hot-swap pass, decided from what the replicas now say: Events, whether
+    the finalizer goes (deleting, and unloaded everywhere), the status, when to look again."""
+    events: list[tuple[str, str, str]]
+    release: bool
+    status: dict | None  # None while being deleted (nothing is written)
+    requeue_after: float
+
+
+def hot_swap_outcome(inp: StatusInputs, acted: Acted, errors: dict[str, Failure],
+                     deleting: bool, left_behind: str | None, resync: float,
+                     now: datetime) -> Outcome:
+    name = inp.adapter.spec.serving_name
+    d = inp.decision
+    events = [("Normal", reasons.LOADED_ON_REPLICA, f"Loaded {name} on pod {pod}")
+              for pod in acted.loaded if pod not in errors]
+    events += [("Normal", reasons.UNLOADED_FROM_REPLICA, f"Unloaded {name} from pod {pod}"
+                + (f" ({d.message})" if d.message else ""))
+               for pod in acted.unloaded if pod not in errors]
+    events += [("Warning", reasons.LOAD_FAILED, f"pod {f.pod}: {f.reason}: {f.message}")
+               for f in errors.values()]
+    if deleting:
+        still = any(r.models and name in r.models for r in inp.replicas)
+        release = d.want == "unload" and not still
+        return Outcome(events, release, None, 1.0)
+    st = status(inp, now)
+    if left_behind:  # not yet unloaded everywhere on the old target: look again soon
+        st["servedTarget"] = left_behind
+    counts = st.get("replicas") or {}
+    pending = d.want == "hold" or bool(acted.loaded or acted.unloaded or errors) or \
+        bool(left_behind) or counts.get("loaded") != counts.get("desired")
+    return Outcome(events, False, st, min(resync, 2.0) if pending else resync)
