@@ -6,9 +6,12 @@ and we wait until every one has its Job and status phase Running. Prints both ti
 the operator's peak RSS and its API requests per job (reconcile requests; watches excluded).
 Also the latency of one FineTuneJob apply → its Job created (p50, p95 of --probes applies, with
 0 and with N FineTuneJobs present), and the operator's API requests in an idle window after
-everything runs (--idle seconds; it should not grow with N: watches, not polling).
+everything runs (--idle seconds; it should not grow with N: watches, not polling), measured
+twice: with the FineTuneJobs only, then with --adapters LoRAAdapters added (a published tiny
+artifact each; half verified only, half targeting an opted-in Deployment scaled to zero, so
+their resyncs read the caches and S3 but no serving pod).
 
-    python bench/operator_scale.py [--jobs 200] [--probes 10] [--idle 60]
+    python bench/operator_scale.py [--jobs 200] [--probes 10] [--idle 60] [--adapters 100]
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--operator-from", type=Path, default=None,
                         help="run the operator from another checkout (a before/after "
                              "comparison in the same conditions), e.g. a `git worktree`")
@@ -75,6 +79,10 @@ def main() -> int:
         for ns in ("plain", "operator"):
             core.create_namespace({"metadata": {"name": ns}})
         time.sleep(2)
+        s3 = dev.state().s3_info()
+        core.create_namespaced_secret("operator", {"metadata": {"name": "s3-creds"},
+                                                   "stringData": {
+            "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
 
         # (a) the floor: a plain client creating Jobs directly.
         t0 = time.monotonic()
@@ -92,7 +100,7 @@ def main() -> int:
 
         # (b) the operator.
         health, metrics = procs.free_port(), procs.free_port()
-        op_env = dict(env)
+        op_env = {**env, "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-creds"}
         if args.operator_from:
             src = args.operator_from.resolve()
             op_env["PYTHONPATH"] = os.pathsep.join(str(src / d) for d in ("", "operator",
@@ -109,6 +117,7 @@ def main() -> int:
                              "kubetune.io", "v1alpha1", "operator", "finetunejobs")["items"])
              >= args.probes)  # settled: their requests are not counted below
         before, verbs0 = _requests(metrics), _by_verb(metrics)
+        cpu0 = _cpu_seconds(op.pid)
         t0 = time.monotonic()
         for i in range(n):
             body = kwok_finetunejob(f"ftj-{i}", f"s3://kubetune/bench/ftj-{i}")
@@ -123,6 +132,7 @@ def main() -> int:
 
         wait(operator_running)
         operated = time.monotonic() - t0
+        cpu = _cpu_seconds(op.pid) - cpu0
         requests = _requests(metrics) - before
         verbs = {k: v - verbs0.get(k, 0) for k, v in _by_verb(metrics).items()}
         full = _apply_latencies(custom, batch, "probe1", args.probes)
@@ -130,6 +140,13 @@ def main() -> int:
         idle_start = _requests(metrics)
         time.sleep(args.idle)
         idle = (_requests(metrics) - idle_start) * 60 / args.idle
+        adapters_idle = None
+        if args.adapters:
+            _apply_adapters(dev, api, work, args.adapters)
+            time.sleep(5)
+            idle_start = _requests(metrics)
+            time.sleep(args.idle)
+            adapters_idle = (_requests(metrics) - idle_start) * 60 / args.idle
         rss = _peak_rss_mib(op.pid)
         op.terminate()
         op.wait(timeout=30)
@@ -139,17 +156,55 @@ def main() -> int:
         print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s")
         print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
               f"ratio {operated / plain:.2f}")
-        print(f"  operator peak RSS {rss:.0f} MiB; reconcile API requests per job "
+        print(f"  operator CPU {cpu:.1f}s ({cpu / operated * 100:.0f}% of one core, "
+              f"{cpu / n * 1000:.0f} ms per job); peak RSS {rss:.0f} MiB; reconcile API "
+              f"requests per job "
               f"{requests / n:.1f} ({per_verb}); "
               f"Jobs created {jobs} (expected {n + 2 * args.probes})")
         print(f"  one apply -> Job created: with 0 present p50 {_pct(empty, 50):.3f}s "
               f"p95 {_pct(empty, 95):.3f}s; with {n + args.probes} present "
               f"p50 {_pct(full, 50):.3f}s p95 {_pct(full, 95):.3f}s")
         print(f"  idle: {idle:.1f} API requests per minute with {n + 2 * args.probes} "
-              f"FineTuneJobs present")
+              f"FineTuneJobs present" + ("" if adapters_idle is None else
+                                         f"; {adapters_idle:.1f} with {args.adapters} "
+                                         f"LoRAAdapters added"))
     finally:
         dev.down(progress=lambda m: None)
     return 0
+
+
+def _apply_adapters(dev, api, work: Path, count: int) -> None:
+    """`count` LoRAAdapters of one published tiny artifact, applied and settled (each has
+    written its status once): half without a target, half on an opted-in Deployment with no
+    replicas. Their requests while settling are not counted in the idle window."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from adapterfactory import make_adapter, publish
+
+    from kubetune.storage import Storage
+
+    s3 = dev.state().s3_info()
+    storage = Storage(s3.endpoint, access_key=s3.access_key, secret_key=s3.secret_key)
+    uri = f"s3://{s3.bucket}/bench/adapter"
+    digest = publish(storage, uri, make_adapter(work / "adapter", "LoRA", seed=0))
+    client.AppsV1Api(api).create_namespaced_deployment("operator", {
+        "metadata": {"name": "srv", "labels": {"kubetune.io/adapter-target": "true"}},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "srv"}},
+                 "template": {"metadata": {"labels": {"app": "srv"}},
+                              "spec": {"containers": [{"name": "server", "image": "serve"}]}}}})
+    custom = client.CustomObjectsApi(api)
+    for i in range(count):
+        spec = {"baseModel": {"uri": "builtin://tiny-llama", "revision": "v1"},
+                "source": {"uri": uri, "sha256": digest}, "servingName": f"bench-{i}"}
+        if i % 2:
+            spec["target"] = {"deployment": "srv"}
+        custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
+                                               "loraadapters", {
+            "apiVersion": "kubetune.io/v1alpha1", "kind": "LoRAAdapter",
+            "metadata": {"name": f"bench-{i}"}, "spec": spec})
+    wait(lambda: sum(bool((a.get("status") or {}).get("conditions")) for a in
+                     custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
+                                                          "loraadapters")["items"]) >= count,
+         timeout=300, interval=1)
 
 
 def _apply_latencies(custom, batch, prefix: str, count: int) -> list[float]:
@@ -196,6 +251,12 @@ def _by_verb(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     return {verb: float(value) for verb, value in re.findall(
         r'^kubetune_api_requests_total\{verb="([^"]*)"\} (\S+)$', text, flags=re.M)}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mib(pid: int) -> float:

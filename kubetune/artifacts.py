@@ -33,6 +33,23 @@ class VerificationError(RuntimeError):
         self.reason = reason
 
 
+PIN = "@sha256:"
+
+
+def pinned(uri: str, manifest_sha256: str | None) -> str:
+    """`uri@sha256:<digest>`: what the operator tells a server to load, so the server loads the
+    manifest the operator verified, never one put at that URI since (see split_pin)."""
+    return f"{uri}{PIN}{manifest_sha256}" if manifest_sha256 else uri
+
+
+def split_pin(path: str) -> tuple[str, str | None]:
+    """(uri, pinned manifest digest or None) of a path that `pinned` made."""
+    uri, sep, digest = path.rpartition(PIN)
+    if sep and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return uri, digest
+    return path, None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -27,8 +27,10 @@ from .cache import Key, ServingCache
 from .engine import Engine, EngineError
 from .kube import Kube
 from .merged import MergedRollout
-from .resources.finetunejob import sealed_artifact
 from .reconcile import loraadapter as rec
+from .reconcile import merged as merged_rec
+from .resources.finetunejob import LABEL_JOB, sealed_artifact
+from .resources.loraadapter import LABEL_ADAPTER
 from .runner import run_reconcile
 from .settings import OperatorSettings
 from .verification import Verifier
@@ -62,7 +64,8 @@ class LoRAAdapterController:
         self.finetunejobs = finetunejobs if finetunejobs is not None else {}
         self._secrets: dict[Key, tuple[float, dict[str, str]]] = {}
         self.adapters: dict[Key, dict] = {}
-        self.selectors: dict[Key, dict[str, str]] = {}
+        # namespace → adapter → the labels of the pods it serves from (pod events poke it)
+        self.selectors: dict[str, dict[str, dict[str, str]]] = {}
         self.verifier = Verifier(settings.max_artifact_bytes)
         # (namespace, pod, serving name) → ((path, digest), verdict) of the behaviour probe.
         self.behaviour: dict[tuple[str, str, str], tuple[tuple[str, str | None], object]] = {}
@@ -71,14 +74,14 @@ class LoRAAdapterController:
                                settings.adapter_workers_per_namespace, lane_of=lambda k: k[0],
                                name="kubetune-adapter")
         metrics.ADAPTER_QUEUE.set_function(self.queue.depth)
-        self.merged = MergedRollout(kube, settings)
+        self.merged = MergedRollout(kube, settings, self.serving)
 
     # ---- events ----------------------------------------------------------------------------
     def on_adapter(self, event_type: str, body: dict) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self.adapters.pop(key, None)
-            self.selectors.pop(key, None)
+            self._watch_pods(key, None)
             serving = (body.get("spec") or {}).get("servingName")
             for k in [k for k in self.behaviour if k[0] == key[0] and k[2] == serving]:
                 self.behaviour.pop(k, None)
@@ -96,9 +99,12 @@ class LoRAAdapterController:
                                       if self.settings.require_target_opt_in else "", ns):
                 if watched(obj["metadata"]["namespace"]):
                     self.serving.put_deployment(obj)
-            for obj in self.kube.list("Pod", "", ns):
+            for obj in self.kube.list("Pod", f"!{LABEL_JOB}", ns):
                 if watched(obj["metadata"]["namespace"]):
                     self.serving.put_pod(obj)
+            for obj in self.kube.list("Job", LABEL_ADAPTER, ns):
+                if watched(obj["metadata"]["namespace"]):
+                    self.serving.put_job(obj)
 
     def on_deployment(self, event_type: str, body: dict) -> None:
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -109,6 +115,17 @@ class LoRAAdapterController:
         for key, other in list(self.adapters.items()):
             if key[0] == ns and _target_of(other) == name:
                 self.queue.add(key, 0.2)
+
+    def on_merge_job(self, event_type: str, job: dict) -> None:
+        """A merge Job changed (running, done, failed): its adapter looks."""
+        ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
+        if event_type == "DELETED":
+            self.serving.remove_job(ns, name)
+        else:
+            self.serving.put_job(job)
+        owner = (job["metadata"].get("labels") or {}).get(LABEL_ADAPTER)
+        if owner and (ns, owner) in self.adapters:
+            self.queue.add((ns, owner), 0.2)
 
     def on_finetunejob(self, body: dict) -> None:
         """A FineTuneJob changed (an artifact published, a gate passed): its adapters look."""
@@ -121,15 +138,24 @@ class LoRAAdapterController:
                 self.queue.add(key, 0.1)
 
     def on_pod(self, event_type: str, pod: dict) -> None:
+        if LABEL_JOB in (pod["metadata"].get("labels") or {}):
+            return  # a training pod: never a serving pod nor a merge Job's (the cache skips it)
         ns = pod["metadata"]["namespace"]
         if event_type == "DELETED":
             self.serving.remove_pod(ns, pod["metadata"]["name"])
         else:
             self.serving.put_pod(pod)
         labels = pod["metadata"].get("labels") or {}
-        for key, selector in list(self.selectors.items()):
-            if key[0] == ns and selector and all(labels.get(k) == v for k, v in selector.items()):
-                self.queue.add(key, 0.2)  # a burst of pod updates becomes one look
+        for name, selector in list(self.selectors.get(ns, {}).items()):
+            if selector and all(labels.get(k) == v for k, v in selector.items()):
+                self.queue.add((ns, name), 0.2)  # a burst of pod updates becomes one look
+
+    def _watch_pods(self, key: Key, selector: dict[str, str] | None) -> None:
+        """Pod events matching `selector` queue the adapter `key` (None: no more)."""
+        if selector:
+            self.selectors.setdefault(key[0], {})[key[1]] = selector
+        else:
+            self.selectors.get(key[0], {}).pop(key[1], None)
 
     def _poke_target(self, body: dict) -> None:
         """Adapters on the same target Deployment look again: versions of an alias hand over
@@ -188,25 +214,39 @@ class LoRAAdapterController:
                 self._write(body, rec.status(inputs, now))
             return
         if mode == "Merged":
-            decision = rec.decide(body, eligible, self._members(ns, body))
-            try:
-                storage = None if deleting else self._storage(ns, adapter)
-            except Exception:  # noqa: BLE001 - verification already reported the Secret
-                storage = None
-            inputs.merged = self.merged.reconcile(body, adapter, v, decision, deleting,
-                                                  storage=storage,
-                                                  rivals=self._rivals(ns, body))
-            if deleting:
-                if inputs.merged.get("finalized"):
-                    self._drop_finalizer(body)
-                else:
-                    self.queue.add(key, 1)
-                return
-            self._write(body, rec.status(inputs, now))
-            self.queue.add(key, 1 if inputs.merged.get("phase") not in ("RolledOut", "Failed")
-                           else self.settings.adapter_resync_seconds)
+            self._merged(key, body, adapter, v, eligible, inputs, deleting, now)
             return
         self._hot_swap(key, body, adapter, v, eligible, inputs, deleting, now)
+
+    def _merged(self, key: Key, body: dict, adapter, v: rec.Verification, eligible: bool,
+                inputs: rec.StatusInputs, deleting: bool, now: datetime) -> None:
+        """Observe (caches, the merged model's manifest in S3) → plan (pure) → act. Events on
+        the Deployment, its pods and the merge Job bring the adapter back; ACTIVE_RECHECK is
+        only a safety net while merging or rolling out."""
+        ns = key[0]
+        decision = rec.decide(body, eligible, self._members(ns, body))
+        deployment = self._deployment(ns, adapter.spec.target.deployment)
+        selector = ((deployment or {}).get("spec") or {}).get("selector") or {}
+        self._watch_pods(key, selector.get("matchLabels"))  # its pods' events poke it
+        try:
+            storage = None if deleting or not v.ok else self._storage(ns, adapter)
+        except Exception:  # noqa: BLE001 - verification already reported the Secret
+            storage = None
+        world = self.merged.observe(body, adapter, v, decision, deleting, deployment,
+                                    storage=storage, rivals=self._rivals(ns, body))
+        plan = merged_rec.plan(world)
+        self.merged.act(body, adapter, v, world, plan)
+        if deleting:
+            if plan.finalized:
+                self._drop_finalizer(body)
+                self.merged.forget(v.uri)
+            else:
+                self.queue.add(key, 1)
+            return
+        inputs.merged = plan.state
+        self._write(body, rec.status(inputs, now))
+        self.queue.add(key, merged_rec.ACTIVE_RECHECK if plan.active or plan.patch else
+                       self.settings.adapter_resync_seconds)
 
     def _hot_swap(self, key: Key, body: dict, adapter, v: rec.Verification, eligible: bool,
                   inputs: rec.StatusInputs, deleting: bool, now: datetime) -> None:
@@ -241,7 +281,7 @@ class LoRAAdapterController:
                 return
             inputs.target_error = ("TargetNotOptedIn",
                                    policy.not_opted_in_message(target.deployment, ns))
-            self.selectors.pop(key, None)
+            self._watch_pods(key, None)
             self._write(body, rec.status(inputs, now))
             self.queue.add(key, self.settings.adapter_resync_seconds)
             return
@@ -251,14 +291,14 @@ class LoRAAdapterController:
                 return
             inputs.target_error = ("TargetNotFound", f"deployment {target.deployment} not found "
                                                      f"in {ns}")
-            self.selectors.pop(key, None)
+            self._watch_pods(key, None)
             self._write(body, rec.status(inputs, now))
             self.queue.add(key, self.settings.adapter_resync_seconds)
             return
         selector = (target.selector.match_labels if target.selector else
                     ((deployment.get("spec") or {}).get("selector") or {}).get("matchLabels")
                     or {})
-        self.selectors[key] = selector
+        self._watch_pods(key, selector)
         pods = self.serving.ready_pods(ns, selector)
         # Desired: every replica the Deployment wants (a starting replica lacks the adapter
         # until it is ready and loaded), or more while a rollout surges.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from .reconcile.merged import model_of
+
 Key = tuple[str, str]  # (namespace, name of the owning FineTuneJob)
 
 
@@ -52,27 +54,44 @@ class Caches:
 
 def pod_view(pod: dict) -> dict:
     """What the adapter controller needs of a pod, kept small: every pod in the watched
-    namespaces passes through this cache (serving pods carry no label of ours)."""
+    namespaces passes through this cache (serving pods carry no label of ours). Besides
+    readiness and IP: the model each container serves and each container's restarts and last
+    exit (a merged rollout's crash loops), and why it cannot be scheduled (a merge Job's)."""
     status = pod.get("status") or {}
     ready = not pod["metadata"].get("deletionTimestamp") and status.get("phase") == "Running" \
         and bool(status.get("podIP")) and any(
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions") or [])
+    statuses = []
+    for st in status.get("containerStatuses") or []:
+        state, last = st.get("state") or {}, st.get("lastState") or {}
+        term = last.get("terminated") or state.get("terminated") or {}
+        statuses.append({"name": st.get("name"), "restartCount": st.get("restartCount", 0),
+                         "waiting": (state.get("waiting") or {}).get("reason"),
+                         "exitCode": term.get("exitCode"),
+                         "message": (term.get("message") or "")[-1000:] or None})
+    unschedulable = next((c.get("message", "") for c in status.get("conditions") or []
+                          if c.get("type") == "PodScheduled" and
+                          c.get("reason") == "Unschedulable"), None)
     return {"metadata": {"name": pod["metadata"]["name"],
                          "namespace": pod["metadata"]["namespace"],
                          "labels": dict(pod["metadata"].get("labels") or {}),
                          "resourceVersion": pod["metadata"].get("resourceVersion")},
-            "status": {"podIP": status.get("podIP")}, "ready": bool(ready)}
+            "status": {"podIP": status.get("podIP")}, "ready": bool(ready),
+            "models": {c["name"]: model_of(c)
+                       for c in (pod.get("spec") or {}).get("containers") or []},
+            "statuses": statuses, "unschedulable": unschedulable}
 
 
 class ServingCache:
     """Deployments that adapters may target (the watch is filtered to opted-in ones when the
-    policy requires it) and every pod's small view, by namespace: the adapter reconcile reads
-    them without an API call; LIST primes them, watch events keep them fresh."""
+    policy requires it), merge Jobs and every pod's small view, by namespace: the adapter
+    reconcile reads them without an API call; LIST primes them, watch events keep them fresh."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.deployments: dict[Key, dict] = {}
+        self.jobs: dict[Key, dict] = {}
         self._pods: dict[str, dict[str, dict]] = defaultdict(dict)
 
     def put_deployment(self, obj: dict) -> None:
@@ -102,16 +121,35 @@ class ServingCache:
         with self._lock:
             self._pods.get(ns, {}).pop(name, None)
 
-    def ready_pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
-        """Ready pods of `ns` whose labels match `selector` (an empty selector matches none:
-        a Deployment always has one)."""
+    def pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
+        """Pods of `ns` whose labels match `selector`, ready or not (an empty selector matches
+        none: a Deployment always has one)."""
         if not selector:
             return []
         with self._lock:
             pods = list(self._pods.get(ns, {}).values())
-        return sorted((p for p in pods if p["ready"] and all(
+        return sorted((p for p in pods if all(
             p["metadata"]["labels"].get(k) == v for k, v in selector.items())),
             key=lambda p: p["metadata"]["name"])
+
+    def ready_pods(self, ns: str, selector: dict[str, str]) -> list[dict]:
+        return [p for p in self.pods(ns, selector) if p["ready"]]
+
+    def put_job(self, job: dict) -> None:
+        """A merge Job (the watch is filtered to Jobs labelled with their LoRAAdapter)."""
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        with self._lock:
+            current = self.jobs.get(key)
+            if current is None or _rv(current) <= _rv(job):
+                self.jobs[key] = job
+
+    def remove_job(self, ns: str, name: str) -> None:
+        with self._lock:
+            self.jobs.pop((ns, name), None)
+
+    def job(self, ns: str, name: str) -> dict | None:
+        with self._lock:
+            return self.jobs.get((ns, name))
 
     def pod_count(self) -> int:
         with self._lock:

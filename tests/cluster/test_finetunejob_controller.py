@@ -87,8 +87,8 @@ def test_one_gpu_job_runs_on_a_fake_gpu_node_with_a_complete_pod_spec(cluster, o
     assert role.rules[0].resources == ["finetunejobs/status"]
     assert role.rules[0].resource_names == ["one-gpu"]
 
-    config = client.CoreV1Api(cluster.api).read_namespaced_config_map("one-gpu-config", ns)
-    rendered = yaml.safe_load(config.data["config.yaml"])
+    annotations = job["spec"]["template"]["metadata"]["annotations"]
+    rendered = yaml.safe_load(annotations["kubetune.io/trainer-config"])
     assert rendered["method"]["lora"]["r"] == 8
     assert rendered["logging"]["status"] == {"namespace": ns, "name": "one-gpu", "attempt": 0,
                                              "min_interval_seconds": 2.0}
@@ -199,8 +199,9 @@ def test_deleting_the_finetunejob_deletes_its_jobs(cluster, operator, job_namesp
     cluster.kubectl("delete", "ftj", "doomed", "-n", ns, "--wait=true")
     batch, core = client.BatchV1Api(cluster.api), client.CoreV1Api(cluster.api)
     wait_for(lambda: not batch.list_namespaced_job(ns).items, message="Jobs garbage-collected")
-    wait_for(lambda: not core.list_namespaced_config_map(
-        ns, label_selector="kubetune.io/finetunejob=doomed").items, message="ConfigMap gone")
+    wait_for(lambda: not core.list_namespaced_service_account(
+        ns, label_selector="kubetune.io/finetunejob=doomed").items,
+        message="trainer ServiceAccount gone")
 
 
 def test_a_look_alike_job_is_never_adopted(cluster, operator, job_namespace):

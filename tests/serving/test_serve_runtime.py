@@ -170,6 +170,21 @@ def test_errors_have_vllms_shape_and_limits_hold(server, storage, s3_server, tmp
     status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": uri})
     assert status == 400 and "does not match the manifest" in err["message"], err
     assert downloads() == before  # the refused download left no folder behind
+    # a load pinned to the manifest the operator verified: another manifest at that URI (put
+    # there since) is refused; the pinned one loads and is listed with its pin
+    from kubetune.artifacts import pinned
+    good, digest = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=5)
+    _, other = published(storage, s3_server.bucket, tmp_path, "LoRA", seed=6)
+    status, err = call(server, "/v1/load_lora_adapter", {"lora_name": "pin",
+                                                         "lora_path": pinned(good, other)})
+    assert status == 400 and "is not the pinned" in err["message"], err
+    assert downloads() == before
+    status, _ = call(server, "/v1/load_lora_adapter", {"lora_name": "pin",
+                                                       "lora_path": pinned(good, digest)})
+    assert status == 200
+    listed = {m["id"]: m["root"] for m in call(server, "/v1/models")[1]["data"]}
+    assert listed["pin"] == f"{good}@sha256:{digest}"
+    assert call(server, "/v1/unload_lora_adapter", {"lora_name": "pin"})[0] == 200
     # duplicate names and --max-loras
     path = make_adapter(tmp_path / "dup", "LoRA")
     for i in range(5):

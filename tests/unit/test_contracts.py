@@ -73,10 +73,10 @@ def test_every_reason_the_adapter_side_writes_is_registered():
              "Running", "Failed", "Never", "Exists", "NoSchedule", "FallbackToLogsOnError",
              "Progressing", "ProgressDeadlineExceeded", "PodScheduled", "Unschedulable",
              "RollingUpdate", "CrashLoopBackOff", "NoSuchKey", "Accept", "Authorization",
-             "Deployment", "Pod"}
+             "Deployment", "Pod", "Complete", "Ready"}
     known = set(reasons.REASONS) | set(reasons.LORAADAPTER_CONDITIONS) | other
-    files = ["reconcile/loraadapter.py", "adapters.py", "merged.py", "engine.py",
-             "verification.py"]
+    files = ["reconcile/loraadapter.py", "reconcile/merged.py", "adapters.py", "merged.py",
+             "engine.py", "verification.py", "cache.py"]
     unknown = []
     for name in files:
         path = ROOT / "operator" / "kubetune_operator" / name
@@ -86,3 +86,16 @@ def test_every_reason_the_adapter_side_writes_is_registered():
                     node.value not in known:
                 unknown.append(f"{name}:{node.lineno}: {node.value}")
     assert not unknown, unknown
+
+
+def test_a_pinned_load_path_round_trips_and_a_look_alike_pin_is_not_one():
+    from kubetune.artifacts import pinned, split_pin
+
+    digest = "0123456789abcdef" * 4
+    assert split_pin(pinned("s3://b/a", digest)) == ("s3://b/a", digest)
+    assert pinned("s3://b/a", None) == "s3://b/a" and split_pin("s3://b/a") == ("s3://b/a", None)
+    # An S3 key may hold "@sha256:" itself: only 64 lowercase hex digits after the last one pin.
+    for path in ("s3://b/a@sha256:xyz", "s3://b/a@sha256:" + "A" * 64,
+                 "s3://b/a@sha256:" + "0" * 63, "s3://b/a@sha256:" + digest + "/x"):
+        assert split_pin(path) == (path, None)
+    assert split_pin(f"s3://b/x@sha256:y/a@sha256:{digest}") == ("s3://b/x@sha256:y/a", digest)

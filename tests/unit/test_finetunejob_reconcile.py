@@ -59,10 +59,30 @@ def _cond(plan, kind):
 def test_first_reconcile_creates_children_of_attempt_zero():
     plan = _run(_body())
     kinds = [o["kind"] for o in plan.create]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "Job"]
     assert plan.create[-1]["metadata"]["name"] == "quickstart-lora-0"
+    # The attempt carries its own rendered config: a downward-API file from its annotation.
+    template = plan.create[-1]["spec"]["template"]
+    config = yaml.safe_load(template["metadata"]["annotations"]["kubetune.io/trainer-config"])
+    assert config["logging"]["status"]["name"] == "quickstart-lora"
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "config"]
+    assert volume["downwardAPI"]["items"] == [{"path": "config.yaml", "fieldRef": {
+        "fieldPath": "metadata.annotations['kubetune.io/trainer-config']"}}]
+    args = template["spec"]["containers"][0]["args"]
+    assert args[args.index("--config") + 1] == "/etc/kubetune/config.yaml"
     assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 1
     assert ("Normal", "CreatedJob", "Created Job quickstart-lora-0 (attempt 0)") in plan.events
+
+
+def test_a_config_too_large_for_the_pod_template_is_refused_naming_the_field():
+    from kubetune_operator.settings import OperatorSettings
+
+    body = _body()
+    body["spec"]["dataset"]["chatTemplate"] = "\x01" * 65536  # YAML escapes each: 4 bytes
+    with pytest.raises(ValueError, match="spec.dataset.chatTemplate"):
+        res.trainer_config(parse(body), body, OperatorSettings())
+    body["spec"]["dataset"]["chatTemplate"] = "{{ messages }}"
+    assert len(res.trainer_config(parse(body), body, OperatorSettings())) < res.MAX_CONFIG_BYTES
 
 
 @pytest.mark.parametrize("conditions,pods,reason,counts,terminal", [

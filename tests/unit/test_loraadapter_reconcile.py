@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from kubetune.api.validation import parse
-from kubetune_operator import merged
+from kubetune_operator.reconcile import merged
 from kubetune_operator.reconcile import loraadapter as rec
 
 pytestmark = pytest.mark.unit

@@ -120,9 +120,11 @@ class AdapterRegistry:
 
     # ---- adapters --------------------------------------------------------------------------
     def _resolve(self, lora_path: str) -> tuple[Path, int]:
-        """The adapter's folder, and the bytes reserved in the disk budget for it (s3://)."""
+        """The adapter's folder, and the bytes reserved in the disk budget for it (s3://).
+        `s3://…@sha256:<manifest digest>` pins the manifest: another one at that URI (swapped
+        after the operator verified it) is refused, not loaded."""
         if lora_path.startswith("s3://"):
-            from kubetune.artifacts import VerificationError, verify
+            from kubetune.artifacts import VerificationError, split_pin, verify
             from .diskbudget import BudgetExceeded
             from kubetune.storage import Storage, StorageError
 
@@ -133,8 +135,9 @@ class AdapterRegistry:
                 self.disk.reserve(total)
                 held[0] = total
             try:
-                verify(lora_path, Storage(), dest, max_bytes=MAX_ADAPTER_BYTES,
-                       reserve=reserve)
+                uri, pinned = split_pin(lora_path)
+                verify(uri, Storage(), dest, expected_sha256=pinned,
+                       max_bytes=MAX_ADAPTER_BYTES, reserve=reserve)
             except BaseException as exc:
                 shutil.rmtree(dest, ignore_errors=True)
                 self.disk.release(held[0])

@@ -51,7 +51,7 @@ controllers use; nothing else. */}}
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
 - apiGroups: [""]
-  resources: ["configmaps", "serviceaccounts", "services"]
+  resources: ["serviceaccounts", "services"]
   verbs: ["create", "get"]  # get: a name already taken is checked for our owner reference
 - apiGroups: [""]
   resources: ["secrets"]

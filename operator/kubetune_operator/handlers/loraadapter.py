@@ -1,4 +1,4 @@
-"""kopf-facing handlers for LoRAAdapters, the Deployments they target and the serving pods:
+"""kopf-facing handlers for LoRAAdapters, the Deployments they target, merge Jobs and pods:
 thin, level-based. Events refresh the controller's caches and queue the adapters concerned."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import kopf
 
 from ..adapters import LoRAAdapterController
 from ..policy import TARGET_LABEL
+from ..resources.loraadapter import LABEL_ADAPTER
 
 
 def register(registry: kopf.OperatorRegistry, controller: LoRAAdapterController) -> None:
@@ -22,6 +23,11 @@ def register(registry: kopf.OperatorRegistry, controller: LoRAAdapterController)
     @kopf.on.event("apps", "v1", "deployments", labels=opted_in, registry=registry)
     def deployment_event(type, body, **_):  # noqa: A002
         controller.on_deployment(type or "ADDED", copy.deepcopy(dict(body)))
+
+    @kopf.on.event("batch", "v1", "jobs", labels={LABEL_ADAPTER: kopf.PRESENT},
+                   registry=registry)
+    def merge_job_event(type, body, **_):  # noqa: A002
+        controller.on_merge_job(type or "ADDED", copy.deepcopy(dict(body)))
 
     @kopf.on.event("", "v1", "pods", registry=registry)
     def serving_pod_event(type, body, **_):  # noqa: A002

@@ -329,7 +329,7 @@ def _start_attempt(world: Observed, st: _Status, settings: OperatorSettings,
     """The children of attempt `number` (the shared ones are idempotent: 409 on repeat)."""
     job, body, spec = world.job, world.body, world.job.spec
     name = body["metadata"]["name"]
-    st.plan.create.extend([res.config_map(job, body, settings), *res.rbac(body)])
+    st.plan.create.extend(res.rbac(body))
     if spec.resources.nodes > 1:
         st.plan.create.append(res.headless_service(body, number))
     suspended = spec.scheduling.suspend or bool(spec.scheduling.queue_name)  # Kueue admits it

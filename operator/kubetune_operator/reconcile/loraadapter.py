@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from kubetune import reasons
+from kubetune.artifacts import pinned
 from kubetune.behaviour import Probe
 from kubetune.api.finetunejob import MERGEABLE_METHODS as MERGEABLE
 from kubetune.api.loraadapter import LoRAAdapter
@@ -76,12 +77,14 @@ class Decision:
 
 
 def lora_path(adapter: LoRAAdapter, v: Verification, vllm_dir: str) -> str:
-    """What the engine is told to load: the S3 prefix for kubetune serve (it verifies and
-    fetches itself), the synced folder for vLLM (its sidecar puts the files there)."""
+    """What the engine is told to load: the S3 prefix pinned to the verified manifest for
+    kubetune serve (it fetches and verifies itself, and refuses another manifest), the synced
+    folder for vLLM (its sidecar puts the files there after checking the same digest). Either
+    names the digest: a new manifest at the same URI is a new path, so replicas are replaced."""
     runtime = adapter.spec.target.runtime if adapter.spec.target else "kubetune"
     if runtime == "vllm":
         return f"{vllm_dir.rstrip('/')}/{adapter.spec.serving_name}-{(v.digest or '')[:12]}"
-    return v.uri or ""
+    return pinned(v.uri or "", v.digest)
 
 
 def compatibility(adapter: LoRAAdapter, v: Verification) -> tuple[bool, str, str]:

@@ -17,6 +17,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 # The operator's seal on status.artifact: the trainer's token may patch the status subresource
 # (progress), never the object's metadata, so an artifact it forged in status does not match.
 ANNOTATION_ARTIFACT_SEAL = "kubetune.io/artifact-seal"
+# The rendered trainer config travels in the attempt's pod template (a downward-API file): each
+# attempt carries the config it was started with, and no ConfigMap is created per job.
+ANNOTATION_CONFIG = "kubetune.io/trainer-config"
+MAX_CONFIG_BYTES = 128 * 1024  # well inside the 256 KiB the API allows for all annotations
 
 
 def artifact_seal(artifact: dict) -> str:
@@ -43,10 +47,6 @@ MAX_NAME = 50  # leaves room for "-<attempt>" and the pod suffix within 63 chara
 
 def job_name(name: str, attempt: int) -> str:
     return f"{name}-{attempt}"
-
-
-def config_map_name(name: str) -> str:
-    return f"{name}-config"
 
 
 def trainer_account(name: str) -> str:
@@ -78,13 +78,11 @@ def trainer_config(job: FineTuneJob, body: dict, settings: OperatorSettings) -> 
         cfg.output.endpoint = settings.s3_endpoint
     if not cfg.output.region:
         cfg.output.region = settings.s3_region
-    return cfg.dump()
-
-
-def config_map(job: FineTuneJob, body: dict, settings: OperatorSettings) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": _meta(body, config_map_name(body["metadata"]["name"]), "trainer-config"),
-            "data": {"config.yaml": trainer_config(job, body, settings)}}
+    rendered = cfg.dump()
+    if len(rendered.encode()) > MAX_CONFIG_BYTES:
+        raise ValueError(f"the trainer config renders to {len(rendered.encode())} bytes, more "
+                         f"than {MAX_CONFIG_BYTES} (shorten spec.dataset.chatTemplate)")
+    return rendered
 
 
 def rbac(body: dict) -> list[dict]:
@@ -155,8 +153,10 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
     container = trainer_container(
         "trainer", res.image or settings.trainer_image, command, train_args, env,
         [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}], limits)
+    config_file = {"path": "config.yaml", "fieldRef": {
+        "fieldPath": f"metadata.annotations['{ANNOTATION_CONFIG}']"}}
     pod_spec = restricted_pod(
-        container, [{"name": "config", "configMap": {"name": config_map_name(name)}}],
+        container, [{"name": "config", "downwardAPI": {"items": [config_file]}}],
         service_account=res.service_account_name or trainer_account(name),
         api_token=True,  # progress goes to the FineTuneJob's status with the pod's token
         grace_seconds=120,  # time to write a checkpoint on SIGTERM
@@ -183,7 +183,9 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
                                                   "operator": "In",
                                                   "values": [int(ExitCode.INVALID)]}},
         ]},
-        "template": {"metadata": {"labels": {**labels(name, "trainer"), **extra}},
+        "template": {"metadata": {"labels": {**labels(name, "trainer"), **extra},
+                                  "annotations": {
+                                      ANNOTATION_CONFIG: trainer_config(job, body, settings)}},
                      "spec": pod_spec},
     }
     if nodes > 1:
