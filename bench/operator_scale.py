@@ -85,6 +85,7 @@ def main() -> int:
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
 
         # (a) the floor: a plain client creating Jobs directly.
+        parts0 = _cluster_cpu()
         t0 = time.monotonic()
         for i in range(n):
             batch.create_namespaced_job("plain", {"metadata": {"name": f"plain-{i}"},
@@ -97,6 +98,7 @@ def main() -> int:
 
         wait(plain_running)
         plain = time.monotonic() - t0
+        parts_plain = _minus(_cluster_cpu(), parts0)
 
         # (b) the operator.
         health, metrics = procs.free_port(), procs.free_port()
@@ -117,7 +119,7 @@ def main() -> int:
                              "kubetune.io", "v1alpha1", "operator", "finetunejobs")["items"])
              >= args.probes)  # settled: their requests are not counted below
         before, verbs0 = _requests(metrics), _by_verb(metrics)
-        cpu0 = _cpu_seconds(op.pid)
+        cpu0, parts0 = _cpu_seconds(op.pid), _cluster_cpu()
         t0 = time.monotonic()
         for i in range(n):
             body = kwok_finetunejob(f"ftj-{i}", f"s3://kubetune/bench/ftj-{i}")
@@ -133,20 +135,24 @@ def main() -> int:
         wait(operator_running)
         operated = time.monotonic() - t0
         cpu = _cpu_seconds(op.pid) - cpu0
+        parts_operated = _minus(_cluster_cpu(), parts0)
         requests = _requests(metrics) - before
         verbs = {k: v - verbs0.get(k, 0) for k, v in _by_verb(metrics).items()}
         full = _apply_latencies(custom, batch, "probe1", args.probes)
         time.sleep(5)  # the probes' own aftermath
-        idle_start = _requests(metrics)
+        idle_start, idle_cpu = _requests(metrics), _cpu_seconds(op.pid)
         time.sleep(args.idle)
         idle = (_requests(metrics) - idle_start) * 60 / args.idle
-        adapters_idle = None
+        idle_cpu = (_cpu_seconds(op.pid) - idle_cpu) / args.idle * 100
+        rss_jobs = _peak_rss_mib(op.pid)
+        adapters_idle = adapters_cpu = None
         if args.adapters:
             _apply_adapters(dev, api, work, args.adapters)
             time.sleep(5)
-            idle_start = _requests(metrics)
+            idle_start, adapters_cpu = _requests(metrics), _cpu_seconds(op.pid)
             time.sleep(args.idle)
             adapters_idle = (_requests(metrics) - idle_start) * 60 / args.idle
+            adapters_cpu = (_cpu_seconds(op.pid) - adapters_cpu) / args.idle * 100
         rss = _peak_rss_mib(op.pid)
         op.terminate()
         op.wait(timeout=30)
@@ -157,17 +163,22 @@ def main() -> int:
         print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
               f"ratio {operated / plain:.2f}")
         print(f"  operator CPU {cpu:.1f}s ({cpu / operated * 100:.0f}% of one core, "
-              f"{cpu / n * 1000:.0f} ms per job); peak RSS {rss:.0f} MiB; reconcile API "
+              f"{cpu / n * 1000:.0f} ms per job); peak RSS {rss_jobs:.0f} MiB with the jobs, "
+              f"{rss:.0f} MiB at the end; reconcile API "
               f"requests per job "
               f"{requests / n:.1f} ({per_verb}); "
               f"Jobs created {jobs} (expected {n + 2 * args.probes})")
+        for label, parts in (("plain client", parts_plain), ("kubetune", parts_operated)):
+            print(f"  cluster CPU during {label}: " + ", ".join(
+                f"{k} {v:.1f}s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
         print(f"  one apply -> Job created: with 0 present p50 {_pct(empty, 50):.3f}s "
               f"p95 {_pct(empty, 95):.3f}s; with {n + args.probes} present "
               f"p50 {_pct(full, 50):.3f}s p95 {_pct(full, 95):.3f}s")
-        print(f"  idle: {idle:.1f} API requests per minute with {n + 2 * args.probes} "
-              f"FineTuneJobs present" + ("" if adapters_idle is None else
-                                         f"; {adapters_idle:.1f} with {args.adapters} "
-                                         f"LoRAAdapters added"))
+        print(f"  idle: {idle:.1f} API requests per minute (operator CPU {idle_cpu:.1f}% of a "
+              f"core) with {n + 2 * args.probes} FineTuneJobs present" + (
+                  "" if adapters_idle is None else
+                  f"; {adapters_idle:.1f} (CPU {adapters_cpu:.1f}%) with {args.adapters} "
+                  f"LoRAAdapters added"))
     finally:
         dev.down(progress=lambda m: None)
     return 0
@@ -251,6 +262,30 @@ def _by_verb(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
     return {verb: float(value) for verb, value in re.findall(
         r'^kubetune_api_requests_total\{verb="([^"]*)"\} (\S+)$', text, flags=re.M)}
+
+
+CLUSTER_PARTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def _cluster_cpu() -> dict[str, float]:
+    """CPU seconds so far of the dev cluster's processes, by name (the bench's own included:
+    the machine is shared, and the ratio is a wall-clock one)."""
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            name = (entry / "comm").read_text().strip()
+            if name in CLUSTER_PARTS:
+                out[name] = out.get(name, 0.0) + _cpu_seconds(int(entry.name))
+        except OSError:
+            continue
+    out["bench client"] = _cpu_seconds(os.getpid())
+    return out
+
+
+def _minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
 def _cpu_seconds(pid: int) -> float:

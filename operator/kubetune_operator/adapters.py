@@ -486,7 +486,7 @@ class LoRAAdapterController:
         return data
 
     def _storage(self, ns: str, adapter):
-        from kubetune.storage import Storage
+        from kubetune.storage import shared
 
         src = adapter.spec.source
         secret = src.credentials_secret.name if src.credentials_secret else \
@@ -496,8 +496,8 @@ class LoRAAdapterController:
             data = self._secret(ns, secret)
             keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
                     "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
-        return Storage(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,
-                       retries=2, deadline=self.settings.s3_deadline_seconds, **keys)
+        return shared(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,
+                      retries=2, deadline=self.settings.s3_deadline_seconds, **keys)
 
     def _verify(self, ns: str, adapter, source: dict | None) -> rec.Verification:
         src = adapter.spec.source

@@ -33,6 +33,7 @@ class FineTuneJobController:
                                settings.finetunejob_workers_per_namespace,
                                lane_of=lambda k: k[0], name="kubetune-finetunejob")
         self.listeners: list = []  # called with each changed FineTuneJob (its adapters look)
+        self._configs: dict[Key, tuple[tuple, str]] = {}  # (uid, generation), trainer config
 
     def reconcile(self, key: Key) -> None:
         body = self.caches.finetunejobs.get(key)
@@ -55,9 +56,10 @@ class FineTuneJobController:
         errors += rec.semantic_errors(body)
         if job is not None:
             errors += policy.finetunejob_errors(job, self.settings)
+        config = None
         if job is not None and not errors:
             try:
-                res.trainer_config(job, body, self.settings)
+                config = self._config(key, body, job)
             except ValueError as exc:
                 errors.append(f"spec: {exc}")
         # Only children this object controls count, whatever labels a look-alike carries.
@@ -76,17 +78,28 @@ class FineTuneJobController:
                           "the attempt's artifact again")
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
-        world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter)
+        world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter, config)
         plan = rec.reconcile(world, self.settings, now)
         if plan.verify_attempt is not None:
             world.artifact, world.artifact_error = self._verify(job, body, plan.verify_attempt)
             plan = rec.reconcile(world, self.settings, now)
         self._apply(key, body, plan, bound)
 
+    def _config(self, key: Key, body: dict, job) -> str:
+        """The rendered trainer config, once per spec generation (YAML rendering was a tenth
+        of the operator's CPU when every reconcile rendered it to check it)."""
+        meta = body["metadata"]
+        version = (meta.get("uid"), meta.get("generation"))
+        held = self._configs.get(key)
+        if held is None or held[0] != version:
+            held = (version, res.trainer_config(job, body, self.settings))
+            self._configs[key] = held
+        return held[1]
+
     def _verify(self, job, body: dict, attempt: rec.Attempt) -> tuple[dict | None, str | None]:
         """Check the published artifact against its manifest (never deletes anything)."""
         from kubetune.artifacts import VerificationError, described, verify
-        from kubetune.storage import Storage, StorageError
+        from kubetune.storage import StorageError, shared
 
         summary = attempt.summary if isinstance(attempt.summary, dict) else {}
         published = summary.get("artifact")
@@ -103,9 +116,9 @@ class FineTuneJobController:
             data = self.kube.secret_data(body["metadata"]["namespace"], secret)
             keys = {"access_key": data.get("AWS_ACCESS_KEY_ID"),
                     "secret_key": data.get("AWS_SECRET_ACCESS_KEY")}
-        storage = Storage(out.endpoint or self.settings.s3_endpoint,
-                          out.region or self.settings.s3_region, retries=3,
-                          deadline=self.settings.s3_deadline_seconds, **keys)
+        storage = shared(out.endpoint or self.settings.s3_endpoint,
+                         out.region or self.settings.s3_region, retries=3,
+                         deadline=self.settings.s3_deadline_seconds, **keys)
         try:
             manifest, digest = verify(published["uri"], storage,
                                       expected_sha256=published["manifestSha256"])
@@ -169,6 +182,7 @@ class FineTuneJobController:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self.caches.finetunejobs.pop(key, None)
+            self._configs.pop(key, None)
             self.caches.jobs.forget(key)
             self.caches.pods.forget(key)
             metrics.observe_phase(key, None)

@@ -4,6 +4,7 @@ metrics)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from datetime import datetime, timezone
@@ -44,29 +45,37 @@ class Kube:
             self.requests[verb] += 1
         API_REQUESTS.labels(verb=verb).inc()
 
+    @staticmethod
+    def _json(call, *args, **kwargs):
+        """Call a client method and return the response as plain JSON (dicts and lists, the
+        wire format, timestamps as the server wrote them, the same as watch events): the
+        client's model classes are never built, which cost more CPU than the request itself
+        (a Job's response is thousands of attribute assignments and date parses)."""
+        response = call(*args, _preload_content=False, **kwargs)
+        try:
+            data = response.data
+        finally:
+            response.release_conn()
+        return json.loads(data) if data else None
+
     # ---- generic ---------------------------------------------------------------------------
     def create(self, obj: dict) -> bool:
         """Create; True if created, False if it already existed (a deterministic name)."""
         kind, ns = obj["kind"], obj["metadata"].get("namespace")
+        create = {"ServiceAccount": self.core.create_namespaced_service_account,
+                  "Service": self.core.create_namespaced_service,
+                  "Role": self.rbac.create_namespaced_role,
+                  "RoleBinding": self.rbac.create_namespaced_role_binding,
+                  "Job": self.batch.create_namespaced_job}.get(kind)
+        if create is None and kind not in PLURALS:
+            raise ValueError(f"no create for kind {kind}")
         self._count("create")
         try:
-            if kind == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj)
-            elif kind == "ServiceAccount":
-                self.core.create_namespaced_service_account(ns, obj)
-            elif kind == "Service":
-                self.core.create_namespaced_service(ns, obj)
-            elif kind == "Role":
-                self.rbac.create_namespaced_role(ns, obj)
-            elif kind == "RoleBinding":
-                self.rbac.create_namespaced_role_binding(ns, obj)
-            elif kind == "Job":
-                self.batch.create_namespaced_job(ns, obj)
-            elif kind in PLURALS:
-                self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
-                                                            obj)
+            if create is not None:
+                self._json(create, ns, obj)
             else:
-                raise ValueError(f"no create for kind {kind}")
+                self._json(self.custom.create_namespaced_custom_object, GROUP, VERSION, ns,
+                           PLURALS[kind], obj)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -82,17 +91,17 @@ class Kube:
         return True
 
     def _read(self, kind: str, ns: str, name: str) -> dict | None:
-        read = {"ConfigMap": self.core.read_namespaced_config_map,
-                "ServiceAccount": self.core.read_namespaced_service_account,
+        read = {"ServiceAccount": self.core.read_namespaced_service_account,
                 "Service": self.core.read_namespaced_service,
                 "Role": self.rbac.read_namespaced_role,
                 "RoleBinding": self.rbac.read_namespaced_role_binding,
-                "Job": self.batch.read_namespaced_job}.get(kind)
+                "Job": self.batch.read_namespaced_job,
+                "Deployment": self.apps.read_namespaced_deployment}.get(kind)
         if read is None:
             return self.get_custom(kind, ns, name)
         self._count("get")
         try:
-            return self.api.sanitize_for_serialization(read(name, ns))
+            return self._json(read, name, ns)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -104,20 +113,19 @@ class Kube:
         self._count("patch")
         try:
             if kind == "Job":
-                out = self.batch.patch_namespaced_job(name, ns, patch)
+                out = self._json(self.batch.patch_namespaced_job, name, ns, patch)
             elif kind == "Deployment":
-                out = self.apps.patch_namespaced_deployment(name, ns, patch)
+                out = self._json(self.apps.patch_namespaced_deployment, name, ns, patch)
             elif kind in PLURALS:
-                out = self.custom.patch_namespaced_custom_object(GROUP, VERSION, ns,
-                                                                 PLURALS[kind], name, patch)
-                return out["metadata"]["resourceVersion"]
+                out = self._json(self.custom.patch_namespaced_custom_object, GROUP, VERSION, ns,
+                                 PLURALS[kind], name, patch)
             else:
                 raise ValueError(f"no patch for kind {kind}")
         except ApiException as exc:
             if exc.status != 404:
                 raise
             return None
-        return out.metadata.resource_version
+        return out["metadata"]["resourceVersion"]
 
     def patch_status(self, kind: str, ns: str, name: str, status: dict,
                      resource_version: str | None = None) -> bool:
@@ -128,8 +136,8 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, ns, PLURALS[kind], name, body)
+            self._json(self.custom.patch_namespaced_custom_object_status,
+                       GROUP, VERSION, ns, PLURALS[kind], name, body)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -140,8 +148,8 @@ class Kube:
     def delete_custom(self, kind: str, ns: str, name: str) -> None:
         self._count("delete")
         try:
-            self.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind], name,
-                                                        propagation_policy="Background")
+            self._json(self.custom.delete_namespaced_custom_object, GROUP, VERSION, ns,
+                       PLURALS[kind], name, propagation_policy="Background")
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -149,63 +157,44 @@ class Kube:
     def get_custom(self, kind: str, ns: str, name: str) -> dict | None:
         self._count("get")
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURALS[kind],
-                                                            name)
+            return self._json(self.custom.get_namespaced_custom_object, GROUP, VERSION, ns,
+                              PLURALS[kind], name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def get_deployment(self, ns: str, name: str) -> dict | None:
-        self._count("get")
-        try:
-            return self.api.sanitize_for_serialization(
-                self.apps.read_namespaced_deployment(name, ns))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def get_job(self, ns: str, name: str) -> dict | None:
-        self._count("get")
-        try:
-            return self.api.sanitize_for_serialization(self.batch.read_namespaced_job(name, ns))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def pods(self, ns: str, match_labels: dict[str, str]) -> list[dict]:
-        self._count("list")
-        selector = ",".join(f"{k}={v}" for k, v in sorted(match_labels.items()))
-        items = self.core.list_namespaced_pod(ns, label_selector=selector)
-        return [self.api.sanitize_for_serialization(i) for i in items.items]
+        return self._read("Deployment", ns, name)
 
     def secret_data(self, ns: str, name: str) -> dict[str, str]:
         import base64
 
         self._count("get")
-        secret = self.core.read_namespaced_secret(name, ns)
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        secret = self._json(self.core.read_namespaced_secret, name, ns)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
 
     def list(self, kind: str, label_selector: str, namespace: str | None = None) -> list[dict]:
-        self._count("list")
-        if kind == "Job":
-            items = (self.batch.list_namespaced_job(namespace, label_selector=label_selector)
-                     if namespace else
-                     self.batch.list_job_for_all_namespaces(label_selector=label_selector))
-        elif kind == "Pod":
-            items = (self.core.list_namespaced_pod(namespace, label_selector=label_selector)
-                     if namespace else
-                     self.core.list_pod_for_all_namespaces(label_selector=label_selector))
-        elif kind == "Deployment":
-            items = (self.apps.list_namespaced_deployment(namespace,
-                                                          label_selector=label_selector)
-                     if namespace else
-                     self.apps.list_deployment_for_all_namespaces(label_selector=label_selector))
-        else:
-            raise ValueError(kind)
-        return [self.api.sanitize_for_serialization(i) for i in items.items]
+        """Every object of `kind` matching the selector (page by page, 500 at a time)."""
+        namespaced, everywhere = {
+            "Job": (self.batch.list_namespaced_job, self.batch.list_job_for_all_namespaces),
+            "Pod": (self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces),
+            "Deployment": (self.apps.list_namespaced_deployment,
+                           self.apps.list_deployment_for_all_namespaces)}[kind]
+        items, token = [], None
+        while True:
+            self._count("list")
+            extra = {"_continue": token} if token else {}
+            if namespace:
+                page = self._json(namespaced, namespace, label_selector=label_selector,
+                                  limit=500, **extra)
+            else:
+                page = self._json(everywhere, label_selector=label_selector, limit=500,
+                                  **extra)
+            items += page.get("items") or []
+            token = (page.get("metadata") or {}).get("continue")
+            if not token:
+                return items
 
     def event(self, body: dict, kind: str, reason: str, message: str) -> None:
         """A core/v1 Event on the object (what `kubectl describe` shows)."""
@@ -213,7 +202,7 @@ class Kube:
         now = datetime.now(timezone.utc)
         self._count("event")
         try:
-            self.core.create_namespaced_event(meta["namespace"], {
+            self._json(self.core.create_namespaced_event, meta["namespace"], {
                 "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
                 "involvedObject": {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
                                    "name": meta["name"], "namespace": meta["namespace"],

@@ -99,3 +99,17 @@ def test_a_pinned_load_path_round_trips_and_a_look_alike_pin_is_not_one():
                  "s3://b/a@sha256:" + "0" * 63, "s3://b/a@sha256:" + digest + "/x"):
         assert split_pin(path) == (path, None)
     assert split_pin(f"s3://b/x@sha256:y/a@sha256:{digest}") == ("s3://b/x@sha256:y/a", digest)
+
+
+def test_storage_clients_are_shared_per_configuration_and_bounded():
+    """A boto3 client costs ~190 ms of CPU to create: long-running processes share one per
+    endpoint, region, keys and limits; a rotated key is a new client; the set is bounded."""
+    from kubetune import storage
+
+    a = storage.shared("http://127.0.0.1:1", "r", 2, "k", "s", 30.0)
+    assert storage.shared("http://127.0.0.1:1", "r", 2, "k", "s", 30.0) is a
+    assert storage.shared("http://127.0.0.1:1", "r", 2, "k2", "s", 30.0) is not a
+    for i in range(storage.SHARED_CLIENTS + 5):
+        storage.shared(f"http://127.0.0.1:{i + 2}")
+    assert len(storage._shared) == storage.SHARED_CLIENTS
+    assert storage.shared("http://127.0.0.1:1", "r", 2, "k", "s", 30.0) is not a  # dropped

@@ -113,7 +113,7 @@ class Syncer:
     def sync(self, uri: str, sha256: str, path: str) -> dict:
         from kubetune import safepath
         from kubetune.artifacts import VerificationError, verify
-        from kubetune.storage import Storage, StorageError
+        from kubetune.storage import StorageError, shared
 
         if not isinstance(uri, str) or not uri.startswith("s3://"):
             raise SyncError("'uri' must be an s3:// URI")
@@ -142,7 +142,7 @@ class Syncer:
             held[0] = total
         kept = False
         try:
-            manifest, _ = verify(uri, Storage(), scratch, expected_sha256=sha256,
+            manifest, _ = verify(uri, shared(), scratch, expected_sha256=sha256,
                                  max_bytes=self.max_bytes, reserve=reserve)
             (scratch / MARKER).write_text(json.dumps({"uri": uri, "sha256": sha256}))
             with self.lock:

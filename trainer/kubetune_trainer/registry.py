@@ -126,7 +126,7 @@ class AdapterRegistry:
         if lora_path.startswith("s3://"):
             from kubetune.artifacts import VerificationError, split_pin, verify
             from .diskbudget import BudgetExceeded
-            from kubetune.storage import Storage, StorageError
+            from kubetune.storage import StorageError, shared
 
             dest = self.cache_dir / uuid.uuid4().hex
             held = [0]
@@ -136,7 +136,7 @@ class AdapterRegistry:
                 held[0] = total
             try:
                 uri, pinned = split_pin(lora_path)
-                verify(uri, Storage(), dest, expected_sha256=pinned,
+                verify(uri, shared(), dest, expected_sha256=pinned,
                        max_bytes=MAX_ADAPTER_BYTES, reserve=reserve)
             except BaseException as exc:
                 shutil.rmtree(dest, ignore_errors=True)

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import kopf
 
 from ..controller import FineTuneJobController
 from ..resources.finetunejob import LABEL_JOB
+from . import snapshot
 
 
 def register(registry: kopf.OperatorRegistry, controller: FineTuneJobController) -> None:
@@ -16,12 +15,12 @@ def register(registry: kopf.OperatorRegistry, controller: FineTuneJobController)
 
     @kopf.on.event("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
     def finetunejob_event(type, body, **_):  # noqa: A002 - kopf's keyword
-        controller.on_finetunejob(type or "ADDED", copy.deepcopy(dict(body)))
+        controller.on_finetunejob(type or "ADDED", snapshot(body))
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     def job_event(type, body, **_):  # noqa: A002
-        controller.on_child(caches.jobs, type or "ADDED", copy.deepcopy(dict(body)))
+        controller.on_child(caches.jobs, type or "ADDED", snapshot(body))
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
     def pod_event(type, body, **_):  # noqa: A002
-        controller.on_child(caches.pods, type or "ADDED", copy.deepcopy(dict(body)))
+        controller.on_child(caches.pods, type or "ADDED", snapshot(body))

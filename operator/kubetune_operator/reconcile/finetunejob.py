@@ -198,6 +198,7 @@ class Observed:
     artifact: dict | None = None  # the verified artifact of the succeeded attempt
     artifact_error: str | None = None  # why it did not verify
     adapter: dict | None = None  # the LoRAAdapter created from it, if any
+    config: str | None = None  # the rendered trainer config (rendered here when None)
 
 
 @dataclass
@@ -333,7 +334,8 @@ def _start_attempt(world: Observed, st: _Status, settings: OperatorSettings,
     if spec.resources.nodes > 1:
         st.plan.create.append(res.headless_service(body, number))
     suspended = spec.scheduling.suspend or bool(spec.scheduling.queue_name)  # Kueue admits it
-    st.plan.create.append(res.training_job(job, body, number, settings, suspended))
+    st.plan.create.append(res.training_job(job, body, number, settings, suspended,
+                                           world.config))
     st.plan.events.append(("Normal", "CreatedJob",
                            f"Created Job {res.job_name(name, number)} (attempt {number})"))
     st.fields["jobName"] = res.job_name(name, number)

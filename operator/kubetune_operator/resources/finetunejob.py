@@ -116,7 +116,8 @@ def _credentials_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict]
 
 
 def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorSettings,
-                 suspend: bool) -> dict:
+                 suspend: bool, config: str | None = None) -> dict:
+    """Attempt `attempt`'s Job; `config`: the rendered trainer config (rendered when None)."""
     spec = job.spec
     res = spec.resources
     name = body["metadata"]["name"]
@@ -185,7 +186,8 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
         ]},
         "template": {"metadata": {"labels": {**labels(name, "trainer"), **extra},
                                   "annotations": {
-                                      ANNOTATION_CONFIG: trainer_config(job, body, settings)}},
+                                      ANNOTATION_CONFIG: config or
+                                      trainer_config(job, body, settings)}},
                      "spec": pod_spec},
     }
     if nodes > 1:
