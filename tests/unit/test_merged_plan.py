@@ -73,6 +73,11 @@ def job(*conditions, message="") -> dict:
         {"type": c, "status": "True", "message": message} for c in conditions]}}
 
 
+def detail_of(plan: rec.MergedPlan) -> str:
+    """The failure a rollback names (between "failed (" and "); rolled back")."""
+    return plan.state["message"].split(" failed (", 1)[1].rsplit("); rolled back", 1)[0]
+
+
 def server_model(patch: dict) -> str | None:
     return rec.model_of(patch["spec"]["template"]["spec"]["containers"][0])
 
@@ -190,14 +195,17 @@ def test_a_failed_rollout_restores_the_previous_model(case, dep, pods, rollback,
     assert detail in p.state["message"], (case, p.state["message"])
     if restores:
         assert server_model(p.patch) == BASE
-        assert p.patch["metadata"]["annotations"] == {rec.ROLLED_BACK: OUT}
+        assert p.patch["metadata"]["annotations"] == {rec.ROLLED_BACK: OUT,
+                                                      rec.ROLLBACK_REASON: detail_of(p)}
         assert p.state["phase"] == "Failed" and f"rolled back to {BASE}" in p.state["message"]
-        # The next look sees the annotation: no second rollback, no switch back.
+        # The next look sees the annotations: no second rollback, no switch back, and the
+        # status still says why (it is rebuilt from the Deployment).
         after = copy.deepcopy(dep)
-        after["metadata"]["annotations"][rec.ROLLED_BACK] = OUT
+        after["metadata"]["annotations"].update(p.patch["metadata"]["annotations"])
         after["spec"]["template"]["spec"]["containers"][0]["args"][1] = BASE
         again = rec.plan(world(deployment=after, pods=pods, rollback_on_failure=rollback))
         assert again.patch is None and again.state["reason"] == "RolledBack"
+        assert detail in again.state["message"], again.state["message"]
     else:
         assert p.patch is None
 
@@ -213,8 +221,9 @@ def test_deleting_gives_the_deployment_its_previous_model_back(dep, patched, mod
     p = rec.plan(world(deleting=True, deployment=dep))
     assert p.finalized and (p.patch is not None) == patched
     if patched:
-        assert p.patch["metadata"]["annotations"] == {rec.ADAPTER: None, rec.PREVIOUS: None,
-                                                      rec.ROLLED_BACK: None}
+        assert p.patch["metadata"]["annotations"] == {
+            rec.ADAPTER: None, rec.PREVIOUS: None, rec.ROLLED_BACK: None,
+            rec.ROLLBACK_REASON: None}
         assert (server_model(p.patch) if "spec" in p.patch else None) == model
         assert p.events[0][1] == "Restored"
 

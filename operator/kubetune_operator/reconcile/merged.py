@@ -22,6 +22,7 @@ from .loraadapter import Decision, Verification
 PREVIOUS = "kubetune.io/previous-model"
 ADAPTER = "kubetune.io/merged-adapter"
 ROLLED_BACK = "kubetune.io/rolled-back-model"
+ROLLBACK_REASON = "kubetune.io/rollback-reason"  # why: the status keeps saying it after
 CRASH_RESTARTS = 2
 ACTIVE_RECHECK = 5.0  # seconds: a safety net while merging or rolling out (events drive it)
 
@@ -137,8 +138,10 @@ def plan(w: MergedWorld) -> MergedPlan:
     if not w.merged_ready:
         return _merge(w, out_uri, where)
     if annotations.get(ROLLED_BACK) == out_uri:
+        why = annotations.get(ROLLBACK_REASON)
         return MergedPlan(_state(
-            "Failed", "RolledBack", f"the rollout of {out_uri} failed and was rolled back to "
+            "Failed", "RolledBack", f"the rollout of {out_uri} failed"
+            + (f" ({why})" if why else "") + f" and was rolled back to "
             f"{annotations.get(PREVIOUS)}; apply a new adapter version to try again", **where))
     index = container_index(dep, w.container)
     if index is None:
@@ -254,7 +257,7 @@ def _rollback(w: MergedWorld, index: int, model: str, failure: str, where: dict)
     if not w.rollback_on_failure or not previous:
         return MergedPlan(_state("Failed", "RolloutFailed", failure + (
             "" if previous else "; no previous model to restore"), **where))
-    patch = {"metadata": {"annotations": {ROLLED_BACK: model}},
+    patch = {"metadata": {"annotations": {ROLLED_BACK: model, ROLLBACK_REASON: failure[:1000]}},
              "spec": {"template": {"spec": {"containers": _with_container(
                  w.deployment, index, previous)}}}}
     return MergedPlan(_state("Failed", "RolledBack", f"rollout of {model} failed ({failure}); "
@@ -271,7 +274,7 @@ def _restore(w: MergedWorld) -> MergedPlan:
         return MergedPlan(finalized=True)
     previous = annotations.get(PREVIOUS)
     patch: dict = {"metadata": {"annotations": {ADAPTER: None, PREVIOUS: None,
-                                                ROLLED_BACK: None}}}
+                                                ROLLED_BACK: None, ROLLBACK_REASON: None}}}
     index = container_index(dep, w.container)
     if previous and index is not None and \
             model_of(dep["spec"]["template"]["spec"]["containers"][index]) != previous:
