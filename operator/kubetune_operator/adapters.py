@@ -12,7 +12,7 @@ a replica that restarted and lost the adapter, or drifted, is found and repaired
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import structlog
@@ -174,7 +174,10 @@ class LoRAAdapterController:
                          self.queue.retry) != "error":
             self.queue.forget(key)
 
-    def _reconcile(self, key: Key, body: dict) -> None:
+    def _reconcile(self, key: Key, body: dict,
+                   verified: rec.Verification | None = None) -> None:
+        """`verified`: the artifact's final verdict, when a pass that loaded meanwhile found
+        the operator's own file check failed (the pass is then done again with it)."""
         ns, name = key
         meta = body["metadata"]
         deleting = bool(meta.get("deletionTimestamp"))
@@ -199,7 +202,11 @@ class LoRAAdapterController:
             version = self.kube.patch(body, {"metadata": {"finalizers": finalizers}})
             meta.update(finalizers=finalizers, resourceVersion=version)  # our own write
         source = self._source_job(ns, body, adapter)
-        v = self._verify(ns, adapter, source)
+        v, pending = (verified, None) if verified is not None else \
+            self._verify(ns, adapter, source)
+        if pending is not None and (deleting or spec.target is None or
+                                    rec.resolve_mode(adapter, v.method) != "HotSwap"):
+            v, pending = pending.result(), None  # only hot-swap loads while the files are read
         compat = rec.compatibility(adapter, v) if v.ok else None
         promoted = rec.gates(adapter, (body.get("status") or {}).get("conditions") or [], source)
         mode = rec.resolve_mode(adapter, v.method) if v.ok else \
@@ -216,7 +223,7 @@ class LoRAAdapterController:
         if mode == "Merged":
             self._merged(key, body, adapter, v, eligible, inputs, deleting, now)
             return
-        self._hot_swap(key, body, adapter, v, eligible, inputs, deleting, now)
+        self._hot_swap(key, body, adapter, v, eligible, inputs, deleting, now, pending)
 
     def _merged(self, key: Key, body: dict, adapter, v: rec.Verification, eligible: bool,
                 inputs: rec.StatusInputs, deleting: bool, now: datetime) -> None:
@@ -249,7 +256,27 @@ class LoRAAdapterController:
                        self.settings.adapter_resync_seconds)
 
     def _hot_swap(self, key: Key, body: dict, adapter, v: rec.Verification, eligible: bool,
-                  inputs: rec.StatusInputs, deleting: bool, now: datetime) -> None:
+                  inputs: rec.StatusInputs, deleting: bool, now: datetime,
+                  pending: Future | None = None) -> None:
+        """`pending`: the operator's own check of the artifact's files, still running: the
+        replicas load (pinned to the manifest's digest, which they check every file against)
+        meanwhile, and nothing is written until it has ended; if it failed, the pass is done
+        again with its verdict (unloading what was loaded)."""
+        def settled() -> bool:
+            """Wait for the file check; False when it failed and the pass was redone."""
+            nonlocal pending
+            if pending is None:
+                return True
+            final, pending = pending.result(), None
+            if not final.ok:
+                log.warning("The artifact failed the operator's file check after its "
+                            "manifest passed", namespace=key[0], name=key[1],
+                            reason=final.reason)
+                self._reconcile(key, body, verified=final)
+                return False
+            inputs.verification = final
+            return True
+
         ns, name = key
         spec = adapter.spec
         target = spec.target
@@ -264,7 +291,8 @@ class LoRAAdapterController:
                           f"not found in {ns}"
                 if not deleting:
                     inputs.target_error = ("ApiKeySecretMissing", message)
-                    self._write(body, rec.status(inputs, now))
+                    if settled():
+                        self._write(body, rec.status(inputs, now))
                     self.queue.add(key, self.settings.adapter_resync_seconds)
                     return
                 # Deleting (often the whole namespace, the Secret first): unload where the
@@ -282,7 +310,8 @@ class LoRAAdapterController:
             inputs.target_error = ("TargetNotOptedIn",
                                    policy.not_opted_in_message(target.deployment, ns))
             self._watch_pods(key, None)
-            self._write(body, rec.status(inputs, now))
+            if settled():
+                self._write(body, rec.status(inputs, now))
             self.queue.add(key, self.settings.adapter_resync_seconds)
             return
         if deployment is None:
@@ -292,7 +321,8 @@ class LoRAAdapterController:
             inputs.target_error = ("TargetNotFound", f"deployment {target.deployment} not found "
                                                      f"in {ns}")
             self._watch_pods(key, None)
-            self._write(body, rec.status(inputs, now))
+            if settled():
+                self._write(body, rec.status(inputs, now))
             self.queue.add(key, self.settings.adapter_resync_seconds)
             return
         selector = (target.selector.match_labels if target.selector else
@@ -319,6 +349,8 @@ class LoRAAdapterController:
             replicas = [fresh.get(r.pod, r) for r in replicas]
         if spec.compatibility.verify_behaviour and v.ok and v.probe is not None and path:
             self._check_behaviour(body, engines, replicas, acted, spec, v, path, errors)
+        if not settled():
+            return
         if target.api_key_secret and (
                 any(r.error_reason == reasons.UNAUTHORIZED for r in replicas) or
                 any(f.reason == reasons.UNAUTHORIZED for f in errors.values())):
@@ -499,28 +531,31 @@ class LoRAAdapterController:
         return shared(src.endpoint or self.settings.s3_endpoint, self.settings.s3_region,
                       retries=2, deadline=self.settings.s3_deadline_seconds, **keys)
 
-    def _verify(self, ns: str, adapter, source: dict | None) -> rec.Verification:
+    def _verify(self, ns: str, adapter, source: dict | None
+                ) -> tuple[rec.Verification, Future | None]:
+        """The artifact's verdict, or what its manifest says and the file check running
+        (Verifier.begin)."""
         src = adapter.spec.source
         uri, expected = src.uri, src.sha256
         if src.from_fine_tune_job is not None:
             if source is None:
                 return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
-                                        f"{src.from_fine_tune_job.name} not found")
+                                        f"{src.from_fine_tune_job.name} not found"), None
             artifact = sealed_artifact(source)
             if not artifact:
                 return rec.Verification(False, "SourceNotReady", f"FineTuneJob "
                                         f"{src.from_fine_tune_job.name} has not published an "
-                                        f"artifact yet")
+                                        f"artifact yet"), None
             uri, expected = artifact["uri"], expected or artifact.get("manifestSha256")
         if not policy.endpoint_allowed(src.endpoint, self.settings):
             return rec.Verification(False, "PolicyDenied", f"spec.source.endpoint: "
                                     f"{src.endpoint} is not allowed by the operator's policy "
-                                    f"(chart value policy.allowedS3Endpoints)", uri)
+                                    f"(chart value policy.allowedS3Endpoints)", uri), None
         try:
             storage = self._storage(ns, adapter)
         except Exception as exc:  # noqa: BLE001 - a missing Secret is a status, not a crash
-            return rec.Verification(False, "StorageError", f"S3 credentials: {exc}", uri)
-        return self.verifier.check(uri, expected, storage)
+            return rec.Verification(False, "StorageError", f"S3 credentials: {exc}", uri), None
+        return self.verifier.begin(uri, expected, storage)
 
     def _write(self, body: dict, status: dict) -> None:
         old = body.get("status") or {}

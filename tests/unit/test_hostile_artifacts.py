@@ -233,3 +233,49 @@ def test_verifying_a_large_artifact_holds_one_chunk_in_memory(tmp_path):
         tracemalloc.stop()
     assert result.ok, result
     assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_the_verifier_answers_from_the_manifest_and_streams_the_files_once_meanwhile(
+        tmp_path, monkeypatch):
+    """begin(): the manifest's verdict at once and the file check in the background (the
+    replicas load, pinned to that manifest, meanwhile); concurrent callers share one stream; a
+    success is remembered, a failure is not; a verdict the manifest decides needs no stream."""
+    import threading
+
+    from kubetune_operator import verification
+    from kubetune_operator.verification import Verifier
+
+    gate, streams = threading.Event(), []
+    real = verification.verify
+
+    def slow(*args, **kwargs):
+        streams.append(args[0])
+        assert gate.wait(10)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(verification, "verify", slow)
+    good = artifact(tmp_path / "good", {"adapter_model.safetensors": os.urandom(4096),
+                                        "adapter_config.json": b"{}"})
+    verifier = Verifier(max_bytes=10_000)
+    first, pending = verifier.begin(good, None, Storage())
+    second, again = verifier.begin(good, None, Storage())
+    assert first.ok and first.digest and pending is not None and again is pending
+    assert not pending.done()  # the manifest answered while the files are still read
+    gate.set()
+    assert pending.result().ok and streams == [good]
+    assert verifier.begin(good, None, Storage()) == (pending.result(), None)  # remembered
+
+    bad = artifact(tmp_path / "bad", {"adapter_model.safetensors": os.urandom(4096)})
+    target = Path(bad[len("file://"):]) / "adapter_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[0] ^= 0xFF
+    target.write_bytes(bytes(data))
+    provisional, pending = verifier.begin(bad, None, Storage())
+    assert provisional.ok and pending.result().reason == "DigestMismatch"
+    assert verifier.begin(bad, None, Storage())[1] is not None  # a failure is looked at again
+    assert verifier.check(bad, None, Storage()).reason == "DigestMismatch"
+
+    streams.clear()
+    too_big, none = Verifier(max_bytes=100).begin(good, None, Storage())
+    assert (too_big.ok, too_big.reason, none, streams) == (False, "ArtifactTooLarge", None, [])
+    pinned, none = verifier.begin(good, "0" * 64, Storage())
+    assert (pinned.reason, none, streams) == ("DigestMismatch", None, [])
