@@ -49,6 +49,11 @@ def weed_binary() -> str:
     return found
 
 
+PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+              "metricsPort")
+
+
 def start(directory: Path, bucket: str = DEFAULT_BUCKET,
           host: str = "127.0.0.1") -> tuple[procs.Proc, S3Info]:
     """Start SeaweedFS in `directory` on `host` (loopback, or the address where the real
@@ -73,27 +78,39 @@ def start(directory: Path, bucket: str = DEFAULT_BUCKET,
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     config.chmod(0o600)
-    ports = ports or {name: procs.free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
-        "metricsPort")}
-    saved.write_text(json.dumps({"access_key": access_key, "secret_key": secret_key,
-                                 "ports": ports}))
-    saved.chmod(0o600)
-    cmd = [
-        weed_binary(), "mini", f"-dir={data}",
-        f"-ip={host}", f"-ip.bind={host}", "-master.telemetry=false",
-        f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-webdav=false", "-admin.ui=false", f"-bucket={bucket}",
-        "-master.volumeSizeLimitMB=256", "-volume.max=64",
-        *[f"-{flag}={port}" for flag, port in ports.items()],
-    ]
-    proc = procs.start("seaweedfs", cmd, directory / "weed.log")
-    info = S3Info(endpoint=f"http://{host}:{ports['s3.port']}", access_key=access_key,
-                  secret_key=secret_key, bucket=bucket)
-    procs.wait_port(ports["s3.port"], proc, timeout=60, host=host)
-    _wait_ready(info, proc)
-    return proc, info
+    fresh = ports is None
+    for attempt in range(3):
+        ports = ports or dict(zip(PORT_FLAGS, procs.free_ports(len(PORT_FLAGS))))
+        saved.write_text(json.dumps({"access_key": access_key, "secret_key": secret_key,
+                                     "ports": ports}))
+        saved.chmod(0o600)
+        cmd = [
+            weed_binary(), "mini", f"-dir={data}",
+            f"-ip={host}", f"-ip.bind={host}", "-master.telemetry=false",
+            f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-webdav=false", "-admin.ui=false", f"-bucket={bucket}",
+            "-master.volumeSizeLimitMB=256", "-volume.max=64",
+            *[f"-{flag}={port}" for flag, port in ports.items()],
+        ]
+        proc = procs.start("seaweedfs", cmd, directory / "weed.log")
+        info = S3Info(endpoint=f"http://{host}:{ports['s3.port']}", access_key=access_key,
+                      secret_key=secret_key, bucket=bucket)
+        try:
+            procs.wait_port(ports["s3.port"], proc, timeout=60, host=host)
+            _wait_ready(info, proc)
+            return proc, info
+        except RuntimeError:
+            # A port chosen free was taken before SeaweedFS bound it (another process's
+            # connection): a fresh server tries new ports; a restarted one keeps its own.
+            log = procs.tail(Path(proc.log), 400)
+            if not fresh or attempt == 2 or not any(
+                    sign in log for sign in ("address already in use", "is not available")):
+                raise
+            procs.stop(proc)
+            shutil.rmtree(data)  # nothing to keep: a fresh server's first start failed
+            data.mkdir()
+            ports = None
+    raise AssertionError("unreachable")
 
 
 def _wait_ready(info: S3Info, proc: procs.Proc, timeout: float = 90) -> None:

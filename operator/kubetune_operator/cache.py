@@ -94,20 +94,25 @@ class ServingCache:
         self.jobs: dict[Key, dict] = {}
         self._pods: dict[str, dict[str, dict]] = defaultdict(dict)
 
-    def put_deployment(self, obj: dict) -> None:
+    def _put(self, table: dict[Key, dict], obj: dict) -> None:
         key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
         with self._lock:
-            current = self.deployments.get(key)
+            current = table.get(key)
             if current is None or _rv(current) <= _rv(obj):
-                self.deployments[key] = obj
+                table[key] = obj  # never an older event over what we hold
+
+    def _get(self, table: dict[Key, dict], ns: str, name: str, remove: bool = False):
+        with self._lock:
+            return table.pop((ns, name), None) if remove else table.get((ns, name))
+
+    def put_deployment(self, obj: dict) -> None:
+        self._put(self.deployments, obj)
 
     def remove_deployment(self, ns: str, name: str) -> None:
-        with self._lock:
-            self.deployments.pop((ns, name), None)
+        self._get(self.deployments, ns, name, remove=True)
 
     def deployment(self, ns: str, name: str) -> dict | None:
-        with self._lock:
-            return self.deployments.get((ns, name))
+        return self._get(self.deployments, ns, name)
 
     def put_pod(self, pod: dict) -> None:
         view = pod_view(pod)
@@ -137,19 +142,13 @@ class ServingCache:
 
     def put_job(self, job: dict) -> None:
         """A merge Job (the watch is filtered to Jobs labelled with their LoRAAdapter)."""
-        key = (job["metadata"]["namespace"], job["metadata"]["name"])
-        with self._lock:
-            current = self.jobs.get(key)
-            if current is None or _rv(current) <= _rv(job):
-                self.jobs[key] = job
+        self._put(self.jobs, job)
 
     def remove_job(self, ns: str, name: str) -> None:
-        with self._lock:
-            self.jobs.pop((ns, name), None)
+        self._get(self.jobs, ns, name, remove=True)
 
     def job(self, ns: str, name: str) -> dict | None:
-        with self._lock:
-            return self.jobs.get((ns, name))
+        return self._get(self.jobs, ns, name)
 
     def pod_count(self) -> int:
         with self._lock:

@@ -38,3 +38,36 @@ def test_wrong_credentials_are_refused(s3_server, access_key, secret_key, code):
     with pytest.raises(ClientError) as err:
         bad.put_object(Bucket=s3_server.bucket, Key="tests/denied", Body=b"x")
     assert err.value.response["Error"]["Code"] == code
+
+
+def test_a_port_taken_before_seaweedfs_binds_it_is_replaced(tmp_path, monkeypatch):
+    """Ports are chosen free, then bound by SeaweedFS a moment later: one taken meanwhile (by
+    another process's connection) makes a fresh server start again on new ports, not fail."""
+    import socket
+
+    from kubetune.devcluster import procs, s3
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    chosen = []
+    real = procs.free_ports
+
+    def first_collides(count):
+        ports = real(count)
+        if not chosen:
+            ports[s3.PORT_FLAGS.index("s3.port")] = taken.getsockname()[1]
+        chosen.append(ports)
+        return ports
+    monkeypatch.setattr(procs, "free_ports", first_collides)
+    proc, info = s3.start(tmp_path / "s3")
+    try:
+        assert len(chosen) == 2 and str(taken.getsockname()[1]) not in info.endpoint
+        client = boto3.client("s3", endpoint_url=info.endpoint, region_name=info.region,
+                              aws_access_key_id=info.access_key,
+                              aws_secret_access_key=info.secret_key)
+        client.put_object(Bucket=info.bucket, Key="after-retry", Body=b"ok")
+        assert client.get_object(Bucket=info.bucket, Key="after-retry")["Body"].read() == b"ok"
+    finally:
+        procs.stop(proc)
+        taken.close()
