@@ -176,11 +176,12 @@ class Kube:
 
     def list(self, kind: str, label_selector: str, namespace: str | None = None) -> list[dict]:
         """Every object of `kind` matching the selector (page by page, 500 at a time)."""
-        namespaced, everywhere = {
-            "Job": (self.batch.list_namespaced_job, self.batch.list_job_for_all_namespaces),
-            "Pod": (self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces),
+        namespaced, everywhere, api_version = {
+            "Job": (self.batch.list_namespaced_job, self.batch.list_job_for_all_namespaces,
+                    "batch/v1"),
+            "Pod": (self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces, "v1"),
             "Deployment": (self.apps.list_namespaced_deployment,
-                           self.apps.list_deployment_for_all_namespaces)}[kind]
+                           self.apps.list_deployment_for_all_namespaces, "apps/v1")}[kind]
         items, token = [], None
         while True:
             self._count("list")
@@ -191,7 +192,12 @@ class Kube:
             else:
                 page = self._json(everywhere, label_selector=label_selector, limit=500,
                                   **extra)
-            items += page.get("items") or []
+            for item in page.get("items") or []:
+                # A list's items carry no kind (a watch event's do): what is cached from a
+                # LIST must look the same, e.g. for a later patch of it.
+                item.setdefault("kind", kind)
+                item.setdefault("apiVersion", api_version)
+                items.append(item)
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items

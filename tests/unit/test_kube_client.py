@@ -1,0 +1,50 @@
+"""The API client wrapper reads responses as plain JSON, pages lists and gives listed items the
+kind a watch event would carry (no apiserver: the client methods are stubbed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune_operator.kube import Kube
+
+pytestmark = pytest.mark.unit
+
+
+class _Response:
+    def __init__(self, payload):
+        self.data = json.dumps(payload).encode()
+        self.released = False
+
+    def release_conn(self):
+        self.released = True
+
+
+def test_lists_are_paged_and_items_get_their_kind():
+    import threading
+    from collections import Counter
+
+    kube = Kube.__new__(Kube)  # no ApiClient: the client methods are stubbed below
+    kube.requests, kube._lock = Counter(), threading.Lock()
+    calls, responses = [], []
+
+    def list_jobs(namespace, label_selector, limit, _preload_content, _continue=None):
+        assert _preload_content is False and limit == 500
+        calls.append(_continue)
+        page = {"metadata": {"continue": "next"}, "items": [{"metadata": {"name": "a"}}]} \
+            if _continue is None else {"metadata": {}, "items": [{"metadata": {"name": "b"}}]}
+        responses.append(_Response(page))
+        return responses[-1]
+    from types import SimpleNamespace
+
+    kube.batch = SimpleNamespace(list_namespaced_job=list_jobs,
+                                 list_job_for_all_namespaces=None)
+    kube.core = SimpleNamespace(list_namespaced_pod=None, list_pod_for_all_namespaces=None)
+    kube.apps = SimpleNamespace(list_namespaced_deployment=None,
+                                list_deployment_for_all_namespaces=None)
+    items = kube.list("Job", "kubetune.io/loraadapter", "ns")
+    assert [i["metadata"]["name"] for i in items] == ["a", "b"] and calls == [None, "next"]
+    assert all(i["kind"] == "Job" and i["apiVersion"] == "batch/v1" for i in items)
+    assert all(r.released for r in responses)  # connections go back to the pool
+    assert kube.requests["list"] == 2
