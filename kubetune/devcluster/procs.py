@@ -6,6 +6,7 @@ merely reused the PID after ours exited."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -101,22 +102,44 @@ def _reap(pid: int) -> None:
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+PORT_FLOOR = 10000  # ports below are left alone (well-known and registered services)
+
+
+def _ephemeral_floor() -> int:
+    """Where the kernel's ephemeral range starts: outbound connections take their local port
+    from it, so a port chosen there can be taken before its server binds it (seen: the
+    registry and SeaweedFS failed with "address already in use" on their node-link address,
+    taken by a component's connection to the apiserver on that address)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports (held together while chosen, so none is handed out twice)."""
-    sockets = [socket.socket() for _ in range(count)]
+    """`count` distinct ports free on every address, below the ephemeral range (held together
+    while chosen, so none is handed out twice); the kernel's choice where that range leaves
+    no room below it."""
+    top = _ephemeral_floor() - 1
+    sockets: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+        while len(sockets) < count:
+            sock = socket.socket()
+            try:
+                sock.bind(("0.0.0.0", random.randint(PORT_FLOOR, top) if top > PORT_FLOOR + 1000
+                           else 0))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def wait_port(port: int, proc: Proc, timeout: float, host: str = "127.0.0.1") -> None:

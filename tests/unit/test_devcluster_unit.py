@@ -92,3 +92,19 @@ def test_a_machine_that_cannot_run_the_real_node_is_told_exactly_what_is_missing
     with pytest.raises(realnode.RealNodeError, match="cannot run the dev cluster's real node"):
         DevCluster(tmp_path / "c").build_images(lambda m: None)
     assert not (tmp_path / "c").exists()  # nothing started, nothing written
+
+
+def test_chosen_ports_are_distinct_free_and_below_the_ephemeral_range():
+    """Outbound connections take local ports from the ephemeral range: a server port chosen
+    there can be gone before the server binds it."""
+    import socket
+
+    from kubetune.devcluster import procs
+
+    floor = procs._ephemeral_floor()
+    ports = procs.free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(procs.PORT_FLOOR <= p < floor for p in ports), (floor, ports)
+    for port in ports[:5]:
+        with socket.socket() as sock:
+            sock.bind(("0.0.0.0", port))  # free on every address
