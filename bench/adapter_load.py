@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,6 +162,7 @@ def main() -> int:
             op.terminate()
             op.wait(timeout=30)
         dev.down(progress=lambda m: None)
+        shutil.rmtree(work, ignore_errors=True)  # the cluster, artifacts and models of this run
     return 0
 
 

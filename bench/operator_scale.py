@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -181,6 +182,7 @@ def main() -> int:
                   f"LoRAAdapters added"))
     finally:
         dev.down(progress=lambda m: None)
+        shutil.rmtree(work, ignore_errors=True)  # the cluster, artifacts and models of this run
     return 0
 
 
