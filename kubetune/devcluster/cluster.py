@@ -155,6 +155,8 @@ class DevCluster:
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
         built = self.build_images(progress) if self.real_node else {}
+        if self.real_node:
+            realnode.check_disk(self.dir / "node")
         self.dir.mkdir(parents=True, exist_ok=True)
         state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
         try:

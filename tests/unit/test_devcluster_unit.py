@@ -75,6 +75,34 @@ def test_real_node_leaves_global_kernel_settings_alone(tmp_path):
     assert kubelet["authentication"]["anonymous"]["enabled"] is False
 
 
+def test_a_shared_disk_neither_evicts_the_nodes_pods_early_nor_fills_up_unseen(tmp_path):
+    """Eviction floors are absolute (a percentage of a large shared disk tainted a CI run's node
+    DiskPressure with gigabytes left); a disk short of what the node unpacks is refused before
+    anything starts, with a message that says how much is needed and free."""
+    import json
+    import shutil
+
+    from kubetune.devcluster import realnode
+
+    kubelet = json.loads(realnode.write_kubelet_config(tmp_path, realnode.NodeNet(3),
+                                                       tmp_path / "pki",
+                                                       tmp_path / "sock").read_text())
+    assert kubelet["evictionHard"]["nodefs.available"] == "1Gi"
+    assert kubelet["evictionHard"]["imagefs.available"] == "1Gi"
+    assert kubelet["imageGCHighThresholdPercent"] == 100
+    config = realnode.write_containerd_config(tmp_path, tmp_path / "root", "localhost/p:1",
+                                              tmp_path / "hosts").read_text()
+    assert "discard_unpacked_layers = true" in config
+
+    target = tmp_path / "not" / "yet" / "node"  # checked before the folder exists
+    realnode.check_disk(target, need=1)
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(realnode.RealNodeError) as err:
+        realnode.check_disk(target, need=free + 2**40)
+    assert str(target) in str(err.value) and "GiB is free" in str(err.value)
+    assert not target.exists()
+
+
 def test_a_machine_that_cannot_run_the_real_node_is_told_exactly_what_is_missing(monkeypatch,
                                                                                 tmp_path):
     from kubetune.devcluster import realnode
