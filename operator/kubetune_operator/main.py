@@ -32,9 +32,29 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
+def api_client(settings):
+    """The API client every worker shares: in-cluster credentials, else $KUBECONFIG. Its pool
+    holds a connection per worker that may call the API at once (the client's default, five
+    per CPU, is smaller than the workers on a small node: each request past it would open,
+    and pay a TLS handshake for, a connection it then throws away)."""
+    from kubernetes import client as kclient
+    from kubernetes import config
+
+    from .controller import CREATES_AT_ONCE
+
+    configuration = kclient.Configuration()
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                client_configuration=configuration)
+    configuration.connection_pool_maxsize = (CREATES_AT_ONCE * settings.finetunejob_workers
+                                             + settings.adapter_workers + 8)
+    return kclient.ApiClient(configuration)
+
+
 def run(args: argparse.Namespace) -> int:
     import kopf
-    from kubernetes import config
     from pydantic import ValidationError
 
     from . import logs, metrics
@@ -64,14 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig
     try:
-        if os.environ.get("KUBERNETES_SERVICE_HOST") and not args.kubeconfig and \
-                not os.environ.get("KUBECONFIG"):
-            from kubernetes import client as kclient
-
-            config.load_incluster_config()
-            api = kclient.ApiClient()
-        else:
-            api = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+        api = api_client(settings)
     except Exception as exc:  # noqa: BLE001 - one clear line at start-up
         print(f"kubetune operator: error: no Kubernetes credentials: {exc}", file=sys.stderr)
         return 2
@@ -137,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
              namespaces=settings.namespaces,
              liveness_endpoint=f"http://{args.bind}:{settings.health_port}/healthz",
              standalone=True)
+    kube.flush_events(5.0)  # the last Events (a stop's own) are not lost to the exit
     return 0
 
 

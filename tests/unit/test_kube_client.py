@@ -48,3 +48,22 @@ def test_lists_are_paged_and_items_get_their_kind():
     assert all(i["kind"] == "Job" and i["apiVersion"] == "batch/v1" for i in items)
     assert all(r.released for r in responses)  # connections go back to the pool
     assert kube.requests["list"] == 2
+
+
+def test_the_shared_client_holds_a_connection_for_every_worker(tmp_path, monkeypatch):
+    """More workers than the client's default pool (five per CPU) would each open, handshake
+    and throw away a connection per request; the pool is sized from the worker settings."""
+    from kubetune_operator.main import api_client
+    from kubetune_operator.settings import OperatorSettings
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    settings = OperatorSettings(finetunejob_workers=40, adapter_workers=30)
+    api = api_client(settings)
+    assert api.configuration.host == "https://127.0.0.1:6443"
+    assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= 70

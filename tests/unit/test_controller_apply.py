@@ -1,0 +1,163 @@
+"""How the FineTuneJob controller applies a plan: children created in waves (what a later
+create needs exists first; one wave's creates in flight together), a look-alike child stops
+what follows it, and Events never hold a reconcile up (no apiserver: the client is a stub)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from kubetune.api.validation import parse
+from kubetune_operator.cache import Caches
+from kubetune_operator.controller import FineTuneJobController, creation_waves
+from kubetune_operator.kube import Kube, NotOwned
+from kubetune_operator.reconcile import finetunejob as rec
+from kubetune_operator.resources import finetunejob as res
+from kubetune_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = OperatorSettings(s3_endpoint="http://s3:8333", s3_credentials_secret="s3-creds")
+
+
+def _body(nodes: int = 1) -> dict:
+    obj = yaml.safe_load((ROOT / "examples" / "finetunejob-lora.yaml").read_text())
+    obj["metadata"].update(namespace="ml", uid="uid-1", generation=1)
+    obj["spec"].setdefault("resources", {})["nodes"] = nodes
+    return obj
+
+
+def _children(body: dict) -> list[dict]:
+    job = parse(body)
+    out = res.rbac(body)
+    if job.spec.resources.nodes > 1:
+        out.append(res.headless_service(body, 0))
+    out.append(res.training_job(job, body, 0, SETTINGS, False,
+                                res.trainer_config(job, body, SETTINGS)))
+    return out
+
+
+class _Kube:
+    """Records each create: its start, end and thread; a create of `slow` kinds takes 0.2 s."""
+
+    def __init__(self, fail: dict | None = None, slow=("RoleBinding", "Job", "Service")):
+        self.calls, self.events, self.fail, self.slow = [], [], fail or {}, slow
+        self.lock = threading.Lock()
+
+    def create(self, obj):
+        start = time.monotonic()
+        if obj["kind"] in self.slow:
+            time.sleep(0.2)
+        with self.lock:
+            self.calls.append((obj["kind"], start, time.monotonic()))
+        if obj["kind"] in self.fail:
+            raise self.fail[obj["kind"]]
+        return True
+
+    def event(self, body, kind, reason, message):
+        self.events.append((kind, reason, message))
+
+    def patch_status(self, *args, **kwargs):
+        return True
+
+
+def _controller(kube) -> FineTuneJobController:
+    return FineTuneJobController(kube, SETTINGS, Caches())
+
+
+def _apply(controller, body, children):
+    plan = rec.Plan(create=children, status={}, events=[])
+    log = SimpleNamespace(info=lambda *a, **k: None, warning=lambda *a, **k: None)
+    controller._apply(("ml", body["metadata"]["name"]), body, plan, log)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_children_come_in_two_waves_account_and_role_first(nodes):
+    waves = creation_waves(_children(_body(nodes)))
+    assert [sorted(o["kind"] for o in w) for w in waves] == [
+        ["Role", "ServiceAccount"],
+        sorted(["RoleBinding", "Job"] + (["Service"] if nodes > 1 else []))]
+
+
+def test_a_waves_creates_run_together_and_start_after_the_wave_before():
+    kube = _Kube()
+    body = _body(2)
+    _apply(_controller(kube), body, _children(body))
+    first = {k: (s, e) for k, s, e in kube.calls if k in ("ServiceAccount", "Role")}
+    second = {k: (s, e) for k, s, e in kube.calls if k not in first}
+    assert set(second) == {"RoleBinding", "Service", "Job"}
+    assert min(s for s, _ in second.values()) >= max(e for _, e in first.values())
+    # three 0.2 s creates together: all started before any ended
+    assert max(s for s, _ in second.values()) < min(e for _, e in second.values())
+
+
+def test_a_look_alike_role_stops_the_binding_and_the_job_and_says_so():
+    kube = _Kube(fail={"Role": NotOwned("Role ml/x-trainer already exists")})
+    controller = _controller(kube)
+    body = _body()
+    _apply(controller, body, _children(body))
+    assert {k for k, _, _ in kube.calls} == {"ServiceAccount", "Role"}
+    assert kube.events and kube.events[0][1] == "ChildConflict"
+    assert controller.caches.jobs.children(("ml", body["metadata"]["name"])) == []
+
+
+def test_a_failed_create_is_raised_after_its_wave_ends_and_nothing_follows():
+    kube = _Kube(fail={"ServiceAccount": RuntimeError("apiserver said 500")})
+    body = _body()
+    with pytest.raises(RuntimeError, match="500"):
+        _apply(_controller(kube), body, _children(body))
+    assert {k for k, _, _ in kube.calls} == {"ServiceAccount", "Role"}
+
+
+def _stub_kube(send):
+    kube = Kube.__new__(Kube)
+    kube.__init__(SimpleNamespace())  # no server: the event call is replaced below
+    kube.core = SimpleNamespace(create_namespaced_event=send)
+    return kube
+
+
+def test_events_are_sent_in_the_background_in_order_and_flushed_on_demand():
+    gate, sent = threading.Event(), []
+
+    def send(namespace, event, _preload_content=False):
+        gate.wait(5)
+        sent.append((namespace, event["reason"], event["involvedObject"]["name"]))
+        return SimpleNamespace(data=b"{}", release_conn=lambda: None)
+
+    kube = _stub_kube(send)
+    body = _body()
+    t0 = time.monotonic()
+    kube.event(body, "Normal", "CreatedJob", "Created Job x-0")
+    body["metadata"]["name"] = "renamed"  # built when recorded, not when sent
+    kube.event(body, "Normal", "Running", "Phase Pending -> Running")
+    assert time.monotonic() - t0 < 0.5 and sent == []  # the caller never waited
+    assert kube.flush_events(0.2) is False
+    gate.set()
+    assert kube.flush_events(5) is True
+    assert sent == [("ml", "CreatedJob", "quickstart-lora"), ("ml", "Running", "renamed")]
+    assert kube.requests["event"] == 2
+
+
+def test_a_full_event_backlog_drops_new_events_and_counts_them(monkeypatch):
+    import kubetune_operator.kube as kube_mod
+
+    monkeypatch.setattr(kube_mod, "EVENT_BACKLOG", 2)
+    gate = threading.Event()
+
+    def send(namespace, event, _preload_content=False):
+        gate.wait(5)
+        raise RuntimeError("apiserver down")  # a failed Event is dropped, not retried
+
+    kube = _stub_kube(send)
+    body = _body()
+    for i in range(6):
+        kube.event(body, "Normal", "R", str(i))
+    gate.set()
+    assert kube.flush_events(5) is True
+    assert kube.requests["event_dropped"] >= 3
+    assert kube.requests["event"] + kube.requests["event_dropped"] == 6
