@@ -177,6 +177,51 @@ def test_unschedulable_and_suspend():
     assert plan.patches and plan.patches[0][1] == {"spec": {"suspend": True}}
 
 
+@pytest.mark.parametrize("scheduling", [{}, {"suspend": True}, {"queueName": "team-a"}])
+def test_the_status_written_at_creation_is_the_one_the_next_look_sees(scheduling):
+    """The first reconcile's status already says what the created Job will show (the attempt
+    pending, suspended or queued): the look its own creates bring finds nothing to write, even
+    when the apiserver stamped the Job a second later."""
+    import copy
+
+    from kubetune_operator.controller import _changed
+
+    body = _body(scheduling=scheduling)
+    first = _run(body)
+    created = next(o for o in first.create if o["kind"] == "Job")
+    assert first.status["attempts"][0]["jobName"] == created["metadata"]["name"]
+    seen = copy.deepcopy(created)
+    seen["metadata"]["creationTimestamp"] = "2026-11-28T12:00:01Z"  # NOW + 1 s
+    after = copy.deepcopy(body)
+    after["status"] = copy.deepcopy(first.status)
+    second = _run(after, [seen], [], now=NOW + timedelta(seconds=2))
+    assert not _changed(after["status"], second.status), second.status
+    assert not second.create and not second.patches and not second.events
+    assert first.status["phase"] == {"suspend": "Suspended", "queueName": "Queued"}.get(
+        next(iter(scheduling), ""), "Pending")
+
+
+def test_a_pod_on_its_way_up_changes_no_status_and_a_stuck_one_says_why():
+    """Job created, pod created, pod scheduled: one status (each change of message would be a
+    status write of its own, a third of the apiserver's work for a burst of jobs); a pod stuck
+    pulling its image says so."""
+    unscheduled = _pod("quickstart-lora-0", "Pending")
+    unscheduled["spec"] = {}
+    scheduled = _pod("quickstart-lora-0", "Pending")
+    scheduled["status"]["containerStatuses"] = [{"name": "trainer", "state": {
+        "waiting": {"reason": "ContainerCreating"}}}]
+    statuses = [_run(_body(), [_job(0)], pods).status
+                for pods in ([], [unscheduled], [scheduled])]
+    assert statuses[0] == statuses[1] == statuses[2]
+    assert _cond(_run(_body(), [_job(0)], [scheduled]), "Ready")["message"] == \
+        "waiting for the trainer pod to start"
+    stuck = _pod("quickstart-lora-0", "Pending")
+    stuck["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}}}]
+    assert _cond(_run(_body(), [_job(0)], [stuck]), "Ready")["message"] == \
+        'pod quickstart-lora-0-abc: ImagePullBackOff: Back-off pulling image "x"'
+
+
 def test_condition_transition_time_moves_only_on_flip():
     from kubetune_operator.conditions import set_condition
 

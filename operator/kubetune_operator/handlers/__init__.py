@@ -1,4 +1,6 @@
-"""kopf-facing handlers: they only refresh caches and queue keys."""
+"""kopf-facing handlers: they only refresh caches and queue keys, so they run on kopf's event
+loop (``async``, no API call, nothing that waits) instead of a hop to its thread pool per
+event and handler (a pod event reaches two)."""
 
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ def register(registry: kopf.OperatorRegistry, controller: FineTuneJobController)
     caches = controller.caches
 
     @kopf.on.event("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
-    def finetunejob_event(type, body, **_):  # noqa: A002 - kopf's keyword
+    async def finetunejob_event(type, body, **_):  # noqa: A002 - kopf's keyword
         controller.on_finetunejob(type or "ADDED", snapshot(body))
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    def job_event(type, body, **_):  # noqa: A002
+    async def job_event(type, body, **_):  # noqa: A002
         controller.on_child(caches.jobs, type or "ADDED", snapshot(body))
 
     @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT}, registry=registry)
-    def pod_event(type, body, **_):  # noqa: A002
+    async def pod_event(type, body, **_):  # noqa: A002
         controller.on_child(caches.pods, type or "ADDED", snapshot(body))

@@ -13,21 +13,21 @@ from . import snapshot
 
 def register(registry: kopf.OperatorRegistry, controller: LoRAAdapterController) -> None:
     @kopf.on.event("kubetune.io", "v1alpha1", "loraadapters", registry=registry)
-    def adapter_event(type, body, **_):  # noqa: A002 - kopf's keyword
+    async def adapter_event(type, body, **_):  # noqa: A002 - kopf's keyword
         controller.on_adapter(type or "ADDED", snapshot(body))
 
     # Only Deployments an adapter may change are watched when the policy requires opting in.
     opted_in = {TARGET_LABEL: "true"} if controller.settings.require_target_opt_in else None
 
     @kopf.on.event("apps", "v1", "deployments", labels=opted_in, registry=registry)
-    def deployment_event(type, body, **_):  # noqa: A002
+    async def deployment_event(type, body, **_):  # noqa: A002
         controller.on_deployment(type or "ADDED", snapshot(body))
 
     @kopf.on.event("batch", "v1", "jobs", labels={LABEL_ADAPTER: kopf.PRESENT},
                    registry=registry)
-    def merge_job_event(type, body, **_):  # noqa: A002
+    async def merge_job_event(type, body, **_):  # noqa: A002
         controller.on_merge_job(type or "ADDED", snapshot(body))
 
     @kopf.on.event("", "v1", "pods", registry=registry)
-    def serving_pod_event(type, body, **_):  # noqa: A002
+    async def serving_pod_event(type, body, **_):  # noqa: A002
         controller.on_pod(type or "ADDED", dict(body))

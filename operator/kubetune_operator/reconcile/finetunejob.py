@@ -5,7 +5,7 @@ No I/O and no clock reads here; the controller gathers the world and applies the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 from kubetune.api.finetunejob import FineTuneJob
@@ -19,6 +19,9 @@ MAX_ATTEMPTS_IN_STATUS = 20
 DISRUPTION_REASONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKubeScheduler": "Preempted",
                       "EvictionByEvictionAPI": "Evicted", "DeletionByTaintManager": "NodeLost",
                       "DeletionByPodGC": "NodeLost", "TerminationByKubelet": "Evicted"}
+# A pod on its way up: nothing a user needs to hear (ImagePullBackOff, ErrImagePull,
+# CreateContainerConfigError... are said in the attempt's message).
+QUIET_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
 
 
 @dataclass
@@ -166,8 +169,14 @@ def classify(job: dict, pods: list[dict]) -> Attempt:
                 attempt.message = c.get("message", "")
                 return attempt
     attempt.reason = "Pending"
-    attempt.message = "waiting for the trainer pod" if not pods else \
-        f"pod {pods[0]['metadata']['name']} is {pods[0].get('status', {}).get('phase', 'Pending')}"
+    attempt.message = "waiting for the trainer pod to start"
+    for pod in pods:  # said only when it says something: each new message is a status write
+        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (c.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") and waiting["reason"] not in QUIET_WAITING:
+                attempt.message = (f"pod {pod['metadata']['name']}: {waiting['reason']}: "
+                                   f"{waiting.get('message', '')}").rstrip(": ")
+                return attempt
     return attempt
 
 
@@ -254,6 +263,9 @@ def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict) -> At
             == j["metadata"]["name"]]
         live[number] = classify(j, job_pods)
     history = {a["number"]: a for a in old_status.get("attempts") or []}
+    for n, attempt in live.items():  # when it started is what status said first (the Job's
+        if (history.get(n) or {}).get("startedAt"):  # timestamp may be a second later)
+            attempt.started = history[n]["startedAt"]
     attempts = [live[n].status() if n in live else history[n]
                 for n in sorted(set(live) | set(history))][-MAX_ATTEMPTS_IN_STATUS:]
     retries = sum(1 for a in attempts if a.get("countsAgainstRetries"))
@@ -293,21 +305,22 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     current = attempts.current
     terminal: tuple[str, str] | None = None
     if current is None:
-        _start_attempt(world, st, settings, 0)
-        phase = "Queued" if (spec.scheduling.queue_name and not spec.scheduling.suspend) else \
-            ("Suspended" if spec.scheduling.suspend else "Pending")
-        st.set("Running", False, "Created", "created the first attempt")
-        st.set("Ready", False, "Pending", "waiting for the trainer to start")
-        _suspended_condition(spec, st)
+        created = _start_attempt(world, st, settings, 0)
+        # The status says what the next look will see once the creates succeed (the attempt,
+        # pending, suspended or queued): that look then writes nothing, one status write per
+        # job fewer when many start at once.
+        world = replace(world, jobs=[created], pods=[])
+        attempts = observe_attempts(world.jobs, [], st.old)
+        st.fields.update(attempts=attempts.history, retries=attempts.retries)
+        current = attempts.current
+    st.fields["jobName"] = current.job_name
+    _suspension(world, st, current)
+    if current.state == "Succeeded":
+        phase, terminal = _succeeded(world, st, attempts)
+    elif current.state == "Failed":
+        phase, terminal = _failed(world, st, settings, attempts)
     else:
-        st.fields["jobName"] = current.job_name
-        _suspension(world, st, current)
-        if current.state == "Succeeded":
-            phase, terminal = _succeeded(world, st, attempts)
-        elif current.state == "Failed":
-            phase, terminal = _failed(world, st, settings, attempts)
-        else:
-            phase = _in_flight(spec, st, current)
+        phase = _in_flight(spec, st, current)
     return _finish(world, st, phase, terminal)
 
 
@@ -326,20 +339,22 @@ def _invalid(world: Observed, st: _Status) -> Plan:
 
 
 def _start_attempt(world: Observed, st: _Status, settings: OperatorSettings,
-                   number: int) -> None:
-    """The children of attempt `number` (the shared ones are idempotent: 409 on repeat)."""
+                   number: int) -> dict:
+    """The children of attempt `number` (the shared ones are idempotent: 409 on repeat);
+    returns its Job as it will be once created (stamped with `now`)."""
     job, body, spec = world.job, world.body, world.job.spec
     name = body["metadata"]["name"]
     st.plan.create.extend(res.rbac(body))
     if spec.resources.nodes > 1:
         st.plan.create.append(res.headless_service(body, number))
     suspended = spec.scheduling.suspend or bool(spec.scheduling.queue_name)  # Kueue admits it
-    st.plan.create.append(res.training_job(job, body, number, settings, suspended,
-                                           world.config))
+    training = res.training_job(job, body, number, settings, suspended, world.config)
+    st.plan.create.append(training)
     st.plan.events.append(("Normal", "CreatedJob",
                            f"Created Job {res.job_name(name, number)} (attempt {number})"))
     st.fields["jobName"] = res.job_name(name, number)
     st.fields["startTime"] = st.fields.get("startTime") or _ts(st.now)
+    return {**training, "metadata": {**training["metadata"], "creationTimestamp": _ts(st.now)}}
 
 
 def _suspended_condition(spec, st: _Status) -> None:
