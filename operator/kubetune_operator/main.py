@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from .controller import FineTuneJobController
     from .adapters import LoRAAdapterController
     from .handlers import finetunejob as ftj_handlers
+    from .handlers import NoDiffBase, registered_only_event_handlers
     from .handlers import loraadapter as adapter_handlers
     from .kube import Kube
     from .settings import OperatorSettings
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     adapters = LoRAAdapterController(kube, settings, caches.finetunejobs)
     controller.listeners.append(adapters.on_finetunejob)
     adapter_handlers.register(registry, adapters)
+    if not registered_only_event_handlers(registry):
+        raise RuntimeError("a change handler is registered: kopf's diff base is needed again")
 
     @kopf.on.login(registry=registry)
     def login(**kwargs):
@@ -107,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
         settings.persistence.finalizer = "kubetune.io/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="kubetune.io")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="kubetune.io", key="last-handled-configuration")
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.posting.enabled = False  # we post our own, named Events
         settings.execution.max_workers = 8
         settings.watching.server_timeout = 300

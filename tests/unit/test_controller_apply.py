@@ -161,3 +161,31 @@ def test_a_full_event_backlog_drops_new_events_and_counts_them(monkeypatch):
     assert kube.flush_events(5) is True
     assert kube.requests["event_dropped"] >= 3
     assert kube.requests["event"] + kube.requests["event_dropped"] == 6
+
+
+def test_kopf_gets_no_diff_base_and_every_handler_only_watches_events():
+    """The operator replaces kopf's diff base (a deep copy and a diff of every object on every
+    event) with nothing; that is right only while no handler is a change handler."""
+    import kopf
+
+    from kubetune_operator.adapters import LoRAAdapterController
+    from kubetune_operator.handlers import NoDiffBase, registered_only_event_handlers
+    from kubetune_operator.handlers import finetunejob as ftj_handlers
+    from kubetune_operator.handlers import loraadapter as adapter_handlers
+
+    registry = kopf.OperatorRegistry()
+    caches = Caches()
+    ftj_handlers.register(registry, FineTuneJobController(_Kube(), SETTINGS, caches))
+    adapter_handlers.register(registry, LoRAAdapterController(_Kube(), SETTINGS,
+                                                              caches.finetunejobs))
+    assert registry._watching.get_all_handlers()
+    assert registered_only_event_handlers(registry)
+
+    @kopf.on.update("kubetune.io", "v1alpha1", "finetunejobs", registry=registry)
+    def changed(**_):
+        pass
+
+    assert not registered_only_event_handlers(registry)
+    storage = NoDiffBase()
+    pod = {"metadata": {"name": "p", "annotations": {"kubetune.io/trainer-config": "x" * 9000}}}
+    assert storage.build(body=pod) == {} and storage.fetch(body=pod) is None
