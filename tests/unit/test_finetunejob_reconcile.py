@@ -189,6 +189,7 @@ def test_the_status_written_at_creation_is_the_one_the_next_look_sees(scheduling
     body = _body(scheduling=scheduling)
     first = _run(body)
     created = next(o for o in first.create if o["kind"] == "Job")
+    assert not first.patches  # nothing patched on a Job that does not exist yet
     assert first.status["attempts"][0]["jobName"] == created["metadata"]["name"]
     seen = copy.deepcopy(created)
     seen["metadata"]["creationTimestamp"] = "2026-11-28T12:00:01Z"  # NOW + 1 s

@@ -21,9 +21,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
     """kopf's diff base is what its change handlers (on.create/update/delete) compare with;
     every handler here watches events only, so it is never read. kopf builds it on every event
     all the same: a deep copy of the object (and of its annotations, a training pod's trainer
-    config among them), then a diff. That was the largest part of the operator's CPU in a
-    burst of jobs (its event loop spent 24 s of 41 s for 500). Nothing is built, fetched or
-    stored; `registered_only_event_handlers` guards the assumption."""
+    config among them), then a diff: the event loop's CPU in a burst of 500 jobs went from
+    24.1 s to 21.1 s without it. Nothing is built, fetched or stored;
+    `registered_only_event_handlers` guards the assumption."""
 
     def build(self, *, body, extra_fields=None):
         return {}
