@@ -22,7 +22,8 @@ def _dev_cluster(args: argparse.Namespace) -> int:
             print(f"{name}\t{path}", file=sys.stderr if args.quiet else sys.stdout)
         return 0
     images = tuple(i for i in args.images.split(",") if i and i != "none")
-    cluster = DevCluster(args.dir, real_node=not args.no_real_node, images=images)
+    cluster = DevCluster(args.dir, real_node=not args.no_real_node, images=images,
+                         addons=tuple(args.with_ or ()))
     if args.action == "images":
         for name, image in cluster.build_images().items():
             print(f"{name}\t{image.name}")
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--images", default="operator,trainer,serve",
                      help="up: project images (Dockerfile targets) to build and load into the "
                           "real node, comma-separated, or 'none' (default: all three)")
+    dev.add_argument("--with", dest="with_", action="append", choices=["kueue"], default=[],
+                     help="up: also start an add-on (repeatable): kueue = Kueue's controller "
+                          "and webhooks with a GPU ClusterQueue and the LocalQueue default/gpus")
     dev.set_defaults(func=_dev_cluster)
 
     run = sub.add_parser("run", help="run a FineTuneJob on this machine, without a cluster")

@@ -21,6 +21,7 @@ from .nodestart import RealNodeStarter
 GPU_RESOURCE = "nvidia.com/gpu"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+ADDONS = ("kueue",)  # `dev-cluster up --with NAME`
 
 
 def default_dir() -> Path:
@@ -122,8 +123,13 @@ class ClusterState:
 class DevCluster:
     def __init__(self, directory: Path | None = None, *, with_s3: bool = True,
                  real_node: bool = True,
-                 images: tuple[str, ...] = images_mod.PROJECT_TARGETS):
+                 images: tuple[str, ...] = images_mod.PROJECT_TARGETS,
+                 addons: tuple[str, ...] = ()):
         self.dir = (directory or default_dir()).resolve()
+        unknown = set(addons) - set(ADDONS)
+        if unknown:
+            raise ValueError(f"unknown add-on(s) {sorted(unknown)}; known: {', '.join(ADDONS)}")
+        self.addons = addons  # started after the cluster: "kueue"
         self.with_s3 = with_s3
         self.real_node = real_node
         self.images = images  # project images to build and load into the real node
@@ -150,10 +156,14 @@ class DevCluster:
             state = self.state()
             if state.node:
                 self._refresh_images(state, progress)
+            if "kueue" in self.addons:
+                self.start_kueue(progress)
             return state
         if self.state():
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
+        for addon in self.addons:
+            toolchain.ensure_optional(addon)
         built = self.build_images(progress) if self.real_node else {}
         if self.real_node:
             realnode.check_disk(self.dir / "node")
@@ -161,6 +171,8 @@ class DevCluster:
         state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
         try:
             self._start(state, bins, built, progress)
+            if "kueue" in self.addons:
+                self.start_kueue(progress)
         except BaseException:
             progress("Start-up failed; stopping what was started")
             self._stop(state)
@@ -409,6 +421,40 @@ class DevCluster:
         api = self._api()
         self._wait_nodes_ready(_core(api), [realnode.NODE_NAME], state, timeout=timeout)
         advertise_gpus(api)
+
+    # ---- add-ons ---------------------------------------------------------------------------
+    def _kueue(self):
+        from .kueue import Kueue
+
+        return Kueue(self.dir, self.kubeconfig, self.bin_dir / "kubectl",
+                     pki_mod.Pki(self.dir / "pki"))
+
+    def start_kueue(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+                    queues: bool = True) -> None:
+        """Kueue on the running cluster (kept running until `down` or `stop_kueue`), with the
+        default ResourceFlavor, ClusterQueue and LocalQueue unless `queues` is False."""
+        from .kueue import default_queues
+
+        state = self.state()
+        if any(p.name == "kueue" and procs.alive(p) for p in state.proc_objs()):
+            return
+        toolchain.ensure_optional("kueue")
+        kueue = self._kueue()
+        self._track(state, kueue.start(self.dir / "logs", progress))
+        if queues:
+            kueue.apply(default_queues())
+            progress("Kueue queues: ClusterQueue kubetune-gpus, LocalQueue default/gpus")
+
+    def stop_kueue(self) -> None:
+        """Unregister Kueue's webhooks, then stop it (its CRDs and objects stay)."""
+        state = self.state()
+        kueue = [p for p in state.proc_objs() if p.name == "kueue"]
+        if kueue:
+            self._kueue().remove_webhooks()
+        for proc in kueue:
+            procs.stop(proc)
+        state.procs = [p for p in state.procs if p["name"] != "kueue"]
+        state.save()
 
     # ---- down ------------------------------------------------------------------------------
     def down(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:

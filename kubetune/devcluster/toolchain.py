@@ -27,10 +27,12 @@ KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"
 COREDNS_VERSION = "v1.14.7"  # cluster DNS on the real node
 REGISTRY_VERSION = "v3.0.0"  # the CNCF distribution registry: images for the real node
+KUEUE_VERSION = "v0.17.0"  # job queueing (optional: `dev-cluster up --with kueue`)
 
 K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
                 "kubelet", "kube-proxy")
 ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm", "coredns", "registry")
+OPTIONAL_TOOLS = ("kueue",)  # built when first asked for
 
 
 class ToolchainError(RuntimeError):
@@ -62,6 +64,7 @@ def tool(name: str) -> Tool:
         "helm": HELM_VERSION,
         "coredns": COREDNS_VERSION,
         "registry": REGISTRY_VERSION,
+        "kueue": KUEUE_VERSION,
     }.get(name, KUBERNETES_VERSION)
     return Tool(name, version)
 
@@ -206,6 +209,34 @@ def _go_install(go: str, build_root: Path, name: str, package: str, version: str
         raise ToolchainError(f"building {name} failed (exit {rc}); see {log}:\n"
                              f"{log.read_text(errors='replace')[-3000:]}")
     _install(env_bin / name, tool(name).path)
+
+
+def _build_kueue(go: str, build_root: Path) -> None:
+    """The controller, and beside it the CRDs and webhook manifests of the same module."""
+    work = build_root / f"kueue-{KUEUE_VERSION}"
+    work.mkdir(parents=True, exist_ok=True)
+    module = f"sigs.k8s.io/kueue@{KUEUE_VERSION}"
+    out = subprocess.check_output([go, "mod", "download", "-json", module], cwd=work,
+                                  env={**_go_env(), "GOFLAGS": ""}, text=True)
+    source = Path(re.search(r'"Dir":\s*"([^"]+)"', out).group(1)) / "config" / "components"
+    manifests = tool("kueue").path.parent / "manifests"
+    shutil.rmtree(manifests, ignore_errors=True)
+    (manifests / "crds").mkdir(parents=True)
+    for crd in sorted((source / "crd" / "bases").glob("*.yaml")):
+        shutil.copyfile(crd, manifests / "crds" / crd.name)
+    shutil.copyfile(source / "webhook" / "manifests.yaml", manifests / "webhooks.yaml")
+    _go_install(go, build_root, "kueue", "sigs.k8s.io/kueue/cmd/kueue", KUEUE_VERSION)
+
+
+def ensure_optional(name: str) -> Path:
+    """An optional tool (Kueue), built the first time it is asked for."""
+    if name not in OPTIONAL_TOOLS:
+        raise ValueError(f"{name} is not an optional tool")
+    if not tool(name).path.exists():
+        build_root = cache_dir() / "build"
+        build_root.mkdir(parents=True, exist_ok=True)
+        {"kueue": _build_kueue}[name](_go(), build_root)
+    return tool(name).path
 
 
 def _install(src: Path, dst: Path) -> None:

@@ -93,12 +93,25 @@ class FineTuneJobController:
                           "the attempt's artifact again")
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
-        world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter, config)
+        world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter, config,
+                             self._workloads(ns, jobs, job))
         plan = rec.reconcile(world, self.settings, now)
         if plan.verify_attempt is not None:
             world.artifact, world.artifact_error = self._verify(job, body, plan.verify_attempt)
             plan = rec.reconcile(world, self.settings, now)
         self._apply(key, body, plan, bound)
+
+    def _workloads(self, ns: str, jobs: list[dict], job) -> list[dict]:
+        """Kueue's Workloads of this job's queued Jobs, read only when they are needed: while
+        Kueue holds a Job (why it waits) or to suspend one (the Workload is deactivated)."""
+        wanted = [j["metadata"]["uid"] for j in jobs
+                  if res.KUEUE_QUEUE in (j["metadata"].get("labels") or {})
+                  and not rec.finished(j)
+                  and ((j.get("spec") or {}).get("suspend") or
+                       (job is not None and job.spec.scheduling.suspend))]
+        if not wanted:
+            return []
+        return self.kube.workloads(ns, f"{res.KUEUE_JOB_UID} in ({','.join(wanted)})")
 
     def _config(self, key: Key, body: dict, job) -> str:
         """The rendered trainer config, once per spec generation (YAML rendering was a tenth

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from collections import Counter
 from datetime import datetime, timezone
 
@@ -15,6 +16,8 @@ from kubernetes.client.rest import ApiException
 
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+NO_KUEUE_RECHECK = 300.0  # seconds before asking again whether Kueue is installed
 EVENT_BACKLOG = 1000  # Events waiting to be sent; past it new ones are dropped (and counted)
 
 
@@ -43,6 +46,7 @@ class Kube:
         # reconcile never waits for one (they were a quarter of its round trips).
         self._events: queue.Queue = queue.Queue(EVENT_BACKLOG)
         self._sender: threading.Thread | None = None
+        self._no_kueue_until = 0.0
 
     def _count(self, verb: str) -> None:
         from .metrics import API_REQUESTS
@@ -125,6 +129,9 @@ class Kube:
             elif kind in PLURALS:
                 out = self._json(self.custom.patch_namespaced_custom_object, GROUP, VERSION, ns,
                                  PLURALS[kind], name, patch)
+            elif kind == "Workload":
+                out = self._json(self.custom.patch_namespaced_custom_object, KUEUE_GROUP,
+                                 KUEUE_VERSION, ns, "workloads", name, patch)
             else:
                 raise ValueError(f"no patch for kind {kind}")
         except ApiException as exc:
@@ -207,6 +214,26 @@ class Kube:
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 return items
+
+    def workloads(self, ns: str, label_selector: str) -> list[dict]:
+        """Kueue's Workloads ([] where Kueue is not installed)."""
+        if time.monotonic() < self._no_kueue_until:
+            return []
+        self._count("list")
+        try:
+            page = self._json(self.custom.list_namespaced_custom_object, KUEUE_GROUP,
+                              KUEUE_VERSION, ns, "workloads",
+                              label_selector=label_selector, limit=50)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self._no_kueue_until = time.monotonic() + NO_KUEUE_RECHECK  # not installed
+            return []
+        items = page.get("items") or []
+        for item in items:
+            item.setdefault("kind", "Workload")
+            item.setdefault("apiVersion", f"{KUEUE_GROUP}/{KUEUE_VERSION}")
+        return items
 
     def event(self, body: dict, kind: str, reason: str, message: str) -> None:
         """A core/v1 Event on the object (what `kubectl describe` shows), sent in the

@@ -68,4 +68,7 @@ controllers use; nothing else. */}}
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]  # why Kueue holds a queued Job; spec.active to suspend one
 {{- end }}

@@ -22,6 +22,7 @@ DISRUPTION_REASONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKubeSch
 # A pod on its way up: nothing a user needs to hear (ImagePullBackOff, ErrImagePull,
 # CreateContainerConfigError... are said in the attempt's message).
 QUIET_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
+KUEUE_LOOK_AGAIN = 30.0  # seconds, while Kueue holds a queued attempt (for its message)
 
 
 @dataclass
@@ -95,8 +96,38 @@ def _summary(pods: list[dict]) -> dict | None:
     return None
 
 
-def classify(job: dict, pods: list[dict]) -> Attempt:
-    """What one attempt's Job and pods say about it."""
+def finished(job: dict) -> bool:
+    """Whether a Job is Complete or Failed."""
+    conds = _job_conditions(job)
+    return "Complete" in conds or "Failed" in conds
+
+
+def kueue_wait(workload: dict | None) -> tuple[str, str]:
+    """Why Kueue holds a queued Job, from its Workload: (reason, message). Queued (no quota
+    yet: Kueue's own reason and message), Preempted or Evicted (and why it waits now),
+    Deactivated (spec.active false), or Admitted (Kueue is about to start it)."""
+    if workload is None:
+        return "Queued", "queued in Kueue (no Workload yet)"
+    conds = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+
+    def said(kind: str) -> str:
+        c = conds.get(kind) or {}
+        return f"{c.get('reason', '')}: {c.get('message', '')}".strip(": ")
+
+    if (workload.get("spec") or {}).get("active") is False:
+        return "Suspended", "the Kueue Workload is deactivated"
+    if (conds.get("QuotaReserved") or {}).get("status") == "True":
+        return "Admitted", f"admitted by Kueue ({said('QuotaReserved')}); starting"
+    waiting = said("QuotaReserved") or "waiting for quota"
+    evicted = conds.get("Evicted") or {}
+    if evicted.get("status") == "True":
+        reason = "Preempted" if evicted.get("reason") == "Preempted" else "Evicted"
+        return reason, f"Kueue {said('Evicted')}; waiting to be admitted again: {waiting}"
+    return "Queued", f"Kueue {waiting}"
+
+
+def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attempt:
+    """What one attempt's Job and pods (and Kueue's Workload of a queued Job) say about it."""
     meta = job["metadata"]
     number = int(meta["labels"][res.LABEL_ATTEMPT])
     conds = _job_conditions(job)
@@ -148,8 +179,8 @@ def classify(job: dict, pods: list[dict]) -> Attempt:
     if spec.get("suspend"):
         queued = res.KUEUE_QUEUE in (meta.get("labels") or {})
         attempt.state = "Suspended"
-        attempt.reason = "Suspended"
-        attempt.message = "queued in Kueue" if queued else "suspended"
+        attempt.reason, attempt.message = kueue_wait(workload) if queued else \
+            ("Suspended", "suspended")
         attempt.summary = {"queued": queued}
         return attempt
     for pod in pods:
@@ -208,6 +239,7 @@ class Observed:
     artifact_error: str | None = None  # why it did not verify
     adapter: dict | None = None  # the LoRAAdapter created from it, if any
     config: str | None = None  # the rendered trainer config (rendered here when None)
+    workloads: list[dict] = field(default_factory=list)  # Kueue's, of its suspended Jobs
 
 
 @dataclass
@@ -253,15 +285,18 @@ class _Status:
         return self.plan.status
 
 
-def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict) -> Attempts:
-    """Classify each Job with its own pods; keep attempts whose Job is gone from status."""
+def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict,
+                     workloads: list[dict] = ()) -> Attempts:
+    """Classify each Job with its own pods (and Workload); keep attempts whose Job is gone
+    from status."""
     live: dict[int, Attempt] = {}
+    by_job = {(w["metadata"].get("labels") or {}).get(res.KUEUE_JOB_UID): w for w in workloads}
     for j in jobs:
         number = int(j["metadata"]["labels"][res.LABEL_ATTEMPT])
         job_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(
             "batch.kubernetes.io/job-name", (p["metadata"].get("labels") or {}).get("job-name"))
             == j["metadata"]["name"]]
-        live[number] = classify(j, job_pods)
+        live[number] = classify(j, job_pods, by_job.get(j["metadata"].get("uid")))
     history = {a["number"]: a for a in old_status.get("attempts") or []}
     for n, attempt in live.items():  # when it started is what status said first (the Job's
         if (history.get(n) or {}).get("startedAt"):  # timestamp may be a second later)
@@ -298,7 +333,7 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     if world.spec_errors or world.job is None:
         return _invalid(world, st)
     spec = world.job.spec
-    attempts = observe_attempts(world.jobs, world.pods, st.old)
+    attempts = observe_attempts(world.jobs, world.pods, st.old, world.workloads)
     st.fields.update(attempts=attempts.history, retries=attempts.retries,
                      startTime=st.old.get("startTime") or (
                          attempts.current.started if attempts.current else None))
@@ -364,17 +399,33 @@ def _suspended_condition(spec, st: _Status) -> None:
 
 
 def _suspension(world: Observed, st: _Status, current: Attempt) -> None:
-    """spec.scheduling.suspend → the running attempt's Job (Kueue owns it when queued)."""
+    """spec.scheduling.suspend → the running attempt's Job; when queued, its Kueue Workload
+    (Kueue owns a queued Job's `suspend` and would start an admitted Job again: a Workload
+    with `spec.active: false` is Kueue's own way to stop it)."""
     spec = world.job.spec
     job_obj = next(j for j in world.jobs if j["metadata"]["name"] == current.job_name)
-    if current.state not in ("Succeeded", "Failed"):
+    if spec.scheduling.queue_name:
+        uid = job_obj["metadata"].get("uid")
+        workload = next((w for w in world.workloads if uid and (
+            w["metadata"].get("labels") or {}).get(res.KUEUE_JOB_UID) == uid), None)
+        active = (workload or {}).get("spec", {}).get("active") is not False
+        if current.state not in ("Succeeded", "Failed") and workload is not None and \
+                active == spec.scheduling.suspend:
+            st.plan.patches.append((workload, {"spec": {"active": not spec.scheduling.suspend}}))
+            st.plan.events.append(
+                ("Normal", "Suspending", f"Deactivating the Kueue Workload of Job "
+                 f"{current.job_name}: the trainer checkpoints and stops")
+                if spec.scheduling.suspend else
+                ("Normal", "Resuming", f"Activating the Kueue Workload of Job "
+                 f"{current.job_name}: it queues again"))
+    elif current.state not in ("Succeeded", "Failed"):
         is_suspended = bool((job_obj.get("spec") or {}).get("suspend"))
         if spec.scheduling.suspend and not is_suspended:
             st.plan.patches.append((job_obj, {"spec": {"suspend": True}}))
             st.plan.events.append(("Normal", "Suspending",
                                    f"Suspending Job {current.job_name}: the trainer "
                                    f"checkpoints and stops"))
-        elif not spec.scheduling.suspend and is_suspended and not spec.scheduling.queue_name:
+        elif not spec.scheduling.suspend and is_suspended:
             st.plan.patches.append((job_obj, {"spec": {"suspend": False}}))
             st.plan.events.append(("Normal", "Resuming", f"Resuming Job {current.job_name}"))
     _suspended_condition(spec, st)
@@ -454,7 +505,10 @@ def _in_flight(spec, st: _Status, current: Attempt) -> str:
     phase, running, reason = IN_FLIGHT[current.state]
     if current.state == "Suspended" and (current.summary or {}).get("queued") and \
             not spec.scheduling.suspend:
-        phase, reason = "Queued", "Queued"
+        # Kueue's word (Queued, Preempted, Evicted, Admitted); the Workload's changes bring
+        # no event here, so look again while it waits.
+        phase, reason = "Queued", current.reason
+        st.plan.requeue_after = KUEUE_LOOK_AGAIN
     st.set("Running", running, reason, current.message)
     st.set("Ready", False, reason, current.message)
     return phase

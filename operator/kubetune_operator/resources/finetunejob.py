@@ -40,6 +40,7 @@ def sealed_artifact(body: dict) -> dict | None:
         return None
     return artifact
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue labels a Job's Workload with the Job's uid
 CONFIG_MOUNT = "/etc/kubetune"
 RDZV_PORT = 29500
 MAX_NAME = 50  # leaves room for "-<attempt>" and the pod suffix within 63 characters
