@@ -141,9 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--images", default="operator,trainer,serve",
                      help="up: project images (Dockerfile targets) to build and load into the "
                           "real node, comma-separated, or 'none' (default: all three)")
-    dev.add_argument("--with", dest="with_", action="append", choices=["kueue"], default=[],
+    dev.add_argument("--with", dest="with_", action="append", choices=["kueue", "flux"],
+                     default=[],
                      help="up: also start an add-on (repeatable): kueue = Kueue's controller "
-                          "and webhooks with a GPU ClusterQueue and the LocalQueue default/gpus")
+                          "and webhooks with a GPU ClusterQueue and the LocalQueue default/gpus;"
+                          " flux = Flux's source- and kustomize-controller and a Git server")
     dev.set_defaults(func=_dev_cluster)
 
     run = sub.add_parser("run", help="run a FineTuneJob on this machine, without a cluster")

@@ -57,8 +57,11 @@ LOADED = "Loaded"  # hot-swapped and behaviour-verified on every desired replica
 ROLLED_OUT = "RolledOut"  # merged mode: the Deployment serves the merged model
 READY = "Ready"  # what the adapter is for is done
 DEGRADED = "Degraded"  # a terminal problem needs a person
+# kstatus' word for Degraded (Flux's health checks, `kubectl wait`, cli-utils): Stalled=True is
+# "Failed", so a Kustomization with `wait: true` reports it at once instead of timing out.
+STALLED = "Stalled"
 LORAADAPTER_CONDITIONS = (ARTIFACT_VERIFIED, COMPATIBLE, PROMOTED, LOADED, ROLLED_OUT, READY,
-                          DEGRADED)
+                          DEGRADED, STALLED)
 
 # ---- LoRAAdapter reasons ------------------------------------------------------------------
 INVALID_SPEC = _r("InvalidSpec", "terminal", "the spec fails validation; the message names the "

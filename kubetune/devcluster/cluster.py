@@ -21,7 +21,8 @@ from .nodestart import RealNodeStarter
 GPU_RESOURCE = "nvidia.com/gpu"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
-ADDONS = ("kueue",)  # `dev-cluster up --with NAME`
+ADDONS = ("kueue", "flux")  # `dev-cluster up --with NAME`
+ADDON_TOOLS = {"kueue": ("kueue",), "flux": ("source-controller", "kustomize-controller")}
 
 
 def default_dir() -> Path:
@@ -91,6 +92,7 @@ class ClusterState:
     procs: list[dict] = field(default_factory=list)
     s3: dict = field(default_factory=dict)
     node: dict = field(default_factory=dict)  # the real node: index, sandbox pid, images
+    addons: dict = field(default_factory=dict)  # e.g. {"flux": {"git": "http://…"}}
 
     @property
     def file(self) -> Path:
@@ -100,7 +102,7 @@ class ClusterState:
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"kubeconfig": self.kubeconfig, "api_port": self.api_port,
                 "etcd_port": self.etcd_port, "procs": self.procs, "s3": self.s3,
-                "node": self.node}
+                "node": self.node, "addons": self.addons}
         tmp = self.file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.file)
@@ -156,14 +158,14 @@ class DevCluster:
             state = self.state()
             if state.node:
                 self._refresh_images(state, progress)
-            if "kueue" in self.addons:
-                self.start_kueue(progress)
-            return state
+            self._start_addons(progress)
+            return self.state()
         if self.state():
             self.down(progress=lambda _m: None)  # stale leftovers of a crashed run
         bins = toolchain.ensure_built()
         for addon in self.addons:
-            toolchain.ensure_optional(addon)
+            for name in ADDON_TOOLS[addon]:
+                toolchain.ensure_optional(name)
         built = self.build_images(progress) if self.real_node else {}
         if self.real_node:
             realnode.check_disk(self.dir / "node")
@@ -171,8 +173,7 @@ class DevCluster:
         state = ClusterState(dir=self.dir, kubeconfig=str(self.kubeconfig))
         try:
             self._start(state, bins, built, progress)
-            if "kueue" in self.addons:
-                self.start_kueue(progress)
+            self._start_addons(progress)
         except BaseException:
             progress("Start-up failed; stopping what was started")
             self._stop(state)
@@ -423,6 +424,32 @@ class DevCluster:
         advertise_gpus(api)
 
     # ---- add-ons ---------------------------------------------------------------------------
+    def _start_addons(self, progress) -> None:
+        if "kueue" in self.addons:
+            self.start_kueue(progress)
+        if "flux" in self.addons:
+            self.start_flux(progress)
+
+    def flux(self):
+        from .flux import Flux
+
+        return Flux(self.dir, self.kubeconfig, self.bin_dir / "kubectl")
+
+    def start_flux(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> str:
+        """Flux's source- and kustomize-controller and the Git server on the running cluster;
+        returns the Git server's base URL (repositories at `<url>/<name>.git`)."""
+        state = self.state()
+        running = [p for p in state.proc_objs() if p.name in ("git-http", *ADDON_TOOLS["flux"])]
+        if running and all(procs.alive(p) for p in running) and state.addons.get("flux"):
+            return state.addons["flux"]["git"]
+        for name in ADDON_TOOLS["flux"]:
+            toolchain.ensure_optional(name)
+        port = self.flux().start(self.dir / "logs", progress,
+                                 lambda proc: self._track(state, proc))
+        state.addons["flux"] = {"git": f"http://127.0.0.1:{port}"}
+        state.save()
+        return state.addons["flux"]["git"]
+
     def _kueue(self):
         from .kueue import Kueue
 
@@ -500,6 +527,8 @@ class DevCluster:
         for target, name in (state.node.get("images") or {}).items():
             if target in images_mod.PROJECT_TARGETS:
                 env[f"KUBETUNE_{target.upper()}_IMAGE"] = name
+        if (state.addons.get("flux") or {}).get("git"):
+            env["KUBETUNE_GIT_URL"] = state.addons["flux"]["git"]  # repositories: <url>/<n>.git
         return env
 
     def status(self) -> dict:

@@ -28,11 +28,15 @@ HELM_VERSION = "v3.19.5"
 COREDNS_VERSION = "v1.14.7"  # cluster DNS on the real node
 REGISTRY_VERSION = "v3.0.0"  # the CNCF distribution registry: images for the real node
 KUEUE_VERSION = "v0.17.0"  # job queueing (optional: `dev-cluster up --with kueue`)
+# GitOps (optional: `dev-cluster up --with flux`). The newest whose every dependency the module
+# proxy here serves (v1.10.x needs fluxcd/pkg and cosign versions it refuses, and Go 1.27).
+FLUX_SOURCE_VERSION = "v1.9.3"
+FLUX_KUSTOMIZE_VERSION = "v1.9.6"
 
 K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl",
                 "kubelet", "kube-proxy")
 ALL_TOOLS = (*K8S_COMMANDS, "etcd", "kwok", "helm", "coredns", "registry")
-OPTIONAL_TOOLS = ("kueue",)  # built when first asked for
+OPTIONAL_TOOLS = ("kueue", "source-controller", "kustomize-controller")  # built when asked
 
 
 class ToolchainError(RuntimeError):
@@ -65,6 +69,8 @@ def tool(name: str) -> Tool:
         "coredns": COREDNS_VERSION,
         "registry": REGISTRY_VERSION,
         "kueue": KUEUE_VERSION,
+        "source-controller": FLUX_SOURCE_VERSION,
+        "kustomize-controller": FLUX_KUSTOMIZE_VERSION,
     }.get(name, KUBERNETES_VERSION)
     return Tool(name, version)
 
@@ -228,6 +234,47 @@ def _build_kueue(go: str, build_root: Path) -> None:
     _go_install(go, build_root, "kueue", "sigs.k8s.io/kueue/cmd/kueue", KUEUE_VERSION)
 
 
+# Their go.mod replaces (copied: a module's replaces do not apply to a module requiring it;
+# their ./api replace is not needed, the api module is published).
+FLUX_REPLACES = {
+    "source-controller": (
+        "github.com/opencontainers/go-digest => github.com/opencontainers/go-digest "
+        "v1.0.1-0.20220411205349-bde1400a84be",),
+    "kustomize-controller": (
+        "github.com/opencontainers/go-digest => github.com/opencontainers/go-digest "
+        "v1.0.1-0.20220411205349-bde1400a84be",
+        "sigs.k8s.io/kustomize/api => sigs.k8s.io/kustomize/api v0.21.1",
+        "sigs.k8s.io/kustomize/kyaml => sigs.k8s.io/kustomize/kyaml v0.21.1",
+        "gopkg.in/yaml.v3 => gopkg.in/yaml.v3 v3.0.1"),
+}
+
+
+def _build_flux(name: str):
+    """A Flux controller, built from a throw-away module that requires it (its go.mod has
+    replace directives, so `go install` refuses it), with its CRDs beside the binary."""
+    def build(go: str, build_root: Path) -> None:
+        version = tool(name).version
+        module = f"github.com/fluxcd/{name}"
+        work = build_root / f"{name}-{version}"
+        work.mkdir(parents=True, exist_ok=True)
+        replaces = "\n".join(f"replace {r}" for r in FLUX_REPLACES[name])
+        (work / "go.mod").write_text(f"module kubetune.local/{name}build\n\ngo 1.26.0\n\n"
+                                     f"require {module} {version}\n\n{replaces}\n")
+        log = work / "build.log"
+        out = subprocess.check_output([go, "mod", "download", "-json", f"{module}@{version}"],
+                                      cwd=work, env=_go_env(), text=True)
+        source = Path(re.search(r'"Dir":\s*"([^"]+)"', out).group(1))
+        _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(work / name), module],
+             work, f"{name} {version}", log)
+        manifests = tool(name).path.parent / "manifests"
+        shutil.rmtree(manifests, ignore_errors=True)
+        (manifests / "crds").mkdir(parents=True)
+        for crd in sorted((source / "config" / "crd" / "bases").glob("*.yaml")):
+            shutil.copyfile(crd, manifests / "crds" / crd.name)
+        _install(work / name, tool(name).path)
+    return build
+
+
 def ensure_optional(name: str) -> Path:
     """An optional tool (Kueue), built the first time it is asked for."""
     if name not in OPTIONAL_TOOLS:
@@ -235,7 +282,9 @@ def ensure_optional(name: str) -> Path:
     if not tool(name).path.exists():
         build_root = cache_dir() / "build"
         build_root.mkdir(parents=True, exist_ok=True)
-        {"kueue": _build_kueue}[name](_go(), build_root)
+        builders = {"kueue": _build_kueue, "source-controller": _build_flux("source-controller"),
+                    "kustomize-controller": _build_flux("kustomize-controller")}
+        builders[name](_go(), build_root)
     return tool(name).path
 
 

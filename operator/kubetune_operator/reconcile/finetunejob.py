@@ -365,6 +365,7 @@ def _invalid(world: Observed, st: _Status) -> Plan:
         st.set(kind, False, "InvalidSpec", message)
     st.set("Failed", True, "InvalidSpec", message)
     st.set("Ready", False, "InvalidSpec", message)
+    _stalled(st)
     st.fields["completionTime"] = st.old.get("completionTime") or _ts(st.now)
     status = st.done("Failed")
     if world.job is not None:
@@ -514,6 +515,13 @@ def _in_flight(spec, st: _Status, current: Attempt) -> str:
     return phase
 
 
+def _stalled(st: _Status) -> None:
+    """Stalled mirrors Failed: kstatus' word for it (Flux's `wait`, cli-utils, `kubectl wait`
+    read Stalled=True as Failed and stop waiting at once instead of timing out)."""
+    failed = cond.find(st.conditions, "Failed")
+    st.set("Stalled", failed["status"] == "True", failed["reason"], failed.get("message", ""))
+
+
 def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] | None
             ) -> Plan:
     """The conditions every status carries, the terminal state, TTL expiry and Events."""
@@ -532,6 +540,7 @@ def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] 
             st.set("Succeeded", False, "NotFinished", "")
     if not st.has("ArtifactPublished"):
         st.set("ArtifactPublished", False, "NotPublished", "")
+    _stalled(st)
     status = st.done(phase)
     if phase in ("Succeeded", "Failed"):
         _expire(st.plan, world.job, status, st.now)

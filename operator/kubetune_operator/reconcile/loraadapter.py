@@ -274,10 +274,11 @@ def status(inp: StatusInputs, now: datetime) -> dict:
 
     def finish(ready: bool, reason: str, message: str, degraded: tuple | None = None) -> dict:
         setc("Ready", ready, reason, message)
-        if degraded:
-            setc("Degraded", True, *degraded)
-        else:
-            setc("Degraded", False, "AsExpected", "")
+        for kind in (reasons.DEGRADED, reasons.STALLED):
+            if degraded:
+                setc(kind, True, *degraded)
+            else:
+                setc(kind, False, "AsExpected", "")
         out["conditions"] = conditions
         return {k: v for k, v in out.items() if v is not None}
 
