@@ -150,7 +150,10 @@ def crd(kind: str) -> dict:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": structural(info["spec"]),
-            "status": structural(info["status"]),
+            # Until the operator has looked, status says "generation 0 observed": kstatus
+            # (Flux's `wait`, cli-utils) would read an object without a status as Current
+            # (done), and Argo CD's check reads it as Progressing either way.
+            "status": {**structural(info["status"]), "default": {"observedGeneration": 0}},
         },
     }
     rules = info["rules"]()

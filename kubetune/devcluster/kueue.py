@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -34,6 +35,7 @@ VALIDATING = "kueue-validating-webhook-configuration"
 # The webhooks this deployment serves: batch Jobs (the only integration enabled) and Kueue's
 # own kinds. The rest of upstream's list (Pods, Deployments, JobSets, Ray, ...) is left out.
 SERVED_PATHS = ("-batch-v1-job", "-kueue-x-k8s-io-")
+METRICS_CERTS = "/etc/kueue/metrics/certs"  # fixed in Kueue's main.go
 
 
 class KueueError(RuntimeError):
@@ -152,13 +154,20 @@ class Kueue:
                                  server_ips=("127.0.0.1",), client=False)
         shutil.copyfile(crt, cert_dir / "tls.crt")
         shutil.copyfile(key, cert_dir / "tls.key")
+        # Without Kueue's own certificate manager it reads its metrics certificate from a
+        # fixed path, /etc/kueue/metrics/certs: bound there in a private mount namespace, so
+        # nothing is written under the host's /etc.
+        scratch = self.dir / "kueue" / "mounts"
+        scratch.mkdir(parents=True, exist_ok=True)
         webhook_port, health_port = procs.free_ports(2)
         cfg = self.dir / "kueue" / "config.yaml"
         cfg.write_text(yaml.safe_dump(config(webhook_port, health_port, cert_dir)))
         env = {"KUBECONFIG": str(self.kubeconfig), "PATH": "/usr/bin:/bin"}
-        proc = procs.start("kueue", [str(binary), f"--config={cfg}",
-                                     "--feature-gates=VisibilityOnDemand=false",
-                                     "--zap-log-level=info"], logs / "kueue.log", env=env)
+        proc = procs.start("kueue", [
+            sys.executable, "-m", "kubetune.devcluster.privatemounts", "--scratch", str(scratch),
+            "--bind", f"{cert_dir}:{METRICS_CERTS}", "--",
+            str(binary), f"--config={cfg}", "--feature-gates=VisibilityOnDemand=false",
+            "--zap-log-level=info"], logs / "kueue.log", env=env)
         try:
             self._wait_ready(proc, health_port, timeout)
             upstream = list(yaml.safe_load_all((manifests / "webhooks.yaml").read_text()))
@@ -194,5 +203,5 @@ class Kueue:
 
     def remove_webhooks(self) -> None:
         """Before Kueue stops: a webhook whose server is gone refuses every Job."""
-        self._kubectl("delete", "mutatingwebhookconfiguration", MUTATING,
-                      "validatingwebhookconfiguration", VALIDATING, "--ignore-not-found")
+        self._kubectl("delete", f"mutatingwebhookconfiguration/{MUTATING}",
+                      f"validatingwebhookconfiguration/{VALIDATING}", "--ignore-not-found")

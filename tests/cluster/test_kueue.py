@@ -36,10 +36,28 @@ def kueue(cluster):
     try:
         yield dev
     finally:
-        dev.stop_kueue()
+        # The tests' namespaces are being deleted: Kueue releases its Workloads' finalizers
+        # first (stopped earlier, it would leave them Terminating).
+        custom = client.CustomObjectsApi(cluster.api)
+        try:
+            wait_for(lambda: not custom.list_cluster_custom_object(
+                "kueue.x-k8s.io", "v1beta2", "workloads")["items"], timeout=120,
+                message="Kueue's Workloads gone with their namespaces")
+            for name in CLUSTER_QUEUES:  # cluster-scoped: not gone with the namespaces
+                cluster.kubectl("delete", "clusterqueue", name, "--ignore-not-found",
+                                "--timeout=60s")
+        finally:
+            dev.stop_kueue()
+            left = cluster.kubectl("get", "mutatingwebhookconfigurations,"
+                                   "validatingwebhookconfigurations", "-o", "name").stdout
+            assert "kueue" not in left, left  # a webhook without its server refuses Jobs
+
+
+CLUSTER_QUEUES: list[str] = []
 
 
 def _queues(cluster, ns: str, gpus: int) -> None:
+    CLUSTER_QUEUES.append(ns)
     dev = DevCluster(cluster.dir)
     dev._kueue().apply([
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",

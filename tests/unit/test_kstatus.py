@@ -59,3 +59,18 @@ def test_loraadapters_read_as_kstatus_expects():
     st = la.status(la.StatusInputs(obj, parse(obj), [], waiting, None, None, None, None, None),
                    NOW)
     assert kstatus(_with(obj, st)) == "InProgress"
+
+
+def test_an_object_the_operator_has_not_seen_yet_is_in_progress():
+    """Before the operator's first look an object has no status of its own: the CRD defaults
+    it to `observedGeneration: 0`, so kstatus reads "not observed yet" (a status-less custom
+    resource is Current to kstatus: Flux's `wait` passed before the job ran, found on the
+    real Flux)."""
+    from kubetune.api.crd import crd
+
+    for kind in ("FineTuneJob", "LoRAAdapter"):
+        schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        default = schema["properties"]["status"]["default"]
+        assert default == {"observedGeneration": 0}
+        assert kstatus({"metadata": {"generation": 1}, "status": default}) == "InProgress"
+        assert kstatus({"metadata": {"generation": 1}}) == "Current"  # what it would be
