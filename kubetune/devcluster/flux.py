@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from . import procs, toolchain
@@ -84,28 +83,11 @@ class Flux:
                 str(toolchain.binary(name)),
                 *controller_args(name, health, metrics, storage, storage_dir)],
                 logs / f"{name}.log", env=env))
-            self._wait_ready(proc, health, timeout)
+            procs.wait_ready(proc, f"http://127.0.0.1:{health}/readyz", timeout, FluxError)
         progress(f"Started Flux (source-controller {toolchain.FLUX_SOURCE_VERSION}, "
                  f"kustomize-controller {toolchain.FLUX_KUSTOMIZE_VERSION}) and a Git server "
                  f"on http://127.0.0.1:{git_port} in {time.monotonic() - t0:.1f}s")
         return git_port
-
-    @staticmethod
-    def _wait_ready(proc: procs.Proc, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not procs.alive(proc):
-                raise FluxError(f"{proc.name} exited; see {proc.log}:\n"
-                                f"{procs.tail(Path(proc.log))}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise FluxError(f"{proc.name} not ready after {timeout:.0f}s; see {proc.log}:\n"
-                        f"{procs.tail(Path(proc.log))}")
 
     def create_repository(self, name: str) -> Path:
         """A bare repository `<name>.git` (branch main) served by the Git server."""

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -169,7 +168,8 @@ class Kueue:
             str(binary), f"--config={cfg}", "--feature-gates=VisibilityOnDemand=false",
             "--zap-log-level=info"], logs / "kueue.log", env=env)
         try:
-            self._wait_ready(proc, health_port, timeout)
+            procs.wait_ready(proc, f"http://127.0.0.1:{health_port}/readyz", timeout,
+                             KueueError)
             upstream = list(yaml.safe_load_all((manifests / "webhooks.yaml").read_text()))
             for obj in webhook_configurations(upstream, webhook_port,
                                               self.pki.ca_cert.read_bytes()):
@@ -181,21 +181,6 @@ class Kueue:
         progress(f"Started Kueue {toolchain.KUEUE_VERSION} (webhooks on 127.0.0.1:"
                  f"{webhook_port}) in {time.monotonic() - t0:.1f}s")
         return proc
-
-    def _wait_ready(self, proc: procs.Proc, port: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not procs.alive(proc):
-                raise KueueError(f"kueue exited; see {proc.log}:\n{procs.tail(Path(proc.log))}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise KueueError(f"kueue not ready after {timeout:.0f}s; see {proc.log}:\n"
-                         f"{procs.tail(Path(proc.log))}")
 
     def apply(self, objs: list[dict]) -> None:
         self._kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",

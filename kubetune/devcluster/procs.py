@@ -157,6 +157,27 @@ def wait_port(port: int, proc: Proc, timeout: float, host: str = "127.0.0.1") ->
                        f"last log lines:\n{tail(Path(proc.log))}")
 
 
+def wait_ready(proc: Proc, url: str, timeout: float,
+               error: type[Exception] = RuntimeError) -> None:
+    """Until ``url`` (a health endpoint on loopback) answers 200; ``error`` with the log's
+    last lines when the process exits first or the time is up."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(proc):
+            raise error(f"{proc.name} exited; see {proc.log}:\n{tail(Path(proc.log))}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise error(f"{proc.name} not ready after {timeout:.0f}s; see {proc.log}:\n"
+                f"{tail(Path(proc.log))}")
+
+
 def tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -136,3 +136,27 @@ def test_chosen_ports_are_distinct_free_and_below_the_ephemeral_range():
     for port in ports[:5]:
         with socket.socket() as sock:
             sock.bind(("0.0.0.0", port))  # free on every address
+
+
+def test_wait_ready_returns_on_a_200_and_says_why_a_process_died(tmp_path):
+    """How the dev cluster waits for Kueue and Flux: their /readyz answering 200, or the
+    error naming the process, with its log's last lines, once it has exited."""
+    import sys
+
+    from kubetune.devcluster import procs
+
+    class Refused(RuntimeError):
+        pass
+
+    port = procs.free_port()
+    (tmp_path / "readyz").write_text("ok")
+    server = procs.start("web", [sys.executable, "-m", "http.server", str(port), "--bind",
+                                 "127.0.0.1", "--directory", str(tmp_path)], tmp_path / "web.log")
+    try:
+        procs.wait_ready(server, f"http://127.0.0.1:{port}/readyz", 30, Refused)
+    finally:
+        procs.stop(server)
+    dying = procs.start("dying", [sys.executable, "-c", "print('no certificate'); exit(1)"],
+                        tmp_path / "dying.log")
+    with pytest.raises(Refused, match="dying exited(.|\n)*no certificate"):
+        procs.wait_ready(dying, f"http://127.0.0.1:{procs.free_port()}/readyz", 30, Refused)
