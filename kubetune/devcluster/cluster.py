@@ -439,9 +439,14 @@ class DevCluster:
         """Flux's source- and kustomize-controller and the Git server on the running cluster;
         returns the Git server's base URL (repositories at `<url>/<name>.git`)."""
         state = self.state()
-        running = [p for p in state.proc_objs() if p.name in ("git-http", *ADDON_TOOLS["flux"])]
-        if running and all(procs.alive(p) for p in running) and state.addons.get("flux"):
+        names = ("git-http", *ADDON_TOOLS["flux"])
+        running = [p for p in state.proc_objs() if p.name in names]
+        if len(running) == len(names) and all(procs.alive(p) for p in running) and \
+                state.addons.get("flux"):
             return state.addons["flux"]["git"]
+        for proc in running:  # a part died: all three start again
+            procs.stop(proc)
+        state.procs = [p for p in state.procs if p["name"] not in names]
         for name in ADDON_TOOLS["flux"]:
             toolchain.ensure_optional(name)
         port = self.flux().start(self.dir / "logs", progress,
