@@ -58,14 +58,17 @@ def _queued_run(jobs, pods=(), workloads=(), **spec):
      "Kueue Preempted: Preempted to accommodate a workload"),
     (_workload(("Evicted", "True", "PodsReadyTimeout", "Exceeded the PodsReady timeout"),
                PENDING), "Evicted", "PodsReadyTimeout"),
-    (_workload(RESERVED, PREEMPTED), "Admitted", "admitted by Kueue"),
+    # Being preempted: Kueue keeps the quota until the pod is gone (seen on the real Kueue).
+    (_workload(RESERVED, PREEMPTED), "Preempted", "the pod checkpoints and stops"),
+    (_workload(RESERVED, ("Evicted", "False", "QuotaReserved", "Previously: Preempted")),
+     "Admitted", "admitted by Kueue"),
     (_workload(PENDING, active=False), "Suspended", "deactivated"),
 ])
 def test_why_kueue_holds_a_job_is_read_from_its_workload(workload, reason, said):
     got_reason, message = rec.kueue_wait(workload)
     assert got_reason == reason
     assert said in message
-    if workload is not None and reason == "Preempted":
+    if workload is not None and reason == "Preempted" and "checkpoints" not in said:
         assert "waiting to be admitted again: Pending: couldn't assign" in message
 
 

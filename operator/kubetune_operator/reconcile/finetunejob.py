@@ -116,14 +116,18 @@ def kueue_wait(workload: dict | None) -> tuple[str, str]:
 
     if (workload.get("spec") or {}).get("active") is False:
         return "Suspended", "the Kueue Workload is deactivated"
-    if (conds.get("QuotaReserved") or {}).get("status") == "True":
-        return "Admitted", f"admitted by Kueue ({said('QuotaReserved')}); starting"
-    waiting = said("QuotaReserved") or "waiting for quota"
+    reserved = (conds.get("QuotaReserved") or {}).get("status") == "True"
     evicted = conds.get("Evicted") or {}
+    # Evicted first: Kueue sets it before suspending the Job and keeps the quota reserved
+    # until the pod is gone; a new reservation resets it to False.
     if evicted.get("status") == "True":
         reason = "Preempted" if evicted.get("reason") == "Preempted" else "Evicted"
-        return reason, f"Kueue {said('Evicted')}; waiting to be admitted again: {waiting}"
-    return "Queued", f"Kueue {waiting}"
+        then = "the pod checkpoints and stops" if reserved else \
+            f"waiting to be admitted again: {said('QuotaReserved') or 'waiting for quota'}"
+        return reason, f"Kueue {said('Evicted')}; {then}"
+    if reserved:
+        return "Admitted", f"admitted by Kueue ({said('QuotaReserved')}); starting"
+    return "Queued", f"Kueue {said('QuotaReserved') or 'waiting for quota'}"
 
 
 def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attempt:
