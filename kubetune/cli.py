@@ -11,14 +11,18 @@ from pathlib import Path
 
 def _dev_cluster(args: argparse.Namespace) -> int:
     from .devcluster import toolchain
-    from .devcluster.cluster import DevCluster
+    from .devcluster.cluster import ADDON_TOOLS, DevCluster
 
     if args.action == "build":
         from .devcluster import realnode
 
         if not args.no_real_node:
             realnode.install_requirements(lambda msg: print(msg, file=sys.stderr, flush=True))
-        for name, path in toolchain.ensure_built().items():
+        built = toolchain.ensure_built()
+        for addon in args.with_ or ():
+            for name in ADDON_TOOLS[addon]:
+                built[name] = toolchain.ensure_optional(name)
+        for name, path in built.items():
             print(f"{name}\t{path}", file=sys.stderr if args.quiet else sys.stdout)
         return 0
     images = tuple(i for i in args.images.split(",") if i and i != "none")
@@ -143,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "real node, comma-separated, or 'none' (default: all three)")
     dev.add_argument("--with", dest="with_", action="append", choices=["kueue", "flux"],
                      default=[],
-                     help="up: also start an add-on (repeatable): kueue = Kueue's controller "
+                     help="up/build: also start/build an add-on (repeatable): kueue = Kueue's controller "
                           "and webhooks with a GPU ClusterQueue and the LocalQueue default/gpus;"
                           " flux = Flux's source- and kustomize-controller and a Git server")
     dev.set_defaults(func=_dev_cluster)

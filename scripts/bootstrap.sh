@@ -57,6 +57,7 @@ if [ ! -f "$venv/.kubetune-installed" ]; then
 fi
 # Link this checkout (an editable install; no dependency resolution, seconds).
 "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here" >&2
-# The dev cluster's binaries (kube-apiserver, controller manager, scheduler, kubectl, etcd, kwok, helm).
-[ "$python_only" = 1 ] || "$venv/bin/kubetune" dev-cluster build >&2
+# The dev cluster's binaries (kube-apiserver, controller manager, scheduler, kubectl, etcd, kwok, helm),
+# and Kueue's and Flux's controllers (the tests run them; built here, once, not inside a test).
+[ "$python_only" = 1 ] || "$venv/bin/kubetune" dev-cluster build --with kueue --with flux >&2
 echo "$venv"
