@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from . import trainerstatus
 from .crd import KINDS, crd
 
 HEADER = "# Generated from kubetune/api by `python -m kubetune.api.generate`. Do not edit.\n"
@@ -22,6 +23,9 @@ def crd_files() -> dict[str, str]:
     for kind, info in KINDS.items():
         files[f"crds/{info['plural']}.kubetune.io.yaml"] = HEADER + yaml.safe_dump(
             crd(kind), sort_keys=False, width=100)
+    files[f"crds/{trainerstatus.NAME}.yaml"] = HEADER + \
+        "# Who may write a FineTuneJob's status (kubetune/api/trainerstatus.py).\n" + \
+        yaml.safe_dump_all(trainerstatus.manifests(), sort_keys=False, width=100)
     return files
 
 
@@ -125,6 +129,19 @@ def chart_crds() -> str:
                 "  labels:", "    {{- include \"kubetune.labels\" . | nindent 4 }}",
                 "  {{- if .Values.crds.keep }}", "  annotations:",
                 "    helm.sh/resource-policy: keep", "  {{- end }}", spec.rstrip("\n")]
+    # The trainer-status policy, kept with the CRDs (the namespaces' trainer RoleBindings
+    # stay too); the operator's own ServiceAccount is left alone by it.
+    operator_sa = ("['system:serviceaccount:{{ .Release.Namespace }}:"
+                   "{{ include \"kubetune.serviceAccountName\" . }}']")
+    for body in trainerstatus.manifests(operator_sa):
+        rest = yaml.safe_dump({k: v for k, v in body.items()
+                               if k not in ("apiVersion", "kind", "metadata")},
+                              sort_keys=False, width=200)
+        out += ["---", f"apiVersion: {body['apiVersion']}", f"kind: {body['kind']}",
+                "metadata:", f"  name: {body['metadata']['name']}",
+                "  labels:", "    {{- include \"kubetune.labels\" . | nindent 4 }}",
+                "  {{- if .Values.crds.keep }}", "  annotations:",
+                "    helm.sh/resource-policy: keep", "  {{- end }}", rest.rstrip("\n")]
     out.append("{{- end }}")
     return "\n".join(out) + "\n"
 

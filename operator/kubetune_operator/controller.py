@@ -3,11 +3,13 @@ succeeded), run the pure reconcile, apply its plan through `kube`, schedule the 
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import structlog
 
+from kubetune.api.trainerstatus import NAMESPACE_BINDING
 from kubetune.api.validation import SpecError, parse
 
 from . import metrics, policy
@@ -22,15 +24,20 @@ from .workqueue import WorkQueue
 log = structlog.get_logger("kubetune.operator")
 CHILD_EVENT_DELAY = 0.3  # seconds
 CREATES_AT_ONCE = 3  # the most creates of one FineTuneJob in flight together
+NAMESPACE_BINDING_RECHECK = 600.0  # seconds: a namespace's trainer RoleBinding, made again
 
 
 def creation_waves(objs: list[dict]) -> list[list[dict]]:
     """Children grouped by what must exist first; the creates of one wave run together.
     The ServiceAccount (a Job's pods cannot be created without it) and the Role (a
-    RoleBinding is only made once the Role is known to be this job's own) come first; then
-    the RoleBinding, the Service and the Job. Five round trips in a row became two."""
-    first = [o for o in objs if o["kind"] in ("ServiceAccount", "Role")]
-    rest = [o for o in objs if o["kind"] not in ("ServiceAccount", "Role")]
+    RoleBinding is only made once the Role is known to be this job's own) come first, with
+    the namespace's shared RoleBinding (it depends on nothing of the job); then the job's
+    RoleBinding, the Service and the Job. Five round trips in a row became two."""
+    def early(o: dict) -> bool:
+        return o["kind"] in ("ServiceAccount", "Role") or _namespace_binding(o)
+
+    first = [o for o in objs if early(o)]
+    rest = [o for o in objs if not early(o)]
     return [wave for wave in (first, rest) if wave]
 
 
@@ -49,6 +56,7 @@ class FineTuneJobController:
         self._creates = ThreadPoolExecutor((CREATES_AT_ONCE - 1) * settings.finetunejob_workers,
                                            thread_name_prefix="kubetune-create")
         self._configs: dict[Key, tuple[tuple, str]] = {}  # (uid, generation), trainer config
+        self._bound: dict[str, float] = {}  # namespace -> when its trainer binding was made
 
     def reconcile(self, key: Key) -> None:
         body = self.caches.finetunejobs.get(key)
@@ -181,11 +189,19 @@ class FineTuneJobController:
 
     def _apply(self, key: Key, body: dict, plan: rec.Plan, log) -> None:
         ns, name = key
-        for wave in creation_waves(plan.create):
+        now = time.monotonic()
+        # The namespace's shared trainer RoleBinding is made once (again every ten minutes, in
+        # case someone deleted it), not once per job.
+        creates = [o for o in plan.create if not _namespace_binding(o) or
+                   now - self._bound.get(ns, -NAMESPACE_BINDING_RECHECK)
+                   >= NAMESPACE_BINDING_RECHECK]
+        for wave in creation_waves(creates):
             outcomes = self._create_all(wave)
             for obj, outcome in zip(wave, outcomes):
                 if isinstance(outcome, BaseException):
                     continue
+                if _namespace_binding(obj):
+                    self._bound[ns] = now
                 if obj["kind"] == "Job":
                     self.caches.jobs.put(key, obj)  # write-through: the watch event follows
                 if outcome and obj["kind"] in ("Job", "LoRAAdapter"):
@@ -253,6 +269,10 @@ class FineTuneJobController:
             # A Job's and its pods' updates come in bursts (created, scheduled, running):
             # one look shortly after the first of them sees them all (one status write).
             self.queue.add(owner, CHILD_EVENT_DELAY)
+
+
+def _namespace_binding(obj: dict) -> bool:
+    return obj["kind"] == "RoleBinding" and obj["metadata"]["name"] == NAMESPACE_BINDING
 
 
 def _changed(old: dict, new: dict) -> bool:

@@ -68,6 +68,22 @@ class Kube:
             response.release_conn()
         return json.loads(data) if data else None
 
+    def admission_policy_bound(self, name: str) -> bool:
+        """Whether the ValidatingAdmissionPolicy `name` and a binding of the same name that
+        denies exist (False when they do not, or when this identity may not read them)."""
+        admission = client.AdmissionregistrationV1Api(self.api)
+        try:
+            self._count("get")
+            self._json(admission.read_validating_admission_policy, name)
+            self._count("get")
+            bound = self._json(admission.read_validating_admission_policy_binding, name)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return False
+            raise
+        spec = (bound or {}).get("spec") or {}
+        return spec.get("policyName") == name and "Deny" in (spec.get("validationActions") or [])
+
     # ---- generic ---------------------------------------------------------------------------
     def create(self, obj: dict) -> bool:
         """Create; True if created, False if it already existed (a deterministic name)."""

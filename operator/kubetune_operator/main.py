@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     kube = Kube(api)
+    settings = _trainer_rbac(kube, settings, log)
     caches = Caches()
     controller = FineTuneJobController(kube, settings, caches)
     registry = kopf.OperatorRegistry()
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                     store.put(owner, obj)
         controller.queue.start()
         adapters.queue.start()
-        log.info("Started operator", namespaces=controller.settings.namespaces or "all")
+        log.info("Started operator", namespaces=controller.settings.namespaces or "all",
+                 trainer_rbac=controller.settings.trainer_rbac)
 
     metrics.serve(settings.metrics_port, args.bind)
     if settings.leader_election:
@@ -154,6 +156,24 @@ def run(args: argparse.Namespace) -> int:
              standalone=True)
     kube.flush_events(5.0)  # the last Events (a stop's own) are not lost to the exit
     return 0
+
+
+def _trainer_rbac(kube, settings, log):
+    """Settle `trainer_rbac: auto`: shared when the trainer-status policy is in force."""
+    from kubetune.api import trainerstatus
+
+    if settings.trainer_rbac != "auto":
+        return settings
+    try:
+        shared = kube.admission_policy_bound(trainerstatus.NAME)
+    except Exception as exc:  # noqa: BLE001 - the safe choice, said once
+        log.warning("Could not read the trainer-status admission policy", error=str(exc))
+        shared = False
+    if not shared:
+        log.warning(f"ValidatingAdmissionPolicy {trainerstatus.NAME} and its binding are not "
+                    f"installed (or not readable): each trainer gets a Role and RoleBinding of "
+                    f"its own")
+    return settings.model_copy(update={"trainer_rbac": "shared" if shared else "perJob"})
 
 
 def _lead(api, settings, bind: str, log) -> None:

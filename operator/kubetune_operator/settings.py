@@ -4,7 +4,7 @@ A bad setting fails the operator at start-up with one clear line."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +32,11 @@ class OperatorSettings(BaseSettings):
     """ServiceAccounts a FineTuneJob may name in spec.resources.serviceAccountName."""
     allowed_s3_endpoints: list[str] = Field(default_factory=list)
     """S3 endpoints a spec may name besides s3_endpoint (`*`: any)."""
+    trainer_rbac: Literal["auto", "shared", "perJob"] = "auto"
+    """How a trainer may patch its own job's progress: `shared`, one RoleBinding per namespace
+    made safe by the kubetune-trainer-status admission policy (kubetune/api/trainerstatus.py);
+    `perJob`, a Role and RoleBinding per job; `auto` picks shared when the policy and its
+    binding are installed (checked at start-up)."""
     require_target_opt_in: bool = True
     """A LoRAAdapter changes only Deployments labelled kubetune.io/adapter-target: "true"."""
     gpu_tolerations: bool = True

@@ -111,12 +111,16 @@ def _token_kubeconfig(cluster, ns: str, account: str, path: Path) -> Path:
 
 
 def _adopt_crds(cluster, release: str, ns: str) -> None:
-    """The session's CRDs were applied with kubectl; let the release adopt them."""
-    for crd in ("finetunejobs.kubetune.io", "loraadapters.kubetune.io"):
-        cluster.kubectl("annotate", "--overwrite", "crd", crd,
+    """The session's CRDs and trainer-status policy were applied with kubectl; let the release
+    adopt them."""
+    for kind, name in (("crd", "finetunejobs.kubetune.io"), ("crd", "loraadapters.kubetune.io"),
+                       ("clusterrole", "kubetune-trainer-status"),
+                       ("validatingadmissionpolicy", "kubetune-trainer-status"),
+                       ("validatingadmissionpolicybinding", "kubetune-trainer-status")):
+        cluster.kubectl("annotate", "--overwrite", kind, name,
                         f"meta.helm.sh/release-name={release}",
                         f"meta.helm.sh/release-namespace={ns}")
-        cluster.kubectl("label", "--overwrite", "crd", crd, "app.kubernetes.io/managed-by=Helm")
+        cluster.kubectl("label", "--overwrite", kind, name, "app.kubernetes.io/managed-by=Helm")
 
 
 def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds, s3_server,
@@ -226,6 +230,9 @@ def test_install_rbac_is_sufficient_and_minimal_upgrade_uninstall(cluster, crds,
     ext = client.ApiextensionsV1Api(cluster.api)
     for crd in ("finetunejobs.kubetune.io", "loraadapters.kubetune.io"):
         assert ext.read_custom_resource_definition(crd).metadata.name == crd
+    # the trainer-status policy stays with them (namespaces keep their trainer RoleBindings)
+    assert cluster.kubectl("get", "validatingadmissionpolicy", "kubetune-trainer-status"
+                           ).returncode == 0
     assert cluster.kubectl("get", "finetunejob", "rbac", "-n", team).returncode == 0
     assert cluster.kubectl("get", "loraadapter", "rbac", "-n", team).returncode == 0
     # Objects with our finalizer must not block namespace deletion without an operator.

@@ -189,3 +189,46 @@ def test_kopf_gets_no_diff_base_and_every_handler_only_watches_events():
     storage = NoDiffBase()
     pod = {"metadata": {"name": "p", "annotations": {"kubetune.io/trainer-config": "x" * 9000}}}
     assert storage.build(body=pod) == {} and storage.fetch(body=pod) is None
+
+
+SHARED = SETTINGS.model_copy(update={"trainer_rbac": "shared"})
+
+
+def test_with_the_trainer_status_policy_a_job_gets_an_account_and_its_namespace_one_binding():
+    body = _body()
+    children = res.rbac(body, shared=True)
+    account, binding = children
+    assert account["kind"] == "ServiceAccount"
+    assert account["metadata"]["name"] == f"{body['metadata']['name']}-trainer"
+    assert account["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert binding["kind"] == "RoleBinding" and binding["metadata"]["name"] == \
+        "kubetune-trainers" and "ownerReferences" not in binding["metadata"]
+    assert binding["subjects"] == [{"kind": "Group", "apiGroup": "rbac.authorization.k8s.io",
+                                    "name": "system:serviceaccounts:ml"}]
+    assert binding["roleRef"]["kind"] == "ClusterRole"
+    job = parse(body)
+    training = res.training_job(job, body, 0, SHARED, False,
+                                res.trainer_config(job, body, SHARED))
+    waves = creation_waves(children + [training])
+    assert [sorted(o["kind"] for o in w) for w in waves] == [
+        ["RoleBinding", "ServiceAccount"], ["Job"]]
+
+
+def test_the_namespace_binding_is_created_once_for_many_jobs_and_again_after_ten_minutes(
+        monkeypatch):
+    import kubetune_operator.controller as ctl
+
+    kube = _Kube(slow=())
+    controller = FineTuneJobController(kube, SHARED, Caches())
+    clock = [1000.0]
+    monkeypatch.setattr(ctl.time, "monotonic", lambda: clock[0])
+    for name in ("a", "b", "c"):
+        body = _body()
+        body["metadata"].update(name=name, uid=f"uid-{name}")
+        _apply(controller, body, res.rbac(body, shared=True))
+    kinds = [k for k, _, _ in kube.calls]
+    assert kinds.count("RoleBinding") == 1 and kinds.count("ServiceAccount") == 3
+    clock[0] += ctl.NAMESPACE_BINDING_RECHECK
+    _apply(controller, body, res.rbac(body, shared=True))
+    assert [k for k, _, _ in kube.calls].count("RoleBinding") == 2
+

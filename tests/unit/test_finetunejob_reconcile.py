@@ -74,6 +74,14 @@ def test_first_reconcile_creates_children_of_attempt_zero():
     assert ("Normal", "CreatedJob", "Created Job quickstart-lora-0 (attempt 0)") in plan.events
 
 
+def test_with_the_trainer_status_policy_the_first_attempt_needs_no_role_of_its_own():
+    body = _body()
+    shared = SETTINGS.model_copy(update={"trainer_rbac": "shared"})
+    plan = rec.reconcile(rec.Observed(body, parse(body), [], [], [], None, None), shared, NOW)
+    assert [o["kind"] for o in plan.create] == ["ServiceAccount", "RoleBinding", "Job"]
+    assert plan.create[1]["metadata"]["name"] == "kubetune-trainers"
+
+
 def test_a_config_too_large_for_the_pod_template_is_refused_naming_the_field():
     from kubetune_operator.settings import OperatorSettings
 

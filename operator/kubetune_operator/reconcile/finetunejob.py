@@ -384,7 +384,7 @@ def _start_attempt(world: Observed, st: _Status, settings: OperatorSettings,
     returns its Job as it will be once created (stamped with `now`)."""
     job, body, spec = world.job, world.body, world.job.spec
     name = body["metadata"]["name"]
-    st.plan.create.extend(res.rbac(body))
+    st.plan.create.extend(res.rbac(body, shared=settings.trainer_rbac == "shared"))
     if spec.resources.nodes > 1:
         st.plan.create.append(res.headless_service(body, number))
     suspended = spec.scheduling.suspend or bool(spec.scheduling.queue_name)  # Kueue admits it

@@ -3,6 +3,7 @@ deterministic names (a repeated create hits 409 instead of duplicating work)."""
 
 from __future__ import annotations
 
+from kubetune.api import trainerstatus
 from kubetune.api.finetunejob import FineTuneJob
 from kubetune.contract import ExitCode
 from kubetune.trainerconfig import from_finetunejob
@@ -51,7 +52,7 @@ def job_name(name: str, attempt: int) -> str:
 
 
 def trainer_account(name: str) -> str:
-    return f"{name}-trainer"
+    return f"{name}{trainerstatus.TRAINER_SUFFIX}"
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -86,10 +87,17 @@ def trainer_config(job: FineTuneJob, body: dict, settings: OperatorSettings) -> 
     return rendered
 
 
-def rbac(body: dict) -> list[dict]:
-    """ServiceAccount + Role + RoleBinding: the trainer may patch only its own job's status."""
+def rbac(body: dict, shared: bool = False) -> list[dict]:
+    """The trainer may patch only its own job's status. Per job: a ServiceAccount, a Role that
+    names the job and its RoleBinding. `shared` (the trainer-status admission policy is
+    installed): the ServiceAccount and the namespace's one RoleBinding, the policy narrowing
+    each ServiceAccount to its own job (kubetune/api/trainerstatus.py)."""
     name = body["metadata"]["name"]
     account = trainer_account(name)
+    if shared:
+        return [{"apiVersion": "v1", "kind": "ServiceAccount",
+                 "metadata": _meta(body, account, "trainer")},
+                trainerstatus.namespace_binding(body["metadata"]["namespace"])]
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(body, account, "trainer")},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
