@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from .common import GROUP, VERSION
 from .finetunejob import IMMUTABLE_WHEN_STARTED, FineTuneJobSpec, FineTuneJobStatus
 from .loraadapter import LoRAAdapterSpec, LoRAAdapterStatus
+from .runtime import FineTuneRuntimeSpec, FineTuneRuntimeStatus
 
 _KEEP = ("type", "description", "default", "enum", "format", "minimum", "maximum", "minLength",
          "maxLength", "pattern", "minItems", "maxItems", "maxProperties", "minProperties",
@@ -80,10 +81,24 @@ def _convert(node: dict, defs: dict) -> dict:
     return out
 
 
+def without_defaults(schema: dict) -> dict:
+    """A schema whose objects are stored as written: a runtime template (spec.runtimeRef) can
+    only tell a field the user set from one the apiserver defaulted if nothing is defaulted.
+    The defaults stay documented (docs/api.md) and are applied when the operator parses."""
+    out = {k: v for k, v in schema.items() if k != "default"}
+    if "properties" in out:
+        out["properties"] = {k: without_defaults(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = without_defaults(out[key])
+    return out
+
+
 def _immutability_rules() -> list[dict]:
     return [{
         "rule": (f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
-                 f"self.spec.{field} == oldSelf.spec.{field}"),
+                 f"(has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+                 f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field}))"),
         "message": (f"spec.{field} is immutable once the job has started (status.startTime is "
                     f"set); create a new FineTuneJob to change it"),
         "fieldPath": f".spec.{field}",
@@ -100,11 +115,13 @@ KINDS = {
     "FineTuneJob": {
         "plural": "finetunejobs", "singular": "finetunejob", "shortNames": ["ftj"],
         "spec": FineTuneJobSpec, "status": FineTuneJobStatus,
-        "rules": _immutability_rules,
+        "rules": _immutability_rules, "stored_as_written": True,
         "columns": [
             {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
             _ready_column(),
             {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
+            {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtimeRef.name",
+             "description": "The runtime template the job uses"},
             {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
              "description": "Training progress in percent"},
             {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step",
@@ -136,11 +153,31 @@ KINDS = {
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     },
+    "ClusterFineTuneRuntime": {
+        "plural": "clusterfinetuneruntimes", "singular": "clusterfinetuneruntime",
+        "shortNames": ["cftr"], "scope": "Cluster", "health": False,
+        "spec": FineTuneRuntimeSpec, "status": FineTuneRuntimeStatus, "rules": lambda: [],
+        "columns": [
+            {"name": "Image", "type": "string", "jsonPath": ".spec.resources.image"},
+            {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode"},
+            {"name": "Overridable", "type": "string", "jsonPath": ".spec.overridable",
+             "priority": 1},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    },
 }
+KINDS["FineTuneRuntime"] = {**KINDS["ClusterFineTuneRuntime"], "plural": "finetuneruntimes",
+                            "singular": "finetuneruntime", "shortNames": ["ftr"],
+                            "scope": "Namespaced"}
 
 
-def crd(kind: str) -> dict:
+def crd(kind: str, documented: bool = False) -> dict:
+    """The CRD of `kind`; `documented` keeps the defaults of a spec stored as written (for
+    docs/api.md)."""
     info = KINDS[kind]
+    spec = structural(info["spec"])
+    if info.get("stored_as_written") and not documented:
+        spec = without_defaults(spec)
     root: dict[str, Any] = {
         "type": "object",
         "description": (info["spec"].__doc__ or "").strip(),
@@ -149,7 +186,7 @@ def crd(kind: str) -> dict:
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": structural(info["spec"]),
+            "spec": spec,
             # Until the operator has looked, status says "generation 0 observed": kstatus
             # (Flux's `wait`, cli-utils) would read an object without a status as Current
             # (done), and Argo CD's check reads it as Progressing either way.
@@ -169,7 +206,7 @@ def crd(kind: str) -> dict:
             "names": {"kind": kind, "listKind": f"{kind}List", "plural": info["plural"],
                       "singular": info["singular"], "shortNames": info["shortNames"],
                       "categories": ["kubetune"]},
-            "scope": "Namespaced",
+            "scope": info.get("scope", "Namespaced"),
             "versions": [{
                 "name": VERSION, "served": True, "storage": True,
                 "subresources": {"status": {}},

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import KubeModel, Rule
 from .common import (Affinity, Conditions, DataUri, DnsLabel, DnsName, LabelMap, ModelUri,
@@ -76,7 +76,8 @@ class DatasetSpec(KubeModel):
     """Compute the loss on assistant turns only (chat data)."""
 
     rules = (
-        Rule("!self.assistantOnlyLoss || self.format in ['auto', 'messages']",
+        Rule("!has(self.assistantOnlyLoss) || !self.assistantOnlyLoss || !has(self.format) || "
+             "self.format in ['auto', 'messages']",
              "spec.dataset.assistantOnlyLoss needs chat data: format must be messages or auto",
              lambda s: not s.assistant_only_loss or s.format in ("auto", "messages"),
              field_path=".assistantOnlyLoss"),
@@ -187,9 +188,10 @@ class MethodSpec(KubeModel):
         Rule("!has(self.adapter) || self.type == 'Adapter'",
              "spec.method.adapter is only valid with type Adapter",
              lambda s: s.adapter is None or s.type == "Adapter", field_path=".adapter"),
-        Rule("!has(self.lora) || self.lora.init != 'loftq' || (self.type == 'QLoRA' && "
-             "(!has(self.quantization) || (self.quantization.bits == 4 && "
-             "self.quantization.quantType == 'nf4')))",
+        Rule("!has(self.lora) || !has(self.lora.init) || self.lora.init != 'loftq' || "
+             "(self.type == 'QLoRA' && (!has(self.quantization) || "
+             "((!has(self.quantization.bits) || self.quantization.bits == 4) && "
+             "(!has(self.quantization.quantType) || self.quantization.quantType == 'nf4'))))",
              "spec.method.lora.init: loftq needs type QLoRA with 4-bit nf4 quantization",
              lambda s: s.lora is None or s.lora.init != "loftq" or (
                  s.type == "QLoRA" and (s.quantization is None or (
@@ -238,10 +240,17 @@ class TrainingSpec(KubeModel):
     """Evaluate every N steps; default: at the end of each epoch and of training."""
 
     rules = (
-        Rule("has(self.epochs) != has(self.maxSteps)",
-             "spec.training: set exactly one of epochs or maxSteps",
-             lambda s: (s.epochs is None) != (s.max_steps is None)),
+        Rule("!(has(self.epochs) && has(self.maxSteps))",
+             "spec.training: set epochs or maxSteps, not both",
+             lambda s: s.epochs is None or s.max_steps is None),
     )
+
+    @model_validator(mode="after")
+    def _one_epoch_by_default(self):
+        """Neither epochs nor maxSteps (here, or from a runtime template): one epoch."""
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1
+        return self
 
 
 # ---- resources, scheduling ------------------------------------------------------------------
@@ -415,6 +424,33 @@ class FinalMetrics(KubeModel):
     """Training throughput."""
 
 
+# ---- runtime --------------------------------------------------------------------------------
+RuntimeKind = Literal["ClusterFineTuneRuntime", "FineTuneRuntime"]
+
+
+class RuntimeRef(KubeModel):
+    """A ClusterFineTuneRuntime, or a FineTuneRuntime in the job's namespace (kubetune/api/runtime.py)."""
+
+    kind: RuntimeKind = "ClusterFineTuneRuntime"
+    """ClusterFineTuneRuntime (cluster-wide, set by the cluster admin) or FineTuneRuntime (in the job's namespace; its image, ServiceAccount and S3 endpoint are held to the operator's policy like a job's own)."""
+    name: DnsName
+    """Name of the runtime."""
+
+
+class RuntimeStatus(KubeModel):
+    """The runtime as the job resolved it when it started; later attempts use these values."""
+
+    kind: RuntimeKind
+    """Kind of the runtime."""
+    name: DnsName
+    """Name of the runtime."""
+    generation: Optional[Annotated[int, Field(ge=0)]] = None
+    """metadata.generation of the runtime that was read."""
+    values: Optional[Annotated[dict[str, Any], Field(json_schema_extra={
+        "type": "object", "x-kubernetes-preserve-unknown-fields": True})]] = None
+    """The runtime's values this job uses (spec fields, as the runtime gave them)."""
+
+
 # ---- spec / status --------------------------------------------------------------------------
 class FineTuneJobSpec(KubeModel):
     """A fine-tuning run: what to train, how, on what, and where the result goes."""
@@ -445,16 +481,19 @@ class FineTuneJobSpec(KubeModel):
     """Task scoring of the eval split after training."""
     evaluation_gate: Optional[EvaluationGateSpec] = None
     """Quality gate on the final eval loss and/or task score (condition EvalPassed)."""
+    runtime_ref: Optional[RuntimeRef] = None
+    """A runtime template that gives this job its image, resources, placement, storage and trainer defaults; the job may set only the runtime-controlled fields the runtime lets it override."""
 
     rules = (
-        Rule("!has(self.output.merge) || !self.output.merge.enabled || "
+        Rule("!has(self.output.merge) || (has(self.output.merge.enabled) && "
+             "!self.output.merge.enabled) || "
              "self.method.type in ['LoRA', 'QLoRA', 'IA3']",
              "spec.output.merge: only LoRA, QLoRA and IA3 adapters can be merged into the base "
              "model (prefix tuning and bottleneck adapters cannot)",
              lambda s: s.output.merge is None or not s.output.merge.enabled
              or s.method.type in MERGEABLE_METHODS, field_path=".output.merge"),
-        Rule("!(self.method.type == 'PrefixTuning' && has(self.training.gradientCheckpointing) "
-             "&& self.training.gradientCheckpointing)",
+        Rule("!(self.method.type == 'PrefixTuning' && has(self.training) && "
+             "has(self.training.gradientCheckpointing) && self.training.gradientCheckpointing)",
              "spec.training.gradientCheckpointing: prefix tuning does not work with gradient "
              "checkpointing",
              lambda s: not (s.method.type == "PrefixTuning" and s.training.gradient_checkpointing),
@@ -466,7 +505,7 @@ class FineTuneJobSpec(KubeModel):
              lambda s: s.evaluation_gate is None or s.dataset.eval is not None
              or s.dataset.eval_fraction is not None, field_path=".evaluationGate"),
         Rule("!has(self.evaluationGate) || !has(self.evaluationGate.minScore) || "
-             "self.evaluation.score",
+             "!has(self.evaluation) || !has(self.evaluation.score) || self.evaluation.score",
              "spec.evaluationGate.minScore: needs spec.evaluation.score (the task score is "
              "what it gates on)",
              lambda s: s.evaluation_gate is None or s.evaluation_gate.min_score is None
@@ -569,9 +608,12 @@ class FineTuneJobStatus(KubeModel):
     """Final loss, task score and throughput, from the verified manifest."""
     adapter_ref: Optional[Annotated[str, Field(max_length=253)]] = None
     """Name of the LoRAAdapter created from the artifact."""
+    runtime: Optional[RuntimeStatus] = None
+    """The runtime (spec.runtimeRef) as resolved when the job started."""
 
 
-IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training", "evaluation")
+IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training", "evaluation",
+                          "runtimeRef")
 
 
 class FineTuneJob(KubeModel):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from . import trainerstatus
+from . import runtime, trainerstatus
 from .crd import KINDS, crd
 
 HEADER = "# Generated from kubetune/api by `python -m kubetune.api.generate`. Do not edit.\n"
@@ -26,6 +26,9 @@ def crd_files() -> dict[str, str]:
     files[f"crds/{trainerstatus.NAME}.yaml"] = HEADER + \
         "# Who may write a FineTuneJob's status (kubetune/api/trainerstatus.py).\n" + \
         yaml.safe_dump_all(trainerstatus.manifests(), sort_keys=False, width=100)
+    files[f"crds/{runtime.ADMISSION_NAME}.yaml"] = HEADER + \
+        "# Fields a FineTuneJob may not set under its runtime (kubetune/api/runtime.py).\n" + \
+        yaml.safe_dump_all(runtime.admission(), sort_keys=False, width=100)
     return files
 
 
@@ -86,10 +89,11 @@ def api_markdown() -> str:
            "bounds, an unknown field, or a broken rule below, with a message naming the field.",
            ""]
     for kind, info in KINDS.items():
-        schema = crd(kind)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        schema = crd(kind, documented=True)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         names = crd(kind)["spec"]["names"]
         out += [f"## {kind}", "",
-                f"Short name `{names['shortNames'][0]}`, category `kubetune`, namespaced. "
+                f"Short name `{names['shortNames'][0]}`, category `kubetune`, "
+                f"{'cluster-scoped' if info.get('scope') == 'Cluster' else 'namespaced'}. "
                 f"{schema['description']}", ""]
         for part in ("spec", "status"):
             rows: list[str] = []
@@ -133,7 +137,7 @@ def chart_crds() -> str:
     # stay too); the operator's own ServiceAccount is left alone by it.
     operator_sa = ("['system:serviceaccount:{{ .Release.Namespace }}:"
                    "{{ include \"kubetune.serviceAccountName\" . }}']")
-    for body in trainerstatus.manifests(operator_sa):
+    for body in trainerstatus.manifests(operator_sa) + runtime.admission():
         rest = yaml.safe_dump({k: v for k, v in body.items()
                                if k not in ("apiVersion", "kind", "metadata")},
                               sort_keys=False, width=200)
@@ -149,7 +153,8 @@ def chart_crds() -> str:
 def argocd_configmap() -> str:
     folder = ROOT / "integrations" / "argocd"
     data = {f"resource.customizations.health.kubetune.io_{kind}":
-            (folder / f"{kind.lower()}-health.lua").read_text() for kind in KINDS}
+            (folder / f"{kind.lower()}-health.lua").read_text() for kind, info in KINDS.items()
+            if info.get("health", True)}
     body = {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "argocd-cm", "namespace": "argocd",
                          "labels": {"app.kubernetes.io/part-of": "argocd"}},

@@ -9,8 +9,10 @@ from pydantic import ValidationError
 
 from .finetunejob import FineTuneJob
 from .loraadapter import LoRAAdapter
+from .runtime import ClusterFineTuneRuntime, FineTuneRuntime
 
-KINDS = {"FineTuneJob": FineTuneJob, "LoRAAdapter": LoRAAdapter}
+KINDS = {"FineTuneJob": FineTuneJob, "LoRAAdapter": LoRAAdapter,
+         "ClusterFineTuneRuntime": ClusterFineTuneRuntime, "FineTuneRuntime": FineTuneRuntime}
 
 
 class SpecError(ValueError):

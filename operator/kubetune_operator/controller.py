@@ -12,7 +12,7 @@ import structlog
 from kubetune.api.trainerstatus import NAMESPACE_BINDING
 from kubetune.api.validation import SpecError, parse
 
-from . import metrics, policy
+from . import metrics, policy, runtimes
 from .cache import Caches, Key
 from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
@@ -70,19 +70,21 @@ class FineTuneJobController:
         ns, name = key
         bound = log.bind(namespace=ns, name=name, uid=body["metadata"].get("uid"),
                          generation=body["metadata"].get("generation"))
-        errors: list[str] = []
+        runtime = runtimes.resolve(body, self._read_runtime)
+        resolved = runtime.body if runtime.body is not None else body
+        errors: list[str] = list(runtime.errors)
         job = None
         try:
-            job = parse(body)
+            job = parse(resolved)
         except SpecError as exc:
-            errors = exc.errors
+            errors += exc.errors
         errors += rec.semantic_errors(body)
         if job is not None:
-            errors += policy.finetunejob_errors(job, self.settings)
+            errors += policy.finetunejob_errors(job, self.settings, runtime.trusted)
         config = None
         if job is not None and not errors:
             try:
-                config = self._config(key, body, job)
+                config = self._config(key, resolved, job, runtime.generation)
             except ValueError as exc:
                 errors.append(f"spec: {exc}")
         # Only children this object controls count, whatever labels a look-alike carries.
@@ -102,7 +104,7 @@ class FineTuneJobController:
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
         world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter, config,
-                             self._workloads(ns, jobs, job))
+                             self._workloads(ns, jobs, job), runtime.status, runtime.error)
         plan = rec.reconcile(world, self.settings, now)
         if plan.verify_attempt is not None:
             world.artifact, world.artifact_error = self._verify(job, body, plan.verify_attempt)
@@ -121,11 +123,14 @@ class FineTuneJobController:
             return []
         return self.kube.workloads(ns, f"{res.KUEUE_JOB_UID} in ({','.join(wanted)})")
 
-    def _config(self, key: Key, body: dict, job) -> str:
-        """The rendered trainer config, once per spec generation (YAML rendering was a tenth
-        of the operator's CPU when every reconcile rendered it to check it)."""
+    def _read_runtime(self, kind: str, namespace: str, name: str) -> dict | None:
+        return self.kube.runtime(kind, namespace, name)
+
+    def _config(self, key: Key, body: dict, job, runtime_generation=None) -> str:
+        """The rendered trainer config, once per spec (and runtime) generation (YAML rendering
+        was a tenth of the operator's CPU when every reconcile rendered it to check it)."""
         meta = body["metadata"]
-        version = (meta.get("uid"), meta.get("generation"))
+        version = (meta.get("uid"), meta.get("generation"), runtime_generation)
         held = self._configs.get(key)
         if held is None or held[0] != version:
             held = (version, res.trainer_config(job, body, self.settings))

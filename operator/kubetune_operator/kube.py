@@ -193,6 +193,22 @@ class Kube:
                 return None
             raise
 
+    def runtime(self, kind: str, ns: str, name: str) -> dict | None:
+        """A ClusterFineTuneRuntime, or a FineTuneRuntime in `ns`; None when there is none
+        (or when this identity may not read it: a namespaced install reads no cluster
+        objects)."""
+        self._count("get")
+        try:
+            if kind == "ClusterFineTuneRuntime":
+                return self._json(self.custom.get_cluster_custom_object, GROUP, VERSION,
+                                  "clusterfinetuneruntimes", name)
+            return self._json(self.custom.get_namespaced_custom_object, GROUP, VERSION, ns,
+                              "finetuneruntimes", name)
+        except ApiException as exc:
+            if exc.status in (403, 404):
+                return None
+            raise
+
     def get_deployment(self, ns: str, name: str) -> dict | None:
         return self._read("Deployment", ns, name)
 

@@ -32,22 +32,29 @@ def endpoint_allowed(endpoint: str | None, settings: OperatorSettings) -> bool:
     return "*" in allowed or endpoint.rstrip("/") in allowed
 
 
-def finetunejob_errors(job, settings: OperatorSettings) -> list[str]:
-    """Policy refusals of a parsed FineTuneJob, each naming its field."""
+def finetunejob_errors(job, settings: OperatorSettings, trusted: dict | None = None
+                       ) -> list[str]:
+    """Policy refusals of a parsed FineTuneJob, each naming its field. `trusted`: the spec
+    values a ClusterFineTuneRuntime gave it (the cluster admin's own, allowed as they are)."""
     errors = []
     res = job.spec.resources
-    if res.image and res.image != settings.trainer_image and not any(
+    trusted = trusted or {}
+    given = trusted.get("resources") or {}
+    if res.image and res.image != settings.trainer_image and res.image != given.get("image") \
+            and not any(
             res.image.startswith(prefix) for prefix in settings.allowed_images):
         listed = "".join(f", {prefix}*" for prefix in settings.allowed_images)
         errors.append(f"spec.resources.image: {res.image} is not allowed by the operator's "
                       f"policy (allowed: the default trainer image{listed}; chart value "
                       f"policy.allowedImages)")
-    if res.service_account_name and \
+    if res.service_account_name and res.service_account_name != \
+            given.get("serviceAccountName") and \
             res.service_account_name not in settings.allowed_service_accounts:
         errors.append(f"spec.resources.serviceAccountName: {res.service_account_name} is not "
                       f"allowed by the operator's policy (chart value "
                       f"policy.allowedServiceAccounts)")
-    if not endpoint_allowed(job.spec.output.endpoint, settings):
+    if job.spec.output.endpoint != (trusted.get("output") or {}).get("endpoint") and \
+            not endpoint_allowed(job.spec.output.endpoint, settings):
         errors.append(f"spec.output.endpoint: {job.spec.output.endpoint} is not allowed by the "
                       f"operator's policy (chart value policy.allowedS3Endpoints)")
     return errors

@@ -47,6 +47,8 @@ def test_schema_is_structural_and_bounded(kind):
             assert "maxLength" in node or "pattern" in node, f"{path}: unbounded string"
         if node.get("type") == "array":
             assert "maxItems" in node, f"{path}: unbounded list"
+    if kind.endswith("Runtime"):
+        return  # templates: their status says only what generation was seen
     conditions = schema["properties"]["status"]["properties"]["conditions"]
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]

@@ -159,6 +159,11 @@ def run_local(manifest: Path, output: str | None, runs_dir: Path, max_steps: int
     if job.kind != "FineTuneJob":
         print(f"kubetune: error: {manifest}: kubetune run takes a FineTuneJob", file=sys.stderr)
         return 2
+    if job.spec.runtime_ref is not None:  # its values live in the cluster: do not guess them
+        print(f"kubetune: error: {manifest}: spec.runtimeRef: kubetune run reads no cluster, so "
+              f"not the runtime's values; apply the job to a cluster, or copy the runtime's "
+              f"values into the spec and drop runtimeRef", file=sys.stderr)
+        return 2
     name = job.metadata.get("name", manifest.stem)
     run_dir = (runs_dir / name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,9 @@ controllers use; nothing else. */}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status", "loraadapters/status"]
   verbs: ["get", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetuneruntimes"]
+  verbs: ["get"]  # a job's runtime template, read when it starts
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]

@@ -244,6 +244,8 @@ class Observed:
     adapter: dict | None = None  # the LoRAAdapter created from it, if any
     config: str | None = None  # the rendered trainer config (rendered here when None)
     workloads: list[dict] = field(default_factory=list)  # Kueue's, of its suspended Jobs
+    runtime: dict | None = None  # status.runtime: spec.runtimeRef as resolved
+    runtime_error: str | None = None  # why spec.runtimeRef could not be resolved
 
 
 @dataclass
@@ -334,6 +336,10 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     """The plan for one FineTuneJob: children to create or patch, its status, Events, when to
     look again."""
     st = _Status(world.body, now)
+    if world.runtime is not None:
+        st.fields["runtime"] = world.runtime
+    if world.runtime_error is not None and not world.jobs:
+        return _waiting_for_runtime(world, st)
     if world.spec_errors or world.job is None:
         return _invalid(world, st)
     spec = world.job.spec
@@ -361,6 +367,24 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     else:
         phase = _in_flight(spec, st, current)
     return _finish(world, st, phase, terminal)
+
+
+RUNTIME_LOOK_AGAIN = 30.0  # seconds between looks for a runtime that does not exist yet
+
+
+def _waiting_for_runtime(world: Observed, st: _Status) -> Plan:
+    """spec.runtimeRef names no runtime (yet): nothing starts; look again. Not a failure: an
+    admin may create the runtime after the job."""
+    message = world.runtime_error or ""
+    st.set("Ready", False, "RuntimeNotFound", message)
+    st.set("Running", False, "RuntimeNotFound", message)
+    status = st.done("Pending")
+    if (cond.find(st.old.get("conditions") or [], "Ready") or {}).get("reason") != \
+            "RuntimeNotFound":
+        st.plan.events.append(("Warning", "RuntimeNotFound", message))
+    _transition_events(st.plan, st.old, status, message)
+    st.plan.requeue_after = RUNTIME_LOOK_AGAIN
+    return st.plan
 
 
 def _invalid(world: Observed, st: _Status) -> Plan:
