@@ -32,6 +32,10 @@ class OperatorSettings(BaseSettings):
     """ServiceAccounts a FineTuneJob may name in spec.resources.serviceAccountName."""
     allowed_s3_endpoints: list[str] = Field(default_factory=list)
     """S3 endpoints a spec may name besides s3_endpoint (`*`: any)."""
+    allowed_tracking_servers: list[str] = Field(default_factory=list)
+    """Tracking servers (scheme://host[:port]) a spec's spec.tracking.mlflow.trackingUri may
+    name together with a credentialsSecret (`*`: any); without credentials any server is
+    allowed (the trainer sends nothing its author did not write)."""
     require_target_opt_in: bool = True
     """A LoRAAdapter changes only Deployments labelled kubetune.io/adapter-target: "true"."""
     gpu_tolerations: bool = True

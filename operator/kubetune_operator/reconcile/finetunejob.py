@@ -13,6 +13,7 @@ from kubetune.contract import ExitCode, TerminationSummary
 
 from .. import conditions as cond
 from ..resources import finetunejob as res
+from . import tracking
 from ..settings import OperatorSettings
 
 MAX_ATTEMPTS_IN_STATUS = 20
@@ -353,6 +354,7 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
         st.fields.update(attempts=attempts.history, retries=attempts.retries)
         current = attempts.current
     st.fields["jobName"] = current.job_name
+    _tracking(st, attempts)
     _suspension(world, st, current)
     if current.state == "Succeeded":
         phase, terminal = _succeeded(world, st, attempts)
@@ -361,6 +363,14 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     else:
         phase = _in_flight(spec, st, current)
     return _finish(world, st, phase, terminal)
+
+
+def _tracking(st: _Status, attempts: Attempts) -> None:
+    """status.tracking from the trainer's reports; a Warning when tracking failed."""
+    found = tracking.status({n: a.summary for n, a in attempts.live.items()},
+                            st.old.get("tracking"))
+    st.fields["tracking"] = found
+    st.plan.events.extend(tracking.events(st.old.get("tracking"), found))
 
 
 def _invalid(world: Observed, st: _Status) -> Plan:
