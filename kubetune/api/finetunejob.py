@@ -262,7 +262,7 @@ class MlflowSpec(KubeModel):
                                      pattern=r"^[^\x00-\x1f]+$")]
     """Experiment name; created when missing."""
     credentials_secret: Optional[SecretRef] = None
-    """Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN."""
+    """Secret with MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN."""
     run_name: Optional[Annotated[str, Field(min_length=1, max_length=250,
                                             pattern=r"^[^\x00-\x1f]+$")]] = None
     """Run name; default: the FineTuneJob's name."""

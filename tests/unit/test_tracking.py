@@ -162,6 +162,11 @@ def test_the_run_reported_in_the_summary_lands_in_status_and_survives_the_pod():
     body["status"] = plan.status
     later = _reconcile(body, jobs, [])  # the pod is gone: status keeps what it said
     assert later.status["tracking"] == plan.status["tracking"]
+    # A newer attempt's trainer wrote status.tracking while it runs: an older summary that is
+    # still around does not overwrite it.
+    live = {"runId": RUN, "url": URL, "state": "Logged", "attempt": 1}
+    assert tracking.status({0: summary, 1: None}, live) == live
+    assert tracking.status({0: summary}, {**live, "attempt": 0})["experimentId"] == "3"
 
 
 def test_tracking_that_failed_is_a_warning_once_and_training_still_succeeds():

@@ -2,7 +2,7 @@
 
 Why REST and not the ``mlflow`` client: the trainer image carries torch and nothing it does not
 need; the client (even mlflow-skinny) brings a dozen packages and its own retry loops with their
-own deadlines, and pins versions (pyarrow) that clash with ours. Seven endpoints cover a run:
+own deadlines, and pins versions (pyarrow) that clash with ours. Six endpoints cover a run:
 experiment by name or create, run search / create / update, log-batch.
 
 Tracking is best effort and never fails training: every request has a deadline, the start and

@@ -38,13 +38,17 @@ def from_summary(reported, attempt: int) -> dict | None:
 
 
 def status(attempts: dict, old: dict | None) -> dict | None:
-    """status.tracking: the newest attempt's report (`attempts`: number → summary), else what
-    status already says (a report outlives the pod that wrote it only there)."""
+    """status.tracking: the newest report (`attempts`: number → summary). What status already
+    says wins when it is newer (a running attempt's trainer wrote it, before its summary) or
+    when no pod has a report left (a report outlives its pod only there)."""
+    old = old if isinstance(old, dict) and old else None
     for number in sorted(attempts, reverse=True):
         found = from_summary((attempts[number] or {}).get("tracking"), number)
         if found is not None:
-            return found
-    return old if isinstance(old, dict) and old else None
+            newer = old is not None and isinstance(old.get("attempt"), int) and \
+                old["attempt"] > number
+            return old if newer else found
+    return old
 
 
 def events(old: dict | None, new: dict | None) -> list[tuple[str, str, str]]:
