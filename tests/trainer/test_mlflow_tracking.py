@@ -154,3 +154,31 @@ def test_a_tracking_server_down_or_hung_costs_training_nothing(make_config, serv
     if silent:
         assert "timed out" in done["tracking"]["message"] or "budget" in \
             done["tracking"]["message"], done["tracking"]
+
+
+def test_a_server_lost_mid_run_degrades_tracking_within_its_deadlines(make_config, tmp_path):
+    proc, url = mlflow.start(tmp_path / "mlflow", host="127.0.0.1")
+    cfg = _tracked(make_config, url, "0f1e2d3c-aaaa-4bbb-8ccc-000000000003", "lost",
+                   finish_budget_seconds=3.0, flush_seconds=0.2)
+    reporter = Reporter(cfg.logging)
+    tracker = Tracker(cfg.tracking, attempt=0, reporter=reporter)
+    try:
+        tracker.start({"method": "LoRA"})
+        assert tracker.state == "Logged" and tracker.run_id, tracker.message
+        reporter.emit({"event": "progress", "step": 1, "loss": 2.0})
+        deadline = time.monotonic() + 10
+        while tracker._queue and time.monotonic() < deadline:  # sent by the worker thread
+            time.sleep(0.1)
+        history = _get(url, "metrics/get-history", run_id=tracker.run_id, metric_key="loss")
+        assert [m["step"] for m in history["metrics"]] == [1]
+    finally:
+        procs.stop(proc)
+    for step in range(2, 6):
+        reporter.emit({"event": "progress", "step": step, "loss": 1.0})
+    started = time.monotonic()
+    report = tracker.finish("FINISHED", {"metrics": {"steps": 5, "trainLoss": 1.2}})
+    assert time.monotonic() - started < 3.0 + 1.0  # the finish budget (refused at once)
+    assert report["state"] == "Degraded" and report["runId"] == tracker.run_id
+    assert "not sent" in report["message"] or "runs/log-batch" in report["message"]
+    warnings = [e for e in events(cfg) if e["event"] == "warning"]
+    assert len(warnings) == 1  # one warning, not one per failed write
