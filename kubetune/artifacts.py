@@ -197,6 +197,8 @@ def described(manifest: dict) -> dict:
 
     method = manifest.get("method") if isinstance(manifest.get("method"), dict) else {}
     base = manifest.get("baseModel") if isinstance(manifest.get("baseModel"), dict) else {}
+    dataset = manifest.get("dataset") if isinstance(manifest.get("dataset"), dict) else {}
+    tracking = manifest.get("tracking") if isinstance(manifest.get("tracking"), dict) else {}
     rank, size = method.get("rank"), manifest.get("sizeBytes")
     out = {"method": text(method.get("type")),
            "rank": rank if type(rank) is int else None,
@@ -204,5 +206,14 @@ def described(manifest: dict) -> dict:
            "mergedModelUri": text(manifest.get("mergedModelUri")),
            "sizeBytes": size if type(size) is int else None,
            "metrics": manifest.get("metrics") if isinstance(manifest.get("metrics"), dict)
-           else None}
+           else None,
+           # lineage: the training data's digest and the tracking run, pinned by the digest
+           "datasetSha256": _matching(dataset.get("sha256"), r"[a-f0-9]{64}"),
+           "trackingRunId": _matching(tracking.get("runId"), r"[A-Za-z0-9_\-]{1,64}")}
     return out
+
+
+def _matching(value, pattern: str) -> str | None:
+    import re
+
+    return value if isinstance(value, str) and re.fullmatch(pattern, value) else None

@@ -22,6 +22,10 @@ def _dev_cluster(args: argparse.Namespace) -> int:
         for addon in args.with_ or ():
             for name in ADDON_TOOLS[addon]:
                 built[name] = toolchain.ensure_optional(name)
+        if "mlflow" in (args.with_ or ()):
+            from .devcluster import mlflow
+
+            built["mlflow"] = mlflow.ensure_installed()
         for name, path in built.items():
             print(f"{name}\t{path}", file=sys.stderr if args.quiet else sys.stdout)
         return 0
@@ -145,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--images", default="operator,trainer,serve",
                      help="up: project images (Dockerfile targets) to build and load into the "
                           "real node, comma-separated, or 'none' (default: all three)")
-    dev.add_argument("--with", dest="with_", action="append", choices=["kueue", "flux"],
-                     default=[],
+    dev.add_argument("--with", dest="with_", action="append",
+                     choices=["kueue", "flux", "mlflow"], default=[],
                      help="up/build: also start/build an add-on (repeatable): kueue = Kueue's controller "
                           "and webhooks with a GPU ClusterQueue and the LocalQueue default/gpus;"
-                          " flux = Flux's source- and kustomize-controller and a Git server")
+                          " flux = Flux's source- and kustomize-controller and a Git server;"
+                          " mlflow = an MLflow tracking server (SQLite; KUBETUNE_MLFLOW_URL)")
     dev.set_defaults(func=_dev_cluster)
 
     run = sub.add_parser("run", help="run a FineTuneJob on this machine, without a cluster")

@@ -53,13 +53,15 @@ class TerminationSummary(BaseModel):
     """The published merged model, when one was asked for."""
     checkpointStep: Optional[int] = None  # noqa: N815 - the wire name
     """The step of the checkpoint saved before a preemption."""
+    tracking: Optional[dict] = None
+    """The experiment-tracking run: runId, experimentId, url, state, message."""
 
     @field_validator("reason", "message", mode="before")
     @classmethod
     def _text(cls, value):
         return value[-MAX_TEXT:] if isinstance(value, str) else None
 
-    @field_validator("metrics", "artifact", "merged", mode="before")
+    @field_validator("metrics", "artifact", "merged", "tracking", mode="before")
     @classmethod
     def _object(cls, value):
         return value if isinstance(value, dict) else None

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kubetune.api.finetunejob import (MERGEABLE_METHODS, BaseModelSpec, CheckpointingSpec,
                                       DatasetSpec, EvaluationSpec, FineTuneJob, MergeSpec,
-                                      MethodSpec, TrainingSpec)
+                                      MethodSpec, MlflowSpec, TrainingSpec)
 
 
 # Peak learning rates per method when training.learningRate is unset: measured on
@@ -82,6 +82,28 @@ class LoggingConfig(_Model):
     """A human progress bar on stderr (kubetune run)."""
 
 
+class TrackingConfig(_Model):
+    """Where the trainer logs its run, and what finds the run again: every attempt of one
+    FineTuneJob (same uid) continues one MLflow run, found by its kubetune.job-uid tag."""
+
+    mlflow: MlflowSpec
+    """The tracking server, experiment, run name and tags."""
+    job_uid: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9-]{1,64}$")]] = None
+    """The FineTuneJob's metadata.uid; without it (kubetune run) every run starts a new one."""
+    job_name: Annotated[str, Field(max_length=253)] = "finetunejob"
+    """The FineTuneJob's name (tag kubetune.job, default run name)."""
+    namespace: Optional[Annotated[str, Field(max_length=63)]] = None
+    """The FineTuneJob's namespace (tag kubetune.namespace)."""
+    request_timeout_seconds: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """Deadline of one HTTP request to the tracking server."""
+    start_budget_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """Deadline of finding or creating the run before training starts."""
+    finish_budget_seconds: Annotated[float, Field(gt=0, le=600)] = 30.0
+    """Deadline of the last writes (remaining metrics, final metrics, the artifact's digest)."""
+    flush_seconds: Annotated[float, Field(gt=0, le=600)] = 5.0
+    """Per-step metrics are sent in batches at most this often (off the training thread)."""
+
+
 class RunChecks(_Model):
     max_truncation_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
     """Fail when more than this fraction of training sequences is truncated."""
@@ -112,6 +134,8 @@ class TrainerConfig(_Model):
     """Progress sinks."""
     checks: RunChecks = Field(default_factory=RunChecks)
     """Runtime checks."""
+    tracking: Optional[TrackingConfig] = None
+    """Experiment tracking (best effort: never fails training)."""
     cache_dir: str = "/tmp/kubetune-cache"
     """Download cache for models and data (resumable)."""
     work_dir: str = "/tmp/kubetune-work"
@@ -187,4 +211,12 @@ def from_finetunejob(job: FineTuneJob, *, namespace: str | None = None,
         checkpointing=spec.checkpointing, evaluation=spec.evaluation,
         output=OutputConfig(uri=spec.output.uri, endpoint=spec.output.endpoint,
                             region=spec.output.region),
-        merge=merge, logging=logging)
+        merge=merge, logging=logging, tracking=_tracking(job, namespace))
+
+
+def _tracking(job: FineTuneJob, namespace: str | None) -> TrackingConfig | None:
+    if job.spec.tracking is None:
+        return None
+    return TrackingConfig(mlflow=job.spec.tracking.mlflow, job_uid=job.metadata.get("uid"),
+                          job_name=job.metadata.get("name", "finetunejob"),
+                          namespace=namespace or job.metadata.get("namespace"))

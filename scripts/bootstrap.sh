@@ -58,6 +58,8 @@ fi
 # Link this checkout (an editable install; no dependency resolution, seconds).
 "$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$here" >&2
 # The dev cluster's binaries (kube-apiserver, controller manager, scheduler, kubectl, etcd, kwok, helm),
-# and Kueue's and Flux's controllers (the tests run them; built here, once, not inside a test).
-[ "$python_only" = 1 ] || "$venv/bin/kubetune" dev-cluster build --with kueue --with flux >&2
+# Kueue's and Flux's controllers and the MLflow tracking server (in a cached environment of its
+# own: its pins clash with the trainer's) -- the tests run them; built here, once, not in a test.
+[ "$python_only" = 1 ] || "$venv/bin/kubetune" dev-cluster build --with kueue --with flux \
+  --with mlflow >&2
 echo "$venv"

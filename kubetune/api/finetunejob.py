@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Optional
 
@@ -253,6 +254,52 @@ class TrainingSpec(KubeModel):
         return self
 
 
+# ---- tracking -------------------------------------------------------------------------------
+RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+TAG_KEY = r"^[A-Za-z0-9_./ :-]{1,250}$"  # MLflow's own limit on key length is 250
+RESERVED_TAG_PREFIXES = ("kubetune.", "mlflow.")
+
+
+class MlflowSpec(KubeModel):
+    """An MLflow tracking server the trainer logs this job's run to (the trainer, not the
+    operator, talks to it: docs/tracking.md)."""
+
+    tracking_uri: Annotated[str, Field(pattern=r"^https?://[^\s/?#@]+(/[^\s?#]*)?$",
+                                       max_length=512)]
+    """Base URL of the tracking server (http or https, no credentials, query or fragment)."""
+    experiment: Annotated[str, Field(min_length=1, max_length=256,
+                                     pattern=r"^[^\x00-\x1f]+$")]
+    """Experiment name; created when missing."""
+    credentials_secret: Optional[SecretRef] = None
+    """Secret with MLFLOW_TRACKING_USERNAME + MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN."""
+    run_name: Optional[Annotated[str, Field(min_length=1, max_length=250,
+                                            pattern=r"^[^\x00-\x1f]+$")]] = None
+    """Run name; default: the FineTuneJob's name."""
+    tags: Optional[Annotated[dict[str, Annotated[str, Field(max_length=1024)]],
+                             Field(max_length=32)]] = None
+    """Extra run tags (keys starting with kubetune. or mlflow. are reserved)."""
+
+    rules = (
+        Rule("!has(self.tags) || self.tags.all(k, k.matches('" + TAG_KEY + "'))",
+             "spec.tracking.mlflow.tags: keys are 1-250 letters, digits, _ . - / : or spaces",
+             lambda s: all(re.match(TAG_KEY, k) for k in s.tags or {}), field_path=".tags"),
+        Rule("!has(self.tags) || self.tags.all(k, !k.startsWith('kubetune.') && "
+             "!k.startsWith('mlflow.'))",
+             "spec.tracking.mlflow.tags: keys starting with kubetune. or mlflow. are reserved",
+             lambda s: not any(k.startswith(RESERVED_TAG_PREFIXES) for k in s.tags or {}),
+             field_path=".tags"),
+    )
+
+
+class TrackingSpec(KubeModel):
+    """Experiment tracking of the run: parameters, per-step metrics, the final task score and
+    the published artifact's digest. Tracking is best effort: a tracking server that is down
+    never fails training (status.tracking says so)."""
+
+    mlflow: MlflowSpec
+    """Log to an MLflow tracking server."""
+
+
 # ---- resources, scheduling ------------------------------------------------------------------
 class ResourcesSpec(KubeModel):
     """Where and on what the trainer runs."""
@@ -483,6 +530,8 @@ class FineTuneJobSpec(KubeModel):
     """Quality gate on the final eval loss and/or task score (condition EvalPassed)."""
     runtime_ref: Optional[RuntimeRef] = None
     """A runtime template that gives this job its image, resources, placement, storage and trainer defaults; the job may set only the runtime-controlled fields the runtime lets it override."""
+    tracking: Optional[TrackingSpec] = None
+    """Experiment tracking (MLflow): the run's id and URL land in status.tracking."""
 
     rules = (
         Rule("!has(self.output.merge) || (has(self.output.merge.enabled) && "
@@ -579,6 +628,31 @@ class ArtifactStatus(KubeModel):
     """Base model revision it was trained on."""
     merged_model_uri: Optional[Annotated[str, Field(max_length=1024)]] = None
     """Merged model, when output.merge asked for one."""
+    dataset_sha256: Optional[Sha256] = None
+    """sha256 of the training data, as recorded in the verified manifest (lineage)."""
+    tracking_run_id: Optional[RunId] = None
+    """MLflow run id recorded in the verified manifest (lineage)."""
+
+
+TrackingState = Literal["Logged", "Degraded", "Failed"]
+
+
+class TrackingStatus(KubeModel):
+    """The experiment-tracking run of this job, as the trainer reported it (not verified: the
+    run id the artifact pins is status.artifact.trackingRunId)."""
+
+    run_id: Optional[RunId] = None
+    """MLflow run id; every attempt of the job logs to this one run."""
+    experiment_id: Optional[Annotated[str, Field(max_length=64)]] = None
+    """MLflow experiment id."""
+    url: Optional[Annotated[str, Field(pattern=r"^https?://\S+$", max_length=2048)]] = None
+    """The run in the MLflow UI."""
+    state: Optional[TrackingState] = None
+    """Logged (every write acknowledged), Degraded (some writes lost) or Failed (no run)."""
+    message: Optional[Annotated[str, Field(max_length=1024)]] = None
+    """Why tracking degraded or failed."""
+    attempt: Optional[Annotated[int, Field(ge=0)]] = None
+    """The attempt that reported this."""
 
 
 class FineTuneJobStatus(KubeModel):
@@ -610,6 +684,8 @@ class FineTuneJobStatus(KubeModel):
     """Name of the LoRAAdapter created from the artifact."""
     runtime: Optional[RuntimeStatus] = None
     """The runtime (spec.runtimeRef) as resolved when the job started."""
+    tracking: Optional[TrackingStatus] = None
+    """The experiment-tracking run (spec.tracking)."""
 
 
 IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training", "evaluation",

@@ -173,6 +173,10 @@ class VerifiedArtifact(KubeModel):
     """PEFT method."""
     rank: Optional[Annotated[int, Field(ge=0)]] = None
     """LoRA rank, where the method has one."""
+    dataset_sha256: Optional[Sha256] = None
+    """sha256 of the training data named in the verified manifest (lineage)."""
+    tracking_run_id: Optional[Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]] = None
+    """Experiment-tracking (MLflow) run id named in the verified manifest (lineage)."""
 
 
 class LoRAAdapterStatus(KubeModel):

@@ -54,17 +54,21 @@ def policy(exempt_expression: str | None = None) -> dict:
                 "reason": "Forbidden"}, {
                 "expression": _only_progress(),
                 "messageExpression": ("request.userInfo.username + ' may change only "
-                                      "status.progress of FineTuneJob ' + object.metadata.name"),
+                                      "status.progress (and status.tracking) of FineTuneJob ' + "
+                                      "object.metadata.name"),
                 "reason": "Forbidden"}],
         },
     }
 
 
+TRAINER_WRITES = ("progress", "tracking")  # live progress; the tracking run's link
+
+
 def _only_progress() -> str:
-    """CEL: every status field but progress is as it was (the operator's record of phase,
-    conditions, attempts and artifact cannot be rewritten by the trainer)."""
+    """CEL: every status field but the trainer's own is as it was (the operator's record of
+    phase, conditions, attempts and artifact cannot be rewritten by the trainer)."""
     fields = [f.alias or name for name, f in FineTuneJobStatus.model_fields.items()
-              if (f.alias or name) != "progress"]
+              if (f.alias or name) not in TRAINER_WRITES]
     same = " && ".join(
         f"has(object.status.{f}) == has(oldObject.status.{f}) && "
         f"(!has(object.status.{f}) || object.status.{f} == oldObject.status.{f})"

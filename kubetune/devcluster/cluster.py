@@ -21,8 +21,11 @@ from .nodestart import RealNodeStarter
 GPU_RESOURCE = "nvidia.com/gpu"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
-ADDONS = ("kueue", "flux")  # `dev-cluster up --with NAME`
-ADDON_TOOLS = {"kueue": ("kueue",), "flux": ("source-controller", "kustomize-controller")}
+ADDONS = ("kueue", "flux", "mlflow")  # `dev-cluster up --with NAME`
+# Go-built tools per add-on; mlflow is a Python server in its own cached environment
+# (devcluster/mlflow.py), installed by `dev-cluster build --with mlflow`.
+ADDON_TOOLS = {"kueue": ("kueue",), "flux": ("source-controller", "kustomize-controller"),
+               "mlflow": ()}
 
 
 def default_dir() -> Path:
@@ -429,6 +432,37 @@ class DevCluster:
             self.start_kueue(progress)
         if "flux" in self.addons:
             self.start_flux(progress)
+        if "mlflow" in self.addons:
+            self.start_mlflow(progress)
+
+    def host(self) -> str:
+        """The address the cluster's servers bind: where the real node's pods reach the host
+        (S3's address), else loopback."""
+        from urllib.parse import urlsplit
+
+        state = self.state()
+        endpoint = (state.s3 or {}).get("endpoint") if state else None
+        return (urlsplit(endpoint).hostname if endpoint else None) or "127.0.0.1"
+
+    def start_mlflow(self, progress=lambda msg: print(msg, file=sys.stderr, flush=True)) -> str:
+        """An MLflow tracking server (SQLite, artifacts in the cluster folder) on the running
+        cluster, kept until `down` (stopped by PID like every process of the cluster);
+        returns its URL."""
+        from . import mlflow
+
+        state = self.state()
+        running = [p for p in state.proc_objs() if p.name == "mlflow"]
+        if running and all(procs.alive(p) for p in running) and state.addons.get("mlflow"):
+            return state.addons["mlflow"]["url"]
+        for proc in running:  # died: start again (same folder, same port, same runs)
+            procs.stop(proc)
+        state.procs = [p for p in state.procs if p["name"] != "mlflow"]
+        proc, url = mlflow.start(self.dir / "mlflow", host=self.host(), progress=progress)
+        self._track(state, proc)
+        state.addons["mlflow"] = {"url": url}
+        state.save()
+        progress(f"Started the MLflow tracking server on {url}")
+        return url
 
     def flux(self):
         from .flux import Flux
@@ -534,6 +568,8 @@ class DevCluster:
                 env[f"KUBETUNE_{target.upper()}_IMAGE"] = name
         if (state.addons.get("flux") or {}).get("git"):
             env["KUBETUNE_GIT_URL"] = state.addons["flux"]["git"]  # repositories: <url>/<n>.git
+        if (state.addons.get("mlflow") or {}).get("url"):
+            env["KUBETUNE_MLFLOW_URL"] = state.addons["mlflow"]["url"]
         return env
 
     def status(self) -> dict:

@@ -173,7 +173,9 @@ class FineTuneJobController:
         artifact = {"uri": published["uri"], "manifestSha256": digest,
                     "sizeBytes": about["sizeBytes"], "method": about["method"],
                     "baseModelUri": about["baseModelUri"],
-                    "baseModelRevision": about["baseModelRevision"]}
+                    "baseModelRevision": about["baseModelRevision"],
+                    "datasetSha256": about["datasetSha256"],
+                    "trackingRunId": about["trackingRunId"]}
         merged = summary.get("merged")
         if isinstance(merged, dict) and isinstance(merged.get("uri"), str):
             artifact["mergedModelUri"] = merged["uri"][:2048]

@@ -9,6 +9,10 @@ See docs/security.md.
 * S3 endpoints: only the operator's default endpoint, unless `allowedS3Endpoints` lists the one
   a spec names (the operator itself calls that endpoint with the namespace's credentials: an
   open list would let a spec point it at any host it can reach). `*` allows any.
+* Tracking servers: a spec's `tracking.mlflow.trackingUri` with a `credentialsSecret` must be on
+  `allowedTrackingServers` (the trainer sends those credentials to that host in clear: an open
+  list would let anyone who may create a job read any tracking Secret in the namespace). `*`
+  allows any; a tracking URI without credentials is not restricted.
 * Serving targets: a LoRAAdapter loads into (or, merged, rolls out) only a Deployment labelled
   `kubetune.io/adapter-target: "true"` by whoever owns it; `requireTargetOptIn: false` turns
   the check off.
@@ -30,6 +34,28 @@ def endpoint_allowed(endpoint: str | None, settings: OperatorSettings) -> bool:
     if settings.s3_endpoint:
         allowed.add(settings.s3_endpoint.rstrip("/"))
     return "*" in allowed or endpoint.rstrip("/") in allowed
+
+
+def origin(url: str) -> str:
+    """scheme://host[:port] of a URL, lower-cased, without a default port."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    port = parts.port if parts.port not in (None, {"http": 80, "https": 443}.get(scheme)) \
+        else None
+    return f"{scheme}://{(parts.hostname or '').lower()}" + (f":{port}" if port else "")
+
+
+def tracking_allowed(mlflow, settings: OperatorSettings) -> bool:
+    """Whether the trainer may send the tracking Secret's credentials to the spec's server."""
+    if mlflow is None or mlflow.credentials_secret is None:
+        return True
+    allowed = set(settings.allowed_tracking_servers)
+    try:
+        return "*" in allowed or origin(mlflow.tracking_uri) in {origin(a) for a in allowed}
+    except ValueError:  # a port that is not a number
+        return False
 
 
 def finetunejob_errors(job, settings: OperatorSettings, trusted: dict | None = None
@@ -57,6 +83,11 @@ def finetunejob_errors(job, settings: OperatorSettings, trusted: dict | None = N
             not endpoint_allowed(job.spec.output.endpoint, settings):
         errors.append(f"spec.output.endpoint: {job.spec.output.endpoint} is not allowed by the "
                       f"operator's policy (chart value policy.allowedS3Endpoints)")
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    if not tracking_allowed(mlflow, settings):
+        errors.append(f"spec.tracking.mlflow.trackingUri: {origin(mlflow.tracking_uri)} may not "
+                      f"receive the credentials of spec.tracking.mlflow.credentialsSecret by the "
+                      f"operator's policy (chart value policy.allowedTrackingServers)")
     return errors
 
 

@@ -37,6 +37,10 @@ class OperatorSettings(BaseSettings):
     made safe by the kubetune-trainer-status admission policy (kubetune/api/trainerstatus.py);
     `perJob`, a Role and RoleBinding per job; `auto` picks shared when the policy and its
     binding are installed (checked at start-up)."""
+    allowed_tracking_servers: list[str] = Field(default_factory=list)
+    """Tracking servers (scheme://host[:port]) a spec's spec.tracking.mlflow.trackingUri may
+    name together with a credentialsSecret (`*`: any); without credentials any server is
+    allowed (the trainer sends nothing its author did not write)."""
     require_target_opt_in: bool = True
     """A LoRAAdapter changes only Deployments labelled kubetune.io/adapter-target: "true"."""
     gpu_tolerations: bool = True

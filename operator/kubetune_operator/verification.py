@@ -104,4 +104,5 @@ def _verified(uri: str, digest: str, manifest: dict) -> Verification:
     about = described(manifest)
     return Verification(True, "Verified", "", uri, digest, about["method"], about["rank"],
                         about["baseModelUri"], about["baseModelRevision"],
-                        about["mergedModelUri"], Probe.from_manifest(manifest.get("probe")))
+                        about["mergedModelUri"], Probe.from_manifest(manifest.get("probe")),
+                        about["datasetSha256"], about["trackingRunId"])

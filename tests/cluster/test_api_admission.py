@@ -130,6 +130,17 @@ CASES = [
      "spec.promotion.requires[0].conditionType"),
     ("stage-pattern", LORA, {"spec.stage": "Production!"}, "spec.stage"),
     ("max-rank-zero", LORA, {"spec.compatibility.maxRank": 0}, "spec.compatibility.maxRank"),
+    ("tracking-uri-with-credentials", FTJ, {"spec.tracking": {"mlflow": {
+        "trackingUri": "http://user:pw@mlflow:5000", "experiment": "e"}}},
+     "spec.tracking.mlflow.trackingUri"),
+    ("tracking-without-experiment", FTJ, {"spec.tracking": {"mlflow": {
+        "trackingUri": "http://mlflow:5000"}}}, "spec.tracking.mlflow.experiment"),
+    ("tracking-reserved-tag", FTJ, {"spec.tracking": {"mlflow": {
+        "trackingUri": "http://mlflow:5000", "experiment": "e",
+        "tags": {"kubetune.job-uid": "forged"}}}}, "spec.tracking.mlflow.tags"),
+    ("tracking-bad-tag-key", FTJ, {"spec.tracking": {"mlflow": {
+        "trackingUri": "http://mlflow:5000", "experiment": "e", "tags": {"a\"b": "x"}}}},
+     "spec.tracking.mlflow.tags"),
 ]
 
 

@@ -209,10 +209,11 @@ def test_the_operator_verifier_streams_digests_and_writes_nothing(tmp_path, monk
 def test_manifest_fields_enter_status_typed_and_bounded():
     about = artifacts.described({"method": {"type": "LoRA" * 1000, "rank": "8; rm -rf"},
                                  "baseModel": ["not", "an", "object"], "sizeBytes": 1.5,
-                                 "mergedModelUri": {"x": 1}, "metrics": "nope"})
+                                 "mergedModelUri": {"x": 1}, "metrics": "nope",
+                                 "dataset": {"sha256": ["x"]}, "tracking": {"runId": "a\nb"}})
     assert about == {"method": ("LoRA" * 1000)[:2048], "rank": None, "baseModelUri": None,
                      "baseModelRevision": None, "mergedModelUri": None, "sizeBytes": None,
-                     "metrics": None}
+                     "metrics": None, "datasetSha256": None, "trackingRunId": None}
 
 
 def test_verifying_a_large_artifact_holds_one_chunk_in_memory(tmp_path):

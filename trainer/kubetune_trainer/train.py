@@ -39,32 +39,36 @@ def run(cfg: TrainerConfig, listeners=()) -> int:
     from .methods import MethodError
     from .progress import Reporter
     from .sources import SourceError
+    from .tracking import for_config
     from kubetune.storage import StorageError
 
     reporter = Reporter(cfg.logging, rank=_rank())
     reporter.listeners.extend(listeners)
+    tracker = for_config(cfg, reporter, _rank())
     try:
-        summary = _train(cfg, reporter)
+        summary = _train(cfg, reporter, tracker)
     except Preempted as exc:
         reporter.summary({"status": "Preempted", "reason": "Preempted", "message": str(exc),
-                          "checkpointStep": exc.step})
+                          "checkpointStep": exc.step, "tracking": tracker.finish("KILLED")})
         return EXIT_PREEMPTED
     except (InvalidInput, DataError, SourceError, MethodError) as exc:
-        return _fail(reporter, "InvalidInput", exc, EXIT_INVALID)
+        return _fail(reporter, "InvalidInput", exc, EXIT_INVALID, tracker)
     except (StorageError, VerificationError) as exc:
-        return _fail(reporter, "StorageError", exc, EXIT_FAILED)
+        return _fail(reporter, "StorageError", exc, EXIT_FAILED, tracker)
     except Exception as exc:  # noqa: BLE001 - anything else: retryable, reported in one line
         text = str(exc).splitlines()[0] if str(exc) else ""
         oom = "out of memory" in text.lower()
         return _fail(reporter, "OOMKilled" if oom else "Error",
-                     RuntimeError(f"{type(exc).__name__}: {text}"), EXIT_FAILED)
-    reporter.summary({"status": "Succeeded", **summary})
+                     RuntimeError(f"{type(exc).__name__}: {text}"), EXIT_FAILED, tracker)
+    reporter.summary({"status": "Succeeded", **summary,
+                      "tracking": tracker.finish("FINISHED", summary)})
     return EXIT_OK
 
 
-def _fail(reporter, reason: str, exc: Exception, code: int) -> int:
+def _fail(reporter, reason: str, exc: Exception, code: int, tracker) -> int:
     print(f"kubetune-trainer: error: {exc}", file=sys.stderr, flush=True)
-    reporter.summary({"status": "Failed", "reason": reason, "message": str(exc)[:2000]})
+    reporter.summary({"status": "Failed", "reason": reason, "message": str(exc)[:2000],
+                      "tracking": tracker.finish("FAILED")})
     return code
 
 
@@ -83,7 +87,7 @@ def _check(findings, reporter, cfg: TrainerConfig) -> None:
             raise InvalidInput(message)
 
 
-def _train(cfg: TrainerConfig, reporter) -> dict:
+def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
     from . import checks, inputs, methods
     from .checkpoints import Checkpoints, Preemption
     from .checkpoints import make_callback as checkpoint_callback
@@ -133,6 +137,9 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
             reporter.phase("resuming", step=found[0])
 
     trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
+    from .tracking import params as tracking_params
+
+    tracker.start(tracking_params(cfg, data_sha256(loaded.digest_source), trainable))
     progress = progress_callback(reporter)
     ckpt = checkpoint_callback(cfg, checkpoints, preemption, is_main=main)
     from transformers.trainer_callback import PrinterCallback
@@ -186,7 +193,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     from .loading import probe
 
     artifact = publish(cfg, adapter_dir, loaded.digest_source, metrics, storage,
-                       probe=probe(trainer.model, tokenizer))
+                       probe=probe(trainer.model, tokenizer), tracking=tracker.lineage())
     summary = {"artifact": artifact, "metrics": {k: v for k, v in metrics.items()
                                                  if k != "trainLosses"}}
     if cfg.merge is not None:
@@ -277,16 +284,25 @@ def save_adapter(cfg: TrainerConfig, model, directory: Path) -> None:
     (directory / "README.md").unlink(missing_ok=True)  # a model card naming a temp folder
 
 
-def publish(cfg: TrainerConfig, adapter_dir: Path, data_files: list[Path], metrics: dict,
-            storage, probe: dict | None = None) -> dict:
+def data_sha256(data_files: list[Path]) -> str:
+    """The training data's digest (the files in order, streamed)."""
     import hashlib
+
+    digest = hashlib.sha256()
+    for path in data_files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish(cfg: TrainerConfig, adapter_dir: Path, data_files: list[Path], metrics: dict,
+            storage, probe: dict | None = None, tracking: dict | None = None) -> dict:
+    """Upload the adapter with its manifest; `tracking` (the run) is recorded in it too."""
     import json
 
     from kubetune import artifacts
 
-    digest = hashlib.sha256()
-    for path in data_files:
-        digest.update(path.read_bytes())
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     rank = adapter_config.get("r")
     manifest = artifacts.build_manifest(
@@ -295,9 +311,10 @@ def publish(cfg: TrainerConfig, adapter_dir: Path, data_files: list[Path], metri
                 "config": cfg.method.model_dump(mode="json", by_alias=True, exclude_none=True),
                 "peftType": adapter_config.get("peft_type")},
         base_model={"uri": cfg.model.uri, "revision": cfg.model.revision},
-        dataset={"uri": cfg.data.train.uri, "sha256": digest.hexdigest(),
+        dataset={"uri": cfg.data.train.uri, "sha256": data_sha256(data_files),
                  "evalUri": cfg.data.eval.uri if cfg.data.eval else None},
-        metrics=metrics, extra={"probe": probe} if probe else None)
+        metrics=metrics, extra={**({"probe": probe} if probe else {}),
+                                **({"tracking": tracking} if tracking else {})} or None)
     sha = artifacts.upload(adapter_dir, manifest, cfg.output.adapter_uri, storage)
     return {"uri": cfg.output.adapter_uri, "manifestSha256": sha,
             "sizeBytes": manifest["sizeBytes"], "method": cfg.method.type, "rank": rank,

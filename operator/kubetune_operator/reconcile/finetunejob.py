@@ -13,6 +13,7 @@ from kubetune.contract import ExitCode, TerminationSummary
 
 from .. import conditions as cond
 from ..resources import finetunejob as res
+from . import tracking
 from ..settings import OperatorSettings
 
 MAX_ATTEMPTS_IN_STATUS = 20
@@ -359,6 +360,7 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
         st.fields.update(attempts=attempts.history, retries=attempts.retries)
         current = attempts.current
     st.fields["jobName"] = current.job_name
+    _tracking(st, attempts)
     _suspension(world, st, current)
     if current.state == "Succeeded":
         phase, terminal = _succeeded(world, st, attempts)
@@ -385,6 +387,14 @@ def _waiting_for_runtime(world: Observed, st: _Status) -> Plan:
     _transition_events(st.plan, st.old, status, message)
     st.plan.requeue_after = RUNTIME_LOOK_AGAIN
     return st.plan
+
+
+def _tracking(st: _Status, attempts: Attempts) -> None:
+    """status.tracking from the trainer's reports; a Warning when tracking failed."""
+    found = tracking.status({n: a.summary for n, a in attempts.live.items()},
+                            st.old.get("tracking"))
+    st.fields["tracking"] = found
+    st.plan.events.extend(tracking.events(st.old.get("tracking"), found))
 
 
 def _invalid(world: Observed, st: _Status) -> Plan:

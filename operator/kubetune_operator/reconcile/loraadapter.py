@@ -39,6 +39,8 @@ class Verification:
     base_revision: str | None = None
     merged_uri: str | None = None
     probe: Probe | None = None  # what a replica serving it must answer (kubetune.behaviour)
+    dataset_sha256: str | None = None  # lineage, from the verified manifest
+    tracking_run_id: str | None = None
 
 
 @dataclass
@@ -297,7 +299,9 @@ def status(inp: StatusInputs, now: datetime) -> dict:
         return finish(False, reason, message,
                       (reason, message) if reasons.degrades(reason) else None)
     out["artifact"] = {k: val for k, val in {"uri": v.uri, "manifestSha256": v.digest,
-                                            "method": v.method, "rank": v.rank}.items()
+                                            "method": v.method, "rank": v.rank,
+                                            "datasetSha256": v.dataset_sha256,
+                                            "trackingRunId": v.tracking_run_id}.items()
                        if val is not None}
     setc("ArtifactVerified", True, "Verified",
          f"manifest sha256 {v.digest[:12]}; every file digest matches" if v.digest else "")

@@ -21,6 +21,7 @@ ANNOTATION_ARTIFACT_SEAL = "kubetune.io/artifact-seal"
 # The rendered trainer config travels in the attempt's pod template (a downward-API file): each
 # attempt carries the config it was started with, and no ConfigMap is created per job.
 ANNOTATION_CONFIG = "kubetune.io/trainer-config"
+ANNOTATION_TRACKING_RUN = "kubetune.io/tracking-run-id"
 MAX_CONFIG_BYTES = 128 * 1024  # well inside the 256 KiB the API allows for all annotations
 
 
@@ -121,7 +122,21 @@ def _credentials_env(job: FineTuneJob, settings: OperatorSettings) -> list[dict]
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": job.spec.base_model.credentials_secret.name, "key": "HF_TOKEN",
             "optional": True}}})
-    return env
+    return env + tracking_env(job)
+
+
+TRACKING_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_env(job: FineTuneJob) -> list[dict]:
+    """spec.tracking.mlflow.credentialsSecret's keys as env (each optional: a Secret holds a
+    user and password, or a token). The operator never reads them."""
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    if mlflow is None or mlflow.credentials_secret is None:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {
+        "name": mlflow.credentials_secret.name, "key": key, "optional": True}}}
+        for key in TRACKING_KEYS]
 
 
 def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorSettings,
@@ -237,8 +252,11 @@ def lora_adapter(job: FineTuneJob, body: dict, artifact: dict) -> dict:
                        ("promotion", create.promotion)):
         if value is not None:
             spec[key] = value if isinstance(value, str) else value.wire()
+    annotations = {"kubetune.io/source-uid": body["metadata"]["uid"]}
+    if artifact.get("trackingRunId"):  # lineage: the run the verified manifest names
+        annotations[ANNOTATION_TRACKING_RUN] = artifact["trackingRunId"]
     return {"apiVersion": f"{GROUP}/v1alpha1", "kind": "LoRAAdapter",
             "metadata": {"name": name, "namespace": body["metadata"]["namespace"],
                          "labels": labels(body["metadata"]["name"], "adapter"),
-                         "annotations": {"kubetune.io/source-uid": body["metadata"]["uid"]}},
+                         "annotations": annotations},
             "spec": spec}
