@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .common import GROUP, VERSION
-from .finetunejob import IMMUTABLE_WHEN_STARTED, FineTuneJobSpec, FineTuneJobStatus
+from .finetunejob import (IMMUTABLE_WHEN_STARTED, OPTIONAL_IMMUTABLE_WHEN_STARTED,
+                          FineTuneJobSpec, FineTuneJobStatus)
 from .loraadapter import LoRAAdapterSpec, LoRAAdapterStatus
 
 _KEEP = ("type", "description", "default", "enum", "format", "minimum", "maximum", "minLength",
@@ -80,15 +81,23 @@ def _convert(node: dict, defs: dict) -> dict:
     return out
 
 
+def _unchanged(field: str) -> str:
+    """CEL: spec.<field> is as it was (for optional fields: also present or absent as it was)."""
+    if field not in OPTIONAL_IMMUTABLE_WHEN_STARTED:
+        return f"self.spec.{field} == oldSelf.spec.{field}"
+    return (f"has(self.spec.{field}) == has(oldSelf.spec.{field}) && "
+            f"(!has(self.spec.{field}) || self.spec.{field} == oldSelf.spec.{field})")
+
+
 def _immutability_rules() -> list[dict]:
     return [{
         "rule": (f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || "
-                 f"self.spec.{field} == oldSelf.spec.{field}"),
+                 f"{_unchanged(field)}"),
         "message": (f"spec.{field} is immutable once the job has started (status.startTime is "
                     f"set); create a new FineTuneJob to change it"),
         "fieldPath": f".spec.{field}",
         "reason": "FieldValueForbidden",
-    } for field in IMMUTABLE_WHEN_STARTED]
+    } for field in IMMUTABLE_WHEN_STARTED + OPTIONAL_IMMUTABLE_WHEN_STARTED]
 
 
 def _ready_column() -> dict:

@@ -554,6 +554,8 @@ def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] 
 
 FINAL_METRICS = {"trainLoss": float, "evalLoss": float, "exactMatch": float,
                  "normalizedMatch": float, "scoreSamples": int, "baseNormalizedMatch": float,
+                 "preferenceAccuracy": float, "preferenceMargin": float,
+                 "basePreferenceMargin": float, "rewardMargin": float,
                  "steps": int, "tokensPerSecond": float}
 
 
@@ -566,7 +568,7 @@ def final_metrics(raw) -> dict | None:
         value = raw.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
             out[key] = kind(value)
-    for key in ("exactMatch", "normalizedMatch", "baseNormalizedMatch"):
+    for key in ("exactMatch", "normalizedMatch", "baseNormalizedMatch", "preferenceAccuracy"):
         if key in out and not 0 <= out[key] <= 1:
             del out[key]
     return out or None
