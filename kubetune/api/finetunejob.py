@@ -267,7 +267,9 @@ class DpoSpec(KubeModel):
     """How far the policy may move from the reference: higher keeps it closer (for ipo, the regularisation tau)."""
     loss_type: DpoLossType = "sigmoid"
     """sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), exo_pair (EXO), nca_pair, sppo_hard, apo_zero or apo_down."""
-    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    # le=0.49, not lt=0.5: the apiserver checks an integer value (0) against int(maximum) when
+    # the maximum is exclusive, and would refuse labelSmoothing: 0.
+    label_smoothing: Annotated[float, Field(ge=0, le=0.49)] = 0.0
     """Assumed fraction of flipped preference labels (robust), or EXO's epsilon (exo_pair, which needs it above 0)."""
     sft_weight: Annotated[float, Field(ge=0, le=100)] = 0.0
     """Weight of an added NLL loss on the chosen answers (RPO); 0 trains on the preference loss alone."""

@@ -15,8 +15,9 @@ text and prompt/completion records. ``builtin://tiny-prefs`` / ``builtin://tiny-
 preference pairs over the same facts (chosen: the right colour, rejected: a wrong one), split so
 that no (question, object) of the eval split is in the train split; ``builtin://reviews-prefs`` /
 ``builtin://reviews-prefs-eval`` pair each review with its label (chosen) and a wrong one
-(rejected), on the reviews task's disjoint splits. Everything is built deterministically (fixed seeds), so the
-same URI gives the same weights on every machine; revision ``v1`` names this recipe.
+(rejected), on the reviews task's disjoint splits. Everything is built deterministically (fixed
+seeds), so the same URI gives the same weights on every machine; revision ``v1`` names this
+recipe.
 """
 
 from __future__ import annotations
