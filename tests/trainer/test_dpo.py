@@ -104,3 +104,14 @@ def test_dpo_with_other_methods_publishes_a_loadable_adapter(make_config, tmp_pa
     assert [e["step"] for e in events(cfg) if e["event"] == "checkpoint"] == [3]
     manifest, _, _ = _reload(cfg, tmp_path, result)
     assert manifest["method"]["type"] == method["type"]
+
+
+def test_dpo_on_data_without_pairs_is_invalid_input(make_config):
+    """format auto passes admission; the data itself decides, before any model is loaded."""
+    cfg = make_config({"type": "LoRA"}, data={"format": "auto"}, name="dpo-chat", extra=DPO)
+    assert train.run(cfg) == train.EXIT_INVALID
+    result = summary(cfg)
+    assert result["reason"] == "InvalidInput"
+    assert "objective dpo needs preference records (prompt, chosen, rejected), but the " \
+           "dataset is messages" in result["message"]
+    assert not [e for e in events(cfg) if e["event"] == "model"]

@@ -17,7 +17,9 @@ from kubetune.api.validation import SpecError, parse
 from kubetune.api.finetunejob import DatasetSpec
 from kubetune.trainerconfig import TrainerConfig, default_learning_rate, from_finetunejob
 from kubetune_trainer import builtin, data
+from kubetune_operator.reconcile import finetunejob as rec
 from kubetune_trainer.progress import preference_fields, to_status_progress
+from test_finetunejob_reconcile import _body, _cond, _job, _pod, _run
 
 pytestmark = pytest.mark.unit
 
@@ -221,3 +223,33 @@ def test_kubetune_run_prints_the_preference_score(tmp_path):
     out = io.StringIO()
     local.side_by_side(events, out)
     assert "base 4.317 -> fine-tuned" in out.getvalue()
+
+
+DPO_METRICS = {"evalLoss": 0.62, "preferenceAccuracy": 0.7, "preferenceMargin": 4.81,
+               "basePreferenceMargin": 4.32, "rewardMargin": 0.245}
+
+
+@pytest.mark.parametrize("metrics,min_score,ok,reason", [
+    (DPO_METRICS, 0.6, True, "WithinGate"),
+    (DPO_METRICS, 0.8, False, "ScoreBelowGate"),
+    ({"evalLoss": 0.62}, 0.6, False, "NoScore"),
+])
+def test_evaluation_gate_on_preference_accuracy(metrics, min_score, ok, reason):
+    body = _body(objective="dpo", dataset=DPO["spec"]["dataset"],
+                 evaluationGate={"minScore": min_score, "scoreMetric": "preferenceAccuracy"})
+    body["spec"]["method"]["lora"].pop("init", None)
+    pods = [_pod("quickstart-lora-0", "Succeeded", 0, '{"status": "Succeeded"}')]
+    artifact = {"uri": "s3://b/a/adapter", "manifestSha256": "a" * 64, "method": "LoRA",
+                "baseModelUri": "builtin://smollm2-135m-instruct", "metrics": metrics}
+    plan = _run(body, [_job(0, [("Complete", "CompletionsReached", "")])], pods,
+                artifact=artifact)
+    assert plan.status["metrics"] == rec.final_metrics(metrics) == metrics
+    passed = _cond(plan, "EvalPassed")
+    assert (passed["status"] == "True") is ok and passed["reason"] == reason
+    if reason == "NoScore":
+        assert "preference pairs" in passed["message"]
+
+
+def test_out_of_range_preference_accuracy_is_dropped():
+    assert rec.final_metrics({"preferenceAccuracy": 1.5, "preferenceMargin": -2.0}) == {
+        "preferenceMargin": -2.0}

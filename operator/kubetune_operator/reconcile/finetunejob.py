@@ -597,9 +597,11 @@ def _eval_gate(job: FineTuneJob, attempt: Attempt, metrics: dict | None,
         value = found.get(gate.score_metric)
         if value is None:
             if not cond.find(conditions, "EvalPassed"):
+                hint = ("does the eval split have preference pairs?"
+                        if gate.score_metric == "preferenceAccuracy"
+                        else "is the eval data chat or prompt/completion?")
                 setc("EvalPassed", False, "NoScore",
-                     f"the trainer reported no {gate.score_metric} (is the eval data chat or "
-                     f"prompt/completion?)")
+                     f"the trainer reported no {gate.score_metric} ({hint})")
             return
         verdicts.append((value >= gate.min_score, "ScoreBelowGate",
                          f"{gate.score_metric} {value:.4f} "
