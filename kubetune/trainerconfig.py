@@ -15,15 +15,19 @@ from typing import Annotated, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kubetune.api.finetunejob import (MERGEABLE_METHODS, BaseModelSpec, CheckpointingSpec,
-                                      DatasetSpec, EvaluationSpec, FineTuneJob, MergeSpec,
-                                      MethodSpec, MlflowSpec, TrainingSpec)
+from kubetune.api.finetunejob import (BASE_REWRITING_INITS, MERGEABLE_METHODS, BaseModelSpec,
+                                      CheckpointingSpec, DatasetSpec, DpoSpec, EvaluationSpec,
+                                      FineTuneJob, MergeSpec, MethodSpec, MlflowSpec, Objective,
+                                      TrainingSpec)
 
 
 # Peak learning rates per method when training.learningRate is unset: measured on
 # SmolLM2-135M-Instruct with the built-in reviews task (bench/methods_table.py, docs/methods.md).
 DEFAULT_LEARNING_RATES = {"LoRA": 5e-4, "QLoRA": 5e-4, "PrefixTuning": 1e-2, "IA3": 1e-2,
                           "Adapter": 1e-3, "Full": 5e-5}
+
+
+DPO_LEARNING_RATE_SCALE = 0.1
 
 
 def default_learning_rate(method: str) -> float:
@@ -120,6 +124,10 @@ class TrainerConfig(_Model):
     """Training data."""
     method: MethodSpec
     """PEFT method."""
+    objective: Objective = "sft"
+    """sft (supervised) or dpo (preference tuning on prompt/chosen/rejected pairs)."""
+    dpo: Optional[DpoSpec] = None
+    """DPO settings (objective dpo); unset means the defaults."""
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1))
     """Optimisation."""
     checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
@@ -159,15 +167,45 @@ class TrainerConfig(_Model):
             q = self.method.quantization
             if method != "QLoRA" or (q is not None and (q.bits != 4 or q.quant_type != "nf4")):
                 raise ValueError("method.lora.init: loftq needs QLoRA with 4-bit nf4")
+        self._check_objective()
         if not (self.output.uri.startswith("s3://") or self.output.uri.startswith("file://")):
             raise ValueError("output.uri must be s3://bucket/prefix or file:///path")
         return self
 
+    def _check_objective(self) -> None:
+        """The FineTuneJob's objective rules, for configs written by hand (kubetune run)."""
+        if self.objective != "dpo":
+            if self.dpo is not None:
+                raise ValueError("dpo: only valid with objective dpo")
+            if self.data.format == "preference":
+                raise ValueError("data.format: preference data needs objective dpo")
+            return
+        if self.data.format not in ("auto", "preference"):
+            raise ValueError("data.format: objective dpo needs preference data (prompt, chosen, "
+                             "rejected)")
+        if self.data.packing or self.data.assistant_only_loss:
+            raise ValueError("data.packing and data.assistantOnlyLoss do not apply to "
+                             "objective dpo")
+        lora = self.method.lora
+        if lora is not None and lora.init in BASE_REWRITING_INITS:
+            raise ValueError(f"method.lora.init: {lora.init} rewrites the base weights, so the "
+                             f"base with the adapter disabled is no DPO reference")
+
     # ---- resolved settings --------------------------------------------------------------
     @property
     def learning_rate(self) -> float:
-        """training.learningRate, else the method's measured default."""
-        return self.training.learning_rate or default_learning_rate(self.method.type)
+        """training.learningRate, else the method's measured default (a tenth of it for dpo:
+        preference tuning starts from a model that already answers, and the common practice is
+        an order of magnitude below SFT)."""
+        if self.training.learning_rate:
+            return self.training.learning_rate
+        scale = DPO_LEARNING_RATE_SCALE if self.objective == "dpo" else 1.0
+        return default_learning_rate(self.method.type) * scale
+
+    @property
+    def dpo_settings(self) -> DpoSpec:
+        """dpo, else the defaults (objective dpo without a dpo block)."""
+        return self.dpo or DpoSpec()
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -207,7 +245,8 @@ def from_finetunejob(job: FineTuneJob, *, namespace: str | None = None,
                                     name=name, attempt=attempt)
     merge = spec.output.merge if spec.output.merge and spec.output.merge.enabled else None
     return TrainerConfig(
-        model=spec.base_model, data=spec.dataset, method=spec.method, training=spec.training,
+        model=spec.base_model, data=spec.dataset, method=spec.method,
+        objective=spec.objective, dpo=spec.dpo, training=spec.training,
         checkpointing=spec.checkpointing, evaluation=spec.evaluation,
         output=OutputConfig(uri=spec.output.uri, endpoint=spec.output.endpoint,
                             region=spec.output.region),

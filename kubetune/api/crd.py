@@ -11,7 +11,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from .common import GROUP, VERSION
-from .finetunejob import IMMUTABLE_WHEN_STARTED, FineTuneJobSpec, FineTuneJobStatus
+from .finetunejob import (IMMUTABLE_WHEN_STARTED,
+                          FineTuneJobSpec, FineTuneJobStatus)
 from .loraadapter import LoRAAdapterSpec, LoRAAdapterStatus
 from .runtime import FineTuneRuntimeSpec, FineTuneRuntimeStatus
 

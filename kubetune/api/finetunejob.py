@@ -17,6 +17,11 @@ from .loraadapter import (AdapterTarget, CompatibilitySpec, PromotionSpec, Rollo
 MethodType = Literal["LoRA", "QLoRA", "PrefixTuning", "IA3", "Adapter"]
 # Bottleneck adapters are non-linear (up(act(down(h)))): no weight merge exists for them.
 MERGEABLE_METHODS = ("LoRA", "QLoRA", "IA3")
+Objective = Literal["sft", "dpo"]
+# LoRA initialisations that rewrite the base weights (PiSSA, OLoRA and LoftQ move the principal
+# part of W into the adapter): with the adapter disabled that is no longer the base model, so it
+# cannot be DPO's reference.
+BASE_REWRITING_INITS = ("pissa", "olora", "loftq")
 
 
 # ---- baseModel ------------------------------------------------------------------------------
@@ -47,11 +52,15 @@ class FieldMapping(KubeModel):
     messages: Optional[ShortText] = None
     """Field with the chat messages list (format messages); default "messages"."""
     prompt: Optional[ShortText] = None
-    """Field with the prompt (format promptCompletion); default "prompt"."""
+    """Field with the prompt (formats promptCompletion and preference); default "prompt"."""
     completion: Optional[ShortText] = None
     """Field with the completion (format promptCompletion); default "completion"."""
     text: Optional[ShortText] = None
     """Field with plain text (format text); default "text"."""
+    chosen: Optional[ShortText] = None
+    """Field with the preferred answer (format preference); default "chosen"."""
+    rejected: Optional[ShortText] = None
+    """Field with the dispreferred answer (format preference); default "rejected"."""
 
 
 class DatasetSpec(KubeModel):
@@ -61,8 +70,8 @@ class DatasetSpec(KubeModel):
     """The training data."""
     eval: Optional[DataSource] = None
     """Evaluation data; without it, evalFraction of train is held out."""
-    format: Literal["auto", "messages", "promptCompletion", "text"] = "auto"
-    """Record format; auto detects it from the first records."""
+    format: Literal["auto", "messages", "promptCompletion", "text", "preference"] = "auto"
+    """Record format; auto detects it from the first records. preference (prompt, chosen, rejected: strings, or chat message lists) is the data of objective dpo."""
     fields: Optional[FieldMapping] = None
     """Field names, when they differ from the format's defaults."""
     chat_template: Optional[Annotated[str, Field(max_length=65536)]] = None
@@ -210,7 +219,7 @@ class TrainingSpec(KubeModel):
     max_steps: Optional[Annotated[int, Field(ge=1, le=10_000_000)]] = None
     """Optimizer steps to run (instead of epochs)."""
     learning_rate: Optional[Annotated[float, Field(gt=0, le=1)]] = None
-    """Peak learning rate; default by method, measured on SmolLM2-135M (docs/methods.md): LoRA/QLoRA 5e-4, IA3 and prefix tuning 1e-2, bottleneck adapters 1e-3."""
+    """Peak learning rate; default by method, measured on SmolLM2-135M (docs/methods.md): LoRA/QLoRA 5e-4, IA3 and prefix tuning 1e-2, bottleneck adapters 1e-3; objective dpo uses a tenth of these."""
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup",
                           "cosine_with_restarts", "polynomial"] = "linear"
     """Learning-rate schedule after warmup."""
@@ -298,6 +307,42 @@ class TrackingSpec(KubeModel):
 
     mlflow: MlflowSpec
     """Log to an MLflow tracking server."""
+
+
+# ---- preference tuning ----------------------------------------------------------------------
+DpoLossType = Literal["sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
+                      "apo_zero", "apo_down"]
+SMOOTHED_LOSSES = ("robust", "exo_pair")
+
+
+class DpoSpec(KubeModel):
+    """Direct preference optimisation (objective dpo, TRL's DPOTrainer). The reference policy is
+    the base model with the adapter disabled: no second copy of the model is loaded."""
+
+    beta: Annotated[float, Field(gt=0, le=10)] = 0.1
+    """How far the policy may move from the reference: higher keeps it closer (for ipo, the regularisation tau)."""
+    loss_type: DpoLossType = "sigmoid"
+    """sigmoid (DPO), ipo, hinge (SLiC), robust (rDPO), exo_pair (EXO), nca_pair, sppo_hard, apo_zero or apo_down."""
+    # le=0.49, not lt=0.5: the apiserver checks an integer value (0) against int(maximum) when
+    # the maximum is exclusive, and would refuse labelSmoothing: 0.
+    label_smoothing: Annotated[float, Field(ge=0, le=0.49)] = 0.0
+    """Assumed fraction of flipped preference labels (robust), or EXO's epsilon (exo_pair, which needs it above 0)."""
+    sft_weight: Annotated[float, Field(ge=0, le=100)] = 0.0
+    """Weight of an added NLL loss on the chosen answers (RPO); 0 trains on the preference loss alone."""
+
+    rules = (
+        Rule("!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || "
+             "(has(self.lossType) && self.lossType in ['robust', 'exo_pair'])",
+             "spec.dpo.labelSmoothing is only used by lossType robust or exo_pair",
+             lambda s: s.label_smoothing == 0 or s.loss_type in SMOOTHED_LOSSES,
+             field_path=".labelSmoothing"),
+        Rule("!has(self.lossType) || self.lossType != 'exo_pair' || "
+             "(has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+             "spec.dpo.labelSmoothing: lossType exo_pair needs labelSmoothing above 0 (EXO "
+             "recommends 0.001)",
+             lambda s: s.loss_type != "exo_pair" or s.label_smoothing > 0,
+             field_path=".labelSmoothing"),
+    )
 
 
 # ---- resources, scheduling ------------------------------------------------------------------
@@ -420,16 +465,16 @@ class EvaluationSpec(KubeModel):
     promptCompletion: the completion; plain text is not scored)."""
 
     score: bool = True
-    """Score the eval split by generation (status.metrics.exactMatch / normalizedMatch)."""
+    """Score the eval split by generation (status.metrics.exactMatch / normalizedMatch), objective sft. Objective dpo is not scored by generation: its eval pass reports status.metrics.preferenceAccuracy / preferenceMargin / basePreferenceMargin whatever this says."""
     max_samples: Annotated[int, Field(ge=1, le=10_000)] = 200
     """Score at most this many eval records."""
     max_new_tokens: Annotated[int, Field(ge=1, le=2048)] = 64
     """Longest answer generated per record (the longest reference + 8 when shorter)."""
     score_base: bool = False
-    """Also score the base model (the adapter disabled) for a before/after comparison."""
+    """Also score the base model (the adapter disabled) for a before/after comparison (objective sft)."""
 
 
-ScoreMetric = Literal["exactMatch", "normalizedMatch"]
+ScoreMetric = Literal["exactMatch", "normalizedMatch", "preferenceAccuracy"]
 
 
 class EvaluationGateSpec(KubeModel):
@@ -441,7 +486,7 @@ class EvaluationGateSpec(KubeModel):
     min_score: Optional[Annotated[float, Field(ge=0, le=1)]] = None
     """EvalPassed needs the task score (scoreMetric, 0..1) to be at least this."""
     score_metric: ScoreMetric = "normalizedMatch"
-    """Which task score minScore reads."""
+    """Which task score minScore reads: exactMatch or normalizedMatch (objective sft), preferenceAccuracy (objective dpo)."""
 
     rules = (
         Rule("has(self.maxEvalLoss) || has(self.minScore)",
@@ -465,6 +510,14 @@ class FinalMetrics(KubeModel):
     """Eval records scored."""
     base_normalized_match: Optional[Annotated[float, Field(ge=0, le=1)]] = None
     """normalizedMatch of the base model (evaluation.scoreBase)."""
+    preference_accuracy: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """Objective dpo: fraction of held-out pairs whose chosen-over-rejected margin the adapter raised above the base model's (TRL's rewards/accuracies)."""
+    preference_margin: Optional[float] = None
+    """Objective dpo: mean log p(chosen|prompt) - log p(rejected|prompt) on the eval pairs, with the adapter."""
+    base_preference_margin: Optional[float] = None
+    """Objective dpo: the same margin of the base model (the adapter disabled)."""
+    reward_margin: Optional[float] = None
+    """Objective dpo: beta times the margin's gain over the base (TRL's rewards/margins)."""
     steps: Optional[Annotated[int, Field(ge=0)]] = None
     """Optimizer steps trained."""
     tokens_per_second: Optional[float] = None
@@ -508,6 +561,10 @@ class FineTuneJobSpec(KubeModel):
     """Training (and evaluation) data."""
     method: MethodSpec
     """The PEFT method."""
+    objective: Objective = "sft"
+    """sft: supervised fine-tuning on the answers; dpo: preference tuning on prompt/chosen/rejected pairs (spec.dpo)."""
+    dpo: Optional[DpoSpec] = None
+    """DPO settings (objective dpo; defaults apply when omitted)."""
     training: TrainingSpec = Field(default_factory=lambda: TrainingSpec(epochs=1),
                                    json_schema_extra={"default": {"epochs": 1}})
     """Optimisation settings."""
@@ -553,12 +610,56 @@ class FineTuneJobSpec(KubeModel):
              "spec.dataset.evalFraction)",
              lambda s: s.evaluation_gate is None or s.dataset.eval is not None
              or s.dataset.eval_fraction is not None, field_path=".evaluationGate"),
+        Rule("!has(self.dpo) || (has(self.objective) && self.objective == 'dpo')",
+             "spec.dpo is only valid with objective dpo",
+             lambda s: s.dpo is None or s.objective == "dpo", field_path=".dpo"),
+        Rule("(!has(self.objective) || self.objective != 'dpo') || !has(self.dataset.format) || "
+             "self.dataset.format in ['auto', 'preference']",
+             "spec.dataset.format: objective dpo needs preference data (format preference, or "
+             "auto with prompt/chosen/rejected records)",
+             lambda s: s.objective != "dpo" or s.dataset.format in ("auto", "preference"),
+             field_path=".dataset.format"),
+        Rule("(has(self.objective) && self.objective == 'dpo') || !has(self.dataset.format) || "
+             "self.dataset.format != 'preference'",
+             "spec.dataset.format: preference data needs spec.objective dpo",
+             lambda s: s.objective == "dpo" or s.dataset.format != "preference",
+             field_path=".dataset.format"),
+        Rule("(!has(self.objective) || self.objective != 'dpo') || !has(self.dataset.packing) || "
+             "!self.dataset.packing",
+             "spec.dataset.packing: preference pairs cannot be packed (objective dpo)",
+             lambda s: s.objective != "dpo" or not s.dataset.packing,
+             field_path=".dataset.packing"),
+        Rule("(!has(self.objective) || self.objective != 'dpo') || "
+             "!has(self.dataset.assistantOnlyLoss) || !self.dataset.assistantOnlyLoss",
+             "spec.dataset.assistantOnlyLoss: objective dpo already scores only the chosen and "
+             "rejected answers",
+             lambda s: s.objective != "dpo" or not s.dataset.assistant_only_loss,
+             field_path=".dataset.assistantOnlyLoss"),
+        Rule("(!has(self.objective) || self.objective != 'dpo') || !has(self.method.lora) || "
+             "!has(self.method.lora.init) || "
+             "!(self.method.lora.init in ['pissa', 'olora', 'loftq'])",
+             "spec.method.lora.init: pissa, olora and loftq rewrite the base weights, so the "
+             "base with the adapter disabled is no reference for objective dpo; use default or "
+             "gaussian",
+             lambda s: s.objective != "dpo" or s.method.lora is None
+             or s.method.lora.init not in BASE_REWRITING_INITS, field_path=".method.lora.init"),
         Rule("!has(self.evaluationGate) || !has(self.evaluationGate.minScore) || "
-             "!has(self.evaluation) || !has(self.evaluation.score) || self.evaluation.score",
+             "((has(self.objective) && self.objective == 'dpo') == "
+             "(has(self.evaluationGate.scoreMetric) && "
+             "self.evaluationGate.scoreMetric == 'preferenceAccuracy'))",
+             "spec.evaluationGate.scoreMetric: objective dpo is scored by preferenceAccuracy, "
+             "objective sft by exactMatch or normalizedMatch",
+             lambda s: s.evaluation_gate is None or s.evaluation_gate.min_score is None
+             or (s.objective == "dpo") == (s.evaluation_gate.score_metric == "preferenceAccuracy"),
+             field_path=".evaluationGate.scoreMetric"),
+        Rule("!has(self.evaluationGate) || !has(self.evaluationGate.minScore) || "
+             "!has(self.evaluation) || !has(self.evaluation.score) || self.evaluation.score || "
+             "(has(self.objective) && self.objective == 'dpo')",
              "spec.evaluationGate.minScore: needs spec.evaluation.score (the task score is "
              "what it gates on)",
              lambda s: s.evaluation_gate is None or s.evaluation_gate.min_score is None
-             or s.evaluation.score, field_path=".evaluationGate.minScore"),
+             or s.evaluation.score or s.objective == "dpo",
+             field_path=".evaluationGate.minScore"),
     )
 
 
@@ -586,6 +687,10 @@ class Progress(KubeModel):
     """Training throughput."""
     eta_seconds: Optional[Annotated[int, Field(ge=0)]] = None
     """Estimated seconds to finish."""
+    reward_margin: Optional[float] = None
+    """Objective dpo: the last training batches' reward margin, beta * (chosen - rejected log-prob gain over the base)."""
+    reward_accuracy: Optional[Annotated[float, Field(ge=0, le=1)]] = None
+    """Objective dpo: fraction of the last training pairs whose margin rose above the base's."""
     updated_at: Optional[datetime] = None
     """When the trainer reported this."""
 
@@ -688,8 +793,8 @@ class FineTuneJobStatus(KubeModel):
     """The experiment-tracking run (spec.tracking)."""
 
 
-IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "training", "evaluation",
-                          "runtimeRef")
+IMMUTABLE_WHEN_STARTED = ("baseModel", "dataset", "method", "objective", "dpo", "training",
+                          "evaluation", "runtimeRef")
 
 
 class FineTuneJob(KubeModel):

@@ -25,6 +25,7 @@ def _load(name: str) -> dict:
 
 FTJ = _load("finetunejob-lora.yaml")
 LORA = _load("loraadapter-hotswap.yaml")
+DPO = _load("finetunejob-dpo.yaml")
 
 
 def _set(obj: dict, path: str, value) -> None:
@@ -117,6 +118,15 @@ CASES = [
                                                  "adapter": {"nonLinearity": "swish"}}},
      "spec.method.adapter.nonLinearity"),
     ("negative-ttl", FTJ, {"spec.ttlSecondsAfterFinished": -5}, "spec.ttlSecondsAfterFinished"),
+    ("dpo-on-chat-data", DPO, {"spec.dataset.format": "messages"}, "spec.dataset.format"),
+    ("dpo-block-with-sft", FTJ, {"spec.dpo": {"beta": 0.2}}, "spec.dpo"),
+    ("dpo-packing", DPO, {"spec.dataset.packing": True}, "spec.dataset.packing"),
+    ("dpo-pissa", DPO, {"spec.method.lora.init": "pissa"}, "spec.method.lora.init"),
+    ("dpo-gate-on-generation-score", DPO, {"spec.evaluationGate.scoreMetric": "exactMatch"},
+     "spec.evaluationGate.scoreMetric"),
+    ("dpo-exo-without-smoothing", DPO, {"spec.dpo.lossType": "exo_pair"},
+     "spec.dpo.labelSmoothing"),
+    ("dpo-loss-enum", DPO, {"spec.dpo.lossType": "kto"}, "spec.dpo.lossType"),
     ("source-both", LORA, {"spec.source.uri": "s3://kubetune/a/adapter"}, "spec.source"),
     ("source-neither", LORA, {"spec.source.fromFineTuneJob": DELETE}, "spec.source"),
     ("runtime-enum", LORA, {"spec.target.runtime": "tgi"}, "spec.target.runtime"),

@@ -22,7 +22,8 @@ def make_config(tmp_path, s3_env):
 
     def make(method: dict, *, training: dict | None = None, data: dict | None = None,
              merge: dict | None = None, checkpointing: dict | None = None,
-             output: str | None = None, name: str = "run") -> TrainerConfig:
+             output: str | None = None, name: str = "run",
+             extra: dict | None = None) -> TrainerConfig:
         out = output or f"s3://{s3_env.bucket}/tests/{name}-{secrets.token_hex(4)}"
         return TrainerConfig.model_validate({
             "model": {"uri": "builtin://tiny-llama", "revision": "v1"},
@@ -38,6 +39,7 @@ def make_config(tmp_path, s3_env):
                         "termination_log": str(tmp_path / f"{name}-termination.log")},
             "cache_dir": str(Path.home() / ".cache" / "kubetune" / "test-cache"),
             "work_dir": str(tmp_path / f"{name}-work"),
+            **(extra or {}),
         })
 
     return make

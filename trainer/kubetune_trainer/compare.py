@@ -272,6 +272,10 @@ def compare(manifest: Path, methods: list[str], output: Path, learning_rate: flo
         raise CompareError(f"{manifest}: {exc}") from None
     if job.kind != "FineTuneJob":
         raise CompareError(f"{manifest}: kubetune compare takes a FineTuneJob")
+    if job.spec.objective != "sft":
+        # Its rows (the untrained base, full fine-tuning, task score by generation) are SFT's.
+        raise CompareError(f"{manifest}: kubetune compare measures objective sft; this job's "
+                           f"objective is {job.spec.objective}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CompareError(f"unknown method(s) {', '.join(unknown)} (known: "

@@ -53,4 +53,4 @@ def prepare(cfg: TrainerConfig, paths: Paths):
 
     set_seed(cfg.training.seed)
     return tokenizer(cfg, paths.model), data.load(cfg.data, paths.train, paths.eval,
-                                                  cfg.training.seed)
+                                                  cfg.training.seed, cfg.objective)

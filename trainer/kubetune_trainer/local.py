@@ -55,13 +55,22 @@ class Terminal:
         elif kind == "check":
             self.stream.write(f"\n{event['severity']}: {event['message']}\n")
         elif kind == "score":
-            self.stream.write(("\n" if self.tty else "") + f"scored {event['scoreSamples']} "
-                              f"held-out records: normalized match "
-                              f"{event['normalizedMatch']:.2f}\n")
+            self.stream.write(("\n" if self.tty else "") + score_line(event) + "\n")
         elif kind == "checkpoint":
             self.stream.write(("\n" if self.tty else "") + f"saved checkpoint at step "
                               f"{event['step']}\n")
         self.stream.flush()
+
+
+def score_line(event: dict) -> str:
+    """One line for a score event: the generation score (sft) or the preference margin (dpo)."""
+    if "preferenceAccuracy" in event:
+        return (f"held-out preference pairs: log-prob margin (chosen - rejected) base "
+                f"{event['basePreferenceMargin']:.3f} -> fine-tuned "
+                f"{event['preferenceMargin']:.3f}; margin raised on "
+                f"{event['preferenceAccuracy']:.0%} of the pairs")
+    return (f"scored {event['scoreSamples']} held-out records: normalized match "
+            f"{event['normalizedMatch']:.2f}")
 
 
 def loss_curve(events_file: Path, out: Path, title: str) -> Path | None:
@@ -125,7 +134,9 @@ def side_by_side(events_file: Path, stream=sys.stderr) -> None:
     if not scores:
         return
     score = scores[-1]
-    if score.get("baseNormalizedMatch") is not None:
+    if "preferenceAccuracy" in score:  # dpo: no generations to show, the margin says it
+        stream.write("\n" + score_line(score) + "\n")
+    elif score.get("baseNormalizedMatch") is not None:
         stream.write(f"\nTask score on {score['scoreSamples']} held-out records (normalized "
                      f"match): base {score['baseNormalizedMatch']:.2f} -> fine-tuned "
                      f"{score['normalizedMatch']:.2f} (exact match {score.get('baseExactMatch', 0):.2f}"

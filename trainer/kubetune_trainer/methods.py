@@ -142,8 +142,11 @@ def peft_config(cfg: TrainerConfig, model):
     return None  # bottleneck adapters are applied by apply_method
 
 
-def apply_method(cfg: TrainerConfig, model):
-    """Wrap the base with the method; returns the trainable model (PeftModel or adapted)."""
+def prepare(cfg: TrainerConfig, model):
+    """The model to wrap and the PEFT config to wrap it with; the config is None for bottleneck
+    adapters, which are added here (they are no PEFT method). Split from `apply_method` so that
+    DPO can hand TRL an unwrapped base plus the config: only then does TRL take the base with
+    the adapter disabled as the reference (given a PeftModel it copies the adapter as "ref")."""
     from . import bottleneck
 
     if cfg.method.type == "Adapter":
@@ -154,14 +157,24 @@ def apply_method(cfg: TrainerConfig, model):
                                     spec.architecture if spec else "pfeiffer")
         except ValueError as exc:
             raise MethodError(str(exc)) from None
-        return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+        return model, None
+    from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model, peft_config(cfg, model)
+
+
+def apply_method(cfg: TrainerConfig, model):
+    """Wrap the base with the method; returns the trainable model (PeftModel or adapted)."""
+    from peft import get_peft_model
+
+    model, config = prepare(cfg, model)
+    if config is None:
+        return model
     try:
-        return get_peft_model(model, peft_config(cfg, model))
+        return get_peft_model(model, config)
     except ValueError as exc:
         raise MethodError(f"cannot apply {cfg.method.type}: {str(exc).splitlines()[0]}") from None
 

@@ -112,8 +112,22 @@ def to_status_progress(event: dict) -> dict:
     keys = {"step": "step", "total_steps": "totalSteps", "epoch": "epoch", "percent": "percent",
             "loss": "loss", "eval_loss": "evalLoss", "learning_rate": "learningRate",
             "tokens_per_second": "tokensPerSecond", "eta_seconds": "etaSeconds",
+            "reward_margin": "rewardMargin", "reward_accuracy": "rewardAccuracy",
             "time": "updatedAt"}
     return {keys[k]: v for k, v in event.items() if k in keys and v is not None}
+
+
+# DPO logs (TRL's DPOTrainer): the implicit reward's chosen-over-rejected margin and how often
+# it is positive, on the training batches and (prefixed eval_) on the eval pass.
+PREFERENCE_LOGS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+                   "eval_rewards/margins": "eval_reward_margin",
+                   "eval_rewards/accuracies": "eval_reward_accuracy"}
+
+
+def preference_fields(logs: dict) -> dict:
+    """The preference metrics in one Trainer log, under our event names (none for SFT)."""
+    return {name: round(float(logs[key]), 6) for key, name in PREFERENCE_LOGS.items()
+            if key in logs}
 
 
 def make_callback(reporter: Reporter):
@@ -128,6 +142,7 @@ def make_callback(reporter: Reporter):
             self.last_tokens = 0.0
             self.tokens_per_second = None
             self.eval_loss = None
+            self.preference: dict = {}
             self.train_losses: list[tuple[int, float]] = []
             self.eval_losses: list[tuple[int, float]] = []
 
@@ -142,7 +157,8 @@ def make_callback(reporter: Reporter):
                            "percent": round(100.0 * state.global_step / max(state.max_steps, 1), 2),
                            "loss": last, "eval_loss": self.eval_loss, "eta_seconds": 0,
                            "tokens_per_second": round(self.tokens_per_second, 1)
-                           if self.tokens_per_second else None, "final": True})
+                           if self.tokens_per_second else None, "final": True,
+                           **self.preference})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -159,6 +175,7 @@ def make_callback(reporter: Reporter):
                 self.last_tokens, self.last_time = tokens, now
             if "loss" not in logs and "eval_loss" not in logs:
                 return
+            self.preference.update(preference_fields(logs))
             if "loss" in logs:
                 self.train_losses.append((state.global_step, float(logs["loss"])))
             done = state.global_step - self.start_step
@@ -175,7 +192,7 @@ def make_callback(reporter: Reporter):
                 if self.tokens_per_second else None,
                 "eta_seconds": eta, "peak_memory_bytes": peak_memory(),
                 "evaluated": "eval_loss" in logs,
-                "elapsed_seconds": round(now - self.start, 3)})
+                "elapsed_seconds": round(now - self.start, 3), **self.preference})
 
     return ProgressCallback()
 

@@ -120,7 +120,13 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
                              cfg.checks.max_truncation_rate), reporter, cfg)
 
     device = methods.device_for(cfg)
-    model = methods.apply_method(cfg, methods.load_base(cfg, model_path, device))
+    base = methods.load_base(cfg, model_path, device)
+    if cfg.objective == "dpo":
+        trainer = _dpo_trainer(cfg, base, tokenizer, loaded, device, work)
+        model = trainer.model  # the PeftModel TRL wrapped (or the base with bottleneck adapters)
+    else:
+        model = methods.apply_method(cfg, base)
+        trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
     lora = cfg.method.lora
     _check(checks.embeddings_saved(lora.modules_to_save if lora else None, model), reporter, cfg)
     trainable, total = methods.trainable_parameters(model)
@@ -136,7 +142,6 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
             resume_from = found
             reporter.phase("resuming", step=found[0])
 
-    trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
     from .tracking import params as tracking_params
 
     tracker.start(tracking_params(cfg, data_sha256(loaded.digest_source), trainable))
@@ -161,11 +166,16 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
                "resumedFromStep": resume_from[0] if resume_from else None,
                "trainLosses": progress.train_losses[-200:]}
     if loaded.eval is not None:
-        metrics["evalLoss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        evaluated = trainer.evaluate()
+        metrics["evalLoss"] = round(float(evaluated["eval_loss"]), 6)
+        if cfg.objective == "dpo":
+            metrics.update(preference_metrics(evaluated, cfg.dpo_settings.beta))
     preemption.uninstall()
     if not main:
         return {"metrics": metrics}
-    if loaded.eval is not None and cfg.evaluation.score:
+    if cfg.objective == "dpo" and "preferenceAccuracy" in metrics:
+        reporter.emit({"event": "score", **{k: metrics[k] for k in PREFERENCE_METRICS}})
+    if loaded.eval is not None and cfg.evaluation.score and cfg.objective == "sft":
         from .scoring import score
 
         reporter.phase("scoring", samples=min(len(loaded.eval), cfg.evaluation.max_samples))
@@ -204,9 +214,28 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
     return summary
 
 
+PREFERENCE_METRICS = ("preferenceAccuracy", "preferenceMargin", "basePreferenceMargin",
+                      "rewardMargin")
+
+
+def preference_metrics(evaluated: dict, beta: float) -> dict:
+    """The eval pass of a DPO run as held-out preference metrics. TRL logs the mean log-probs
+    of the chosen and rejected answers under the adapter and the rewards beta * (log p -
+    log p_ref), so the base model's margin follows without another pass over the data."""
+    margin = evaluated["eval_logps/chosen"] - evaluated["eval_logps/rejected"]
+    reward_margin = evaluated["eval_rewards/margins"]
+    return {"preferenceAccuracy": round(float(evaluated["eval_rewards/accuracies"]), 4),
+            "preferenceMargin": round(float(margin), 4),
+            "basePreferenceMargin": round(float(margin - reward_margin / beta), 4),
+            "rewardMargin": round(float(reward_margin), 6)}
+
+
 def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
     lengths = []
     for record in loaded.train.select(range(min(limit, len(loaded.train)))):
+        if "chosen" in record:
+            lengths.append(_pair_length(tokenizer, record))
+            continue
         if "messages" in record:
             ids = tokenizer.apply_chat_template(record["messages"], tokenize=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -218,9 +247,18 @@ def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
     return lengths
 
 
-def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path):
+def _pair_length(tokenizer, record) -> int:
+    """Tokens of a preference pair's longer sequence (prompt + chosen or + rejected)."""
+    longest = max((record["chosen"], record["rejected"]), key=lambda a: len(str(a)))
+    if isinstance(record["prompt"], list):
+        ids = tokenizer.apply_chat_template(record["prompt"] + longest, tokenize=True)
+        return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return len(tokenizer(record["prompt"] + longest)["input_ids"])
+
+
+def _common_args(cfg: TrainerConfig, loaded, device: str, work: Path) -> dict:
+    """TrainingArguments shared by the SFT and DPO configs."""
     import torch
-    from trl import SFTConfig, SFTTrainer
 
     from .methods import torch_dtype
 
@@ -229,7 +267,7 @@ def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Pa
     eval_strategy = "no"
     if loaded.eval is not None:
         eval_strategy = "steps" if t.eval_steps else "epoch"
-    args = SFTConfig(
+    return dict(
         output_dir=str(work / "trainer"),
         num_train_epochs=t.epochs or 1, max_steps=t.max_steps or -1,
         learning_rate=cfg.learning_rate, lr_scheduler_type=t.lr_scheduler,
@@ -243,15 +281,22 @@ def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Pa
         data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy="no",
         save_total_limit=cfg.checkpointing.keep_last, report_to=[],
-        use_cpu=device == "cpu", max_length=cfg.data.max_length, packing=cfg.data.packing,
-        # assistant-only loss is done by chatmask (works without {% generation %} markers)
-        assistant_only_loss=False,
+        use_cpu=device == "cpu", max_length=cfg.data.max_length,
         disable_tqdm=not cfg.logging.progress_bar, dataloader_num_workers=0,
         ddp_backend="gloo" if device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1
         else None,
         activation_checkpointing_kwargs={"use_reentrant": False}
         if cfg.gradient_checkpointing else None,
     )
+
+
+def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path):
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        **_common_args(cfg, loaded, device, work), packing=cfg.data.packing,
+        # assistant-only loss is done by chatmask (works without {% generation %} markers)
+        assistant_only_loss=False)
     train, evaluation = loaded.train, loaded.eval
     if cfg.data.assistant_only_loss:
         from .chatmask import tokenize_dataset
@@ -260,6 +305,34 @@ def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Pa
         evaluation = tokenize_dataset(evaluation, tokenizer) if evaluation is not None else None
     return SFTTrainer(model=model, args=args, train_dataset=train,
                       eval_dataset=evaluation, processing_class=tokenizer)
+
+
+def _dpo_trainer(cfg: TrainerConfig, base, tokenizer, loaded, device: str, work: Path):
+    """TRL's DPOTrainer on `base` with the job's PEFT method. The reference is the base with the
+    adapter disabled: TRL wraps the base itself (peft_config) and, with ref_model None,
+    computes reference log-probs under `disable_adapter()`, so no second model is loaded.
+    Bottleneck adapters are no PEFT model: their reference log-probs are computed once, before
+    training, while their zero-initialised up-projections still leave the base unchanged."""
+    from trl import DPOConfig, DPOTrainer
+
+    from .methods import MethodError, prepare
+
+    model, peft_config = prepare(cfg, base)
+    dpo = cfg.dpo_settings
+    losses, weights = [dpo.loss_type], None
+    if dpo.sft_weight:
+        losses, weights = [dpo.loss_type, "sft"], [1.0, dpo.sft_weight]
+    args = DPOConfig(**_common_args(cfg, loaded, device, work), beta=dpo.beta,
+                     loss_type=losses, loss_weights=weights,
+                     label_smoothing=dpo.label_smoothing,
+                     precompute_ref_log_probs=peft_config is None)
+    try:
+        return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=loaded.train,
+                          eval_dataset=loaded.eval, processing_class=tokenizer,
+                          peft_config=peft_config)
+    except ValueError as exc:  # TRL's refusals of a setting: one line, not retryable
+        raise MethodError(f"cannot train {cfg.method.type} with objective dpo: "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def base_model_ref(cfg: TrainerConfig) -> str:

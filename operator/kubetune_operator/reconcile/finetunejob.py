@@ -588,6 +588,8 @@ def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] 
 
 FINAL_METRICS = {"trainLoss": float, "evalLoss": float, "exactMatch": float,
                  "normalizedMatch": float, "scoreSamples": int, "baseNormalizedMatch": float,
+                 "preferenceAccuracy": float, "preferenceMargin": float,
+                 "basePreferenceMargin": float, "rewardMargin": float,
                  "steps": int, "tokensPerSecond": float}
 
 
@@ -600,7 +602,7 @@ def final_metrics(raw) -> dict | None:
         value = raw.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
             out[key] = kind(value)
-    for key in ("exactMatch", "normalizedMatch", "baseNormalizedMatch"):
+    for key in ("exactMatch", "normalizedMatch", "baseNormalizedMatch", "preferenceAccuracy"):
         if key in out and not 0 <= out[key] <= 1:
             del out[key]
     return out or None
@@ -629,9 +631,11 @@ def _eval_gate(job: FineTuneJob, attempt: Attempt, metrics: dict | None,
         value = found.get(gate.score_metric)
         if value is None:
             if not cond.find(conditions, "EvalPassed"):
+                hint = ("does the eval split have preference pairs?"
+                        if gate.score_metric == "preferenceAccuracy"
+                        else "is the eval data chat or prompt/completion?")
                 setc("EvalPassed", False, "NoScore",
-                     f"the trainer reported no {gate.score_metric} (is the eval data chat or "
-                     f"prompt/completion?)")
+                     f"the trainer reported no {gate.score_metric} ({hint})")
             return
         verdicts.append((value >= gate.min_score, "ScoreBelowGate",
                          f"{gate.score_metric} {value:.4f} "
