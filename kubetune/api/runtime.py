@@ -37,20 +37,25 @@ def _partial(model: type[KubeModel], name: str) -> type[KubeModel]:
 
 RuntimeResources = _partial(ResourcesSpec, "RuntimeResources")
 RuntimeTraining = _partial(TrainingSpec, "RuntimeTraining")
+RuntimeLora = _partial(LoraSpec, "RuntimeLora")
+RuntimeQuantization = _partial(QuantizationSpec, "RuntimeQuantization")
+RuntimePrefix = _partial(PrefixSpec, "RuntimePrefix")
+RuntimeIA3 = _partial(IA3Spec, "RuntimeIA3")
+RuntimeAdapterLayers = _partial(AdapterLayersSpec, "RuntimeAdapterLayers")
 
 
 class RuntimeMethod(KubeModel):
     """Method settings per type (the job still chooses spec.method.type)."""
 
-    lora: Optional[_partial(LoraSpec, "RuntimeLora")] = None
+    lora: Optional[RuntimeLora] = None
     """LoRA / QLoRA settings."""
-    quantization: Optional[_partial(QuantizationSpec, "RuntimeQuantization")] = None
+    quantization: Optional[RuntimeQuantization] = None
     """QLoRA quantization of the base."""
-    prefix: Optional[_partial(PrefixSpec, "RuntimePrefix")] = None
+    prefix: Optional[RuntimePrefix] = None
     """Prefix tuning settings."""
-    ia3: Optional[_partial(IA3Spec, "RuntimeIA3")] = None
+    ia3: Optional[RuntimeIA3] = None
     """IA3 settings."""
-    adapter: Optional[_partial(AdapterLayersSpec, "RuntimeAdapterLayers")] = None
+    adapter: Optional[RuntimeAdapterLayers] = None
     """Bottleneck adapter settings."""
 
 
@@ -78,11 +83,10 @@ def _controlled() -> tuple[str, ...]:
     paths: list[str] = []
     for section, model in (("resources", RuntimeResources), ("training", RuntimeTraining),
                            ("output", RuntimeOutput), ("scheduling", RuntimeScheduling)):
-        prefix = section if section not in ("output", "scheduling") else None
-        if prefix:
-            paths.append(prefix)
+        paths.append(section)  # a section in `overridable` allows all of its fields
         paths += [f"{section}.{info.alias or _camel(name)}"
                   for name, info in model.model_fields.items()]
+    paths.append("method")
     for name, info in RuntimeMethod.model_fields.items():
         block = f"method.{name}"
         paths.append(block)
@@ -190,6 +194,7 @@ def _leaves() -> list[str]:
     """The fields checked one by one (sections are prefixes a runtime may allow whole)."""
     return [p for p in CONTROLLED if "." in p and not (p.count(".") == 1 and
                                                        p.startswith("method."))]
+
 
 
 def _present(obj: str, path: str) -> str:

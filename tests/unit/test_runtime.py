@@ -92,6 +92,9 @@ def test_locked_fields_are_named_with_the_runtime_and_what_a_job_may_set():
 
 
 def test_a_section_in_overridable_allows_all_of_its_fields():
+    for section in ("resources", "training", "method", "output", "scheduling", "method.lora"):
+        assert section in rt.CONTROLLED  # the chart's default runtime names sections
+        rt.FineTuneRuntimeSpec.model_validate({"overridable": [section]})
     assert rt.allowed("training.seed", ["training"])
     assert not rt.allowed("trainingx.seed", ["training"])
     assert rt.locked_errors({"training": {"seed": 1, "epochs": 2}},
