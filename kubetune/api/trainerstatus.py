@@ -50,7 +50,7 @@ def policy(exempt_expression: str | None = None) -> dict:
                 "messageExpression": ("request.userInfo.username + ' may not write the status "
                                       "of FineTuneJob ' + object.metadata.name + ': in its "
                                       "namespace only its own trainer (' + "
-                                      f"object.metadata.name + '{TRAINER_SUFFIX}') may'"),
+                                      f"object.metadata.name + '{TRAINER_SUFFIX}) may'"),
                 "reason": "Forbidden"}, {
                 "expression": _only_progress(),
                 "messageExpression": ("request.userInfo.username + ' may change only "
