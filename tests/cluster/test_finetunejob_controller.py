@@ -83,9 +83,13 @@ def test_one_gpu_job_runs_on_a_fake_gpu_node_with_a_complete_pod_spec(cluster, o
     assert creds == {"AWS_ACCESS_KEY_ID": "s3-creds", "AWS_SECRET_ACCESS_KEY": "s3-creds"}
     assert not any(e.get("value", "").startswith("kt") for e in trainer["env"])  # no inline keys
     assert pod_spec["serviceAccountName"] == "one-gpu-trainer"
-    role = client.RbacAuthorizationV1Api(cluster.api).read_namespaced_role("one-gpu-trainer", ns)
-    assert role.rules[0].resources == ["finetunejobs/status"]
-    assert role.rules[0].resource_names == ["one-gpu"]
+    # the trainer-status policy is installed with the CRDs: the namespace's one RoleBinding,
+    # no Role of the job's own (tests/cluster/test_trainer_status_policy.py)
+    binding = client.RbacAuthorizationV1Api(cluster.api).read_namespaced_role_binding(
+        "kubetune-trainers", ns)
+    assert binding.role_ref.name == "kubetune-trainer-status"
+    assert not [r for r in client.RbacAuthorizationV1Api(cluster.api).list_namespaced_role(
+        ns).items if r.metadata.name == "one-gpu-trainer"]
 
     annotations = job["spec"]["template"]["metadata"]["annotations"]
     rendered = yaml.safe_load(annotations["kubetune.io/trainer-config"])

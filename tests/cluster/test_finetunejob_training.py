@@ -96,8 +96,8 @@ def test_full_run_live_progress_verified_artifact_and_adapter(cluster, operator,
         "kubetune.io", "v1alpha1", ns, "loraadapters")["items"]) == 1
     assert len(client.BatchV1Api(cluster.api).list_namespaced_job(ns).items) == 1
 
-    # A forged status.artifact (the trainer's own token may patch status, never metadata) is
-    # not trusted: the operator verifies again and writes back the sealed artifact.
+    # The trainer's own token may patch its progress only: a forged status.artifact is refused
+    # by the trainer-status policy, and the metadata (the seal) by RBAC.
     token = cluster.kubectl("create", "token", "full-trainer", "-n", ns).stdout.strip()
     config = client.Configuration()
     config.host = cluster.api.configuration.host
@@ -105,14 +105,20 @@ def test_full_run_live_progress_verified_artifact_and_adapter(cluster, operator,
     config.api_key = {"authorization": f"Bearer {token}"}
     as_trainer = client.CustomObjectsApi(client.ApiClient(config))
     forged = {**artifact, "uri": f"s3://{s3_server.bucket}/forged/elsewhere"}
-    as_trainer.patch_namespaced_custom_object_status("kubetune.io", "v1alpha1", ns,
-                                                     "finetunejobs", "full",
-                                                     {"status": {"artifact": forged}})
+    with pytest.raises(client.ApiException) as denied:
+        as_trainer.patch_namespaced_custom_object_status("kubetune.io", "v1alpha1", ns,
+                                                         "finetunejobs", "full",
+                                                         {"status": {"artifact": forged}})
+    assert denied.value.status == 403 and "may change only status.progress" in denied.value.body
     with pytest.raises(client.ApiException) as denied:
         as_trainer.patch_namespaced_custom_object(
             "kubetune.io", "v1alpha1", ns, "finetunejobs", "full",
             {"metadata": {"annotations": {"kubetune.io/artifact-seal": "sha256:0"}}})
     assert denied.value.status == 403
+    # Anyone else who may write status but not the seal (the seal is the second line): the
+    # operator does not trust it, verifies again and writes back the sealed artifact.
+    client.CustomObjectsApi(cluster.api).patch_namespaced_custom_object_status(
+        "kubetune.io", "v1alpha1", ns, "finetunejobs", "full", {"status": {"artifact": forged}})
     cluster.kubectl("annotate", "ftj", "full", "-n", ns, "touched=2", "--overwrite")
     wait_for(lambda: _status(cluster, ns, "full")["artifact"] == artifact, timeout=30,
              message="the sealed artifact restored")

@@ -81,7 +81,11 @@ def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values
     assert ctr["securityContext"]["capabilities"]["drop"] == ["ALL"]
     kinds = {d["kind"] for d in docs}
     if "operator.watchNamespaces" in " ".join(values):
-        assert "ClusterRole" not in kinds and "Role" in kinds
+        # no cluster-wide access for the operator; the one ClusterRole is the trainers' (bound
+        # per namespace, narrowed by the trainer-status policy)
+        assert "ClusterRoleBinding" not in kinds and "Role" in kinds
+        assert [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"] == [
+            "kubetune-trainer-status"]
         assert deployment["spec"]["replicas"] == 2 and "Service" not in kinds
         assert f"--namespace={ns}" in ctr["args"] and "--leader-elect" in ctr["args"]
         lease_role = next(d for d in docs if d["kind"] == "Role" and
