@@ -175,8 +175,6 @@ def build_job(body: dict[str, Any], job_id: str, files: dict[str, dict[str, Any]
         spec["dpo"] = {"beta": hp["beta"]}
     if settings.runtime:
         spec["runtimeRef"] = {"kind": "ClusterFineTuneRuntime", "name": settings.runtime}
-    if settings.s3_endpoint:
-        spec["output"]["endpoint"] = settings.s3_endpoint
     spec = merged(settings.spec_defaults, spec)
     request = {"model": body["model"], "training_file": body["training_file"],
                "validation_file": body.get("validation_file"), "suffix": body.get("suffix"),
