@@ -120,8 +120,9 @@ def test_method_and_file_kind_must_agree():
 
 
 def test_spec_defaults_that_break_the_spec_are_a_400_naming_the_field():
-    job = build({}, settings=Settings(storage_uri="s3://b/p", models={"tiny": "builtin://tiny-llama"},
-                                      spec_defaults={"training": {"optimizer": "nope"}}))
+    settings = Settings(storage_uri="s3://b/p", models={"tiny": "builtin://tiny-llama"},
+                        spec_defaults={"training": {"optimizer": "nope"}})
+    job = build({}, settings=settings)
     with pytest.raises(ApiError) as err:
         _check_spec(job["spec"])
     assert err.value.status == 400 and "spec.training.optimizer" in err.value.message
@@ -138,7 +139,8 @@ def test_model_catalog_pairs():
 # ---- FineTuneJob -> OpenAI objects ----------------------------------------------------------
 def ftj(phase=None, annotations=None, **status) -> dict:
     job = build({"hyperparameters": {"n_epochs": 2}})
-    job["metadata"].update(namespace="team-a", uid="u1", creationTimestamp="2026-01-01T00:00:00Z")
+    job["metadata"].update(namespace="team-a", uid="u1",
+                           creationTimestamp="2026-01-01T00:00:00Z")
     job["metadata"]["annotations"].update(annotations or {})
     job["status"] = {"phase": phase, **status} if phase else {}
     return job

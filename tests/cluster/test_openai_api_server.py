@@ -4,12 +4,12 @@ key's own namespace (and nowhere else), a wrong key gets 401, and cancel suspend
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import openai
@@ -137,7 +137,6 @@ def test_supervised_job_lands_in_the_keys_namespace_only(cluster, s3_client, s3_
     key = train["uri"].split("/", 3)[3]
     stored = s3_client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
     assert json.loads(stored.splitlines()[0]) == CHAT[0]
-    import hashlib
     assert train["sha256"] == hashlib.sha256(stored).hexdigest()
 
     assert [j.id for j in a.fine_tuning.jobs.list()] == [job.id]
