@@ -109,6 +109,16 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main(args.serve_args)
 
 
+def _api(args: argparse.Namespace) -> int:
+    try:
+        from .openai_api.cli import run
+    except ImportError as exc:
+        print(f"kubetune: error: `kubetune api` needs the kubernetes client and boto3: pip "
+              f"install 'kubetune[operator]' ({exc})", file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def _compare(args) -> int:
     try:
         from kubetune_trainer.compare import METHODS, CompareError, compare, table
@@ -191,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "runtime LoRA API); `kubetune serve --help` for options")
     serve.add_argument("serve_args", nargs=argparse.REMAINDER)
     serve.set_defaults(func=_serve)
+
+    api = sub.add_parser("api", help="OpenAI-compatible fine-tuning API (files, jobs, events, "
+                                     "checkpoints) over FineTuneJobs")
+    from .openai_api.cli import add_arguments as api_arguments
+
+    api_arguments(api)
+    api.set_defaults(func=_api)
 
     op = sub.add_parser("operator", help="run the kubetune operator (kopf)")
     try:

@@ -55,11 +55,14 @@ def test_lint_and_schema_rejects_unknown_keys(cluster):
      "--set", "metrics.service.enabled=false"],
     ["--set", "crds.enabled=false", "--set", "operator.standby=true",
      "--set", "s3.endpoint=http://s3.example:9000", "--set", "s3.credentialsSecret=s3"],
-], ids=["defaults", "namespaced-standby", "no-crds"])
+    ["--set", "api.enabled=true", "--set", "api.storage=s3://kubetune/api",
+     "--set", "api.models.tiny-llama=builtin://tiny-llama", "--set", "api.keyNamespace=@NS",
+     "--set", "api.serveDeployment=chat", "--set", "api.s3CredentialsSecret=s3"],
+], ids=["defaults", "namespaced-standby", "no-crds", "openai-api"])
 def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values):
     ns = f"kt-tpl-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", ns)
-    values = [v.replace("{NS}", "{" + ns + "}") for v in values]
+    values = [v.replace("{NS}", "{" + ns + "}").replace("@NS", ns) for v in values]
     rendered = helm(cluster, "template", "kt", str(CHART), "--namespace", ns,
                     "--kube-version", KUBE_VERSION, *values).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
@@ -97,6 +100,17 @@ def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values
             "Recreate", "RollingUpdate")
     if "crds.enabled=false" in values:
         assert not crd_docs
+    api = [d for d in docs if d["kind"] == "Deployment" and
+           d["metadata"]["name"].endswith("-api")]
+    assert len(api) == ("api.enabled=true" in values)
+    if api:  # its own pods, account and key Role in the key namespace; the operator's untouched
+        spec = api[0]["spec"]
+        assert spec["selector"]["matchLabels"]["app.kubernetes.io/component"] == "api"
+        args = spec["template"]["spec"]["containers"][0]["args"]
+        assert "--model=tiny-llama=builtin://tiny-llama" in args and "--runtime=default" in args
+        keys = next(d for d in docs if d["kind"] == "Role" and
+                    d["metadata"]["name"].endswith("-api-keys"))
+        assert keys["metadata"]["namespace"] == ns and keys["rules"][0]["verbs"] == ["list"]
     cluster.kubectl("delete", "namespace", ns, "--wait=false")
 
 

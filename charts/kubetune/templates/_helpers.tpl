@@ -75,3 +75,10 @@ controllers use; nothing else. */}}
   resources: ["workloads"]
   verbs: ["list", "patch"]  # why Kueue holds a queued Job; spec.active to suspend one
 {{- end }}
+
+{{/* The API server's pods (never selected by the operator's Deployment or Services). */}}
+{{- define "kubetune.apiSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: api
+{{- end }}
