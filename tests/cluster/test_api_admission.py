@@ -225,11 +225,12 @@ def test_printer_columns(cluster, crds, namespace):
             {"type": "Ready", "status": "True", "reason": "Loaded", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
     ftj = cluster.kubectl("get", "ftj", "-n", namespace).stdout.splitlines()
-    assert ftj[0].split() == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "SCORE", "AGE"]
+    assert ftj[0].split() == ["NAME", "PHASE", "READY", "METHOD", "RUNTIME", "PROGRESS", "SCORE",
+                              "AGE"]  # RUNTIME is blank here: split() drops it from the row
     assert ftj[1].split()[:6] == ["quickstart-lora", "Running", "False", "LoRA", "42.5", "0.95"]
     wide = cluster.kubectl("get", "ftj", "-n", namespace, "-o", "wide").stdout.splitlines()
-    assert wide[0].split()[:9] == ["NAME", "PHASE", "READY", "METHOD", "PROGRESS", "STEP", "LOSS",
-                                   "SCORE", "REASON"]
+    assert wide[0].split()[:10] == ["NAME", "PHASE", "READY", "METHOD", "RUNTIME", "PROGRESS",
+                                    "STEP", "LOSS", "SCORE", "REASON"]
     lora = cluster.kubectl("get", "lora", "-n", namespace).stdout.splitlines()
     assert lora[0].split() == ["NAME", "SERVING", "STAGE", "MODE", "LOADED", "READY", "AGE"]
     assert lora[1].split()[:6] == ["assistant-v1", "assistant-v1", "production", "HotSwap",

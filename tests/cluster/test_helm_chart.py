@@ -76,7 +76,8 @@ def test_rendered_manifests_validate_on_the_real_apiserver(cluster, crds, values
     out = cluster.kubectl("apply", "--dry-run=server", "-n", ns, "-f", "-",
                           input=yaml.safe_dump_all(rest))
     assert out.stdout.count("(server dry run)") == len(rest), out.stdout
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = next(d for d in docs if d["kind"] == "Deployment" and d["spec"]["selector"][
+        "matchLabels"].get("app.kubernetes.io/component") == "operator")
     pod = deployment["spec"]["template"]["spec"]
     ctr = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
