@@ -119,10 +119,13 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     model = methods.apply_method(cfg, methods.load_base(cfg, model_path, device))
     lora = cfg.method.lora
     _check(checks.embeddings_saved(lora.modules_to_save if lora else None, model), reporter, cfg)
+    packing, findings = decide_packing(cfg, model, tokenizer)
+    _check(findings, reporter, cfg)
     trainable, total = methods.trainable_parameters(model)
     reporter.emit({"event": "model", "method": cfg.method.type, "device": device,
                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                   "trainable_parameters": trainable, "total_parameters": total})
+                   "trainable_parameters": trainable, "total_parameters": total,
+                   "packing": packing.metrics()})
 
     checkpoints = Checkpoints(cfg, storage, reporter)
     resume_from = None
@@ -132,7 +135,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
             resume_from = found
             reporter.phase("resuming", step=found[0])
 
-    trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
+    trainer = _trainer(cfg, model, tokenizer, loaded, device, work, packing=packing)
     progress = progress_callback(reporter)
     ckpt = checkpoint_callback(cfg, checkpoints, preemption, is_main=main)
     from transformers.trainer_callback import PrinterCallback
@@ -152,7 +155,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
                "tokensPerSecond": round(tokens / runtime, 1) if runtime and tokens else None,
                "trainRuntimeSeconds": runtime, "numTokens": int(tokens),
                "resumedFromStep": resume_from[0] if resume_from else None,
-               "trainLosses": progress.train_losses[-200:]}
+               "trainLosses": progress.train_losses[-200:], "packing": packing.metrics()}
     if loaded.eval is not None:
         metrics["evalLoss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
     preemption.uninstall()
@@ -211,7 +214,17 @@ def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
     return lengths
 
 
-def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path):
+def decide_packing(cfg: TrainerConfig, model, tokenizer):
+    """(Packing, check findings): packing is measured on the model we train (see packing.py)."""
+    from .packing import decide
+
+    return decide(cfg, model, tokenizer)
+
+
+def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path,
+             packing=None):
+    """The SFTTrainer. `packing`: the Packing decided (and reported) by the caller; decided
+    here, unreported, when None."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -236,7 +249,8 @@ def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Pa
         data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         eval_strategy=eval_strategy, eval_steps=t.eval_steps, save_strategy="no",
         save_total_limit=cfg.checkpointing.keep_last, report_to=[],
-        use_cpu=device == "cpu", max_length=cfg.data.max_length, packing=cfg.data.packing,
+        use_cpu=device == "cpu", max_length=cfg.data.max_length,
+        **(packing or decide_packing(cfg, model, tokenizer)[0]).sft_args(),
         # assistant-only loss is done by chatmask (works without {% generation %} markers)
         assistant_only_loss=False,
         disable_tqdm=not cfg.logging.progress_bar, dataloader_num_workers=0,
