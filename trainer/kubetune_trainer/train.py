@@ -148,7 +148,7 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from[1]) if resume_from else None)
     if ckpt.preempted_at is not None:
         raise Preempted(ckpt.preempted_at)
-    tokens = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history), default=0)
+    tokens = trained_tokens(trainer)
     runtime = float(result.metrics.get("train_runtime", 0)) or None
     metrics = {"trainLoss": round(float(result.training_loss), 6),
                "steps": int(trainer.state.global_step),
@@ -198,6 +198,14 @@ def _train(cfg: TrainerConfig, reporter) -> dict:
         reporter.phase("merging", uri=cfg.output.merged_uri)
         summary["merged"] = merge_and_publish(cfg, model_path, adapter_dir, storage, work)
     return summary
+
+
+def trained_tokens(trainer) -> float:
+    """Real tokens trained (padding excluded). The log history holds the count as of the last
+    logging step only, short of the end when the steps are not a multiple of loggingSteps (a
+    packed run's few large steps): TRL's running total is exact."""
+    logged = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history), default=0)
+    return max(logged, float(getattr(trainer, "_total_train_tokens", 0) or 0))
 
 
 def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
