@@ -79,7 +79,7 @@ class DatasetSpec(KubeModel):
     max_length: Annotated[int, Field(ge=16, le=131072)] = 1024
     """Maximum tokens per training sequence; longer ones are truncated."""
     packing: bool = False
-    """Pack several short sequences into one of maxLength."""
+    """Pack several short sequences into rows of maxLength (best-fit decreasing, padding-free), where the model is measured to keep packed sequences from attending to each other; otherwise train unpacked with a warning."""
     eval_fraction: Optional[Annotated[float, Field(gt=0, le=0.5)]] = None
     """Fraction of train held out for evaluation when no eval source is given."""
     assistant_only_loss: bool = False

@@ -109,7 +109,7 @@ def run_one(spec: dict) -> dict:
     from . import inputs, methods, scoring
     from kubetune.trainerconfig import TrainerConfig
     from kubetune.storage import Storage
-    from .train import _trainer, save_adapter
+    from .train import _trainer, save_adapter, trained_tokens
 
     import peft  # noqa: F401 - imported before the baseline is taken
     import transformers  # noqa: F401
@@ -152,8 +152,7 @@ def run_one(spec: dict) -> dict:
     started = time.monotonic()
     if name != "Base":
         result = trainer.train()
-        tokens = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history),
-                     default=0)
+        tokens = trained_tokens(trainer)
         runtime = float(result.metrics.get("train_runtime", 0)) or None
         record.update(steps=int(trainer.state.global_step),
                       tokens_per_second=round(tokens / runtime, 1) if runtime and tokens

@@ -121,18 +121,24 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
 
     device = methods.device_for(cfg)
     base = methods.load_base(cfg, model_path, device)
-    if cfg.objective == "dpo":
+    if cfg.objective == "dpo":  # preference pairs are never packed (refused at admission)
+        from .packing import Packing
+
+        packing = Packing(requested=False)
         trainer = _dpo_trainer(cfg, base, tokenizer, loaded, device, work)
         model = trainer.model  # the PeftModel TRL wrapped (or the base with bottleneck adapters)
     else:
         model = methods.apply_method(cfg, base)
-        trainer = _trainer(cfg, model, tokenizer, loaded, device, work)
+        packing, findings = decide_packing(cfg, model, tokenizer)
+        _check(findings, reporter, cfg)
+        trainer = _trainer(cfg, model, tokenizer, loaded, device, work, packing=packing)
     lora = cfg.method.lora
     _check(checks.embeddings_saved(lora.modules_to_save if lora else None, model), reporter, cfg)
     trainable, total = methods.trainable_parameters(model)
     reporter.emit({"event": "model", "method": cfg.method.type, "device": device,
                    "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                   "trainable_parameters": trainable, "total_parameters": total})
+                   "trainable_parameters": trainable, "total_parameters": total,
+                   "packing": packing.metrics()})
 
     checkpoints = Checkpoints(cfg, storage, reporter)
     resume_from = None
@@ -157,14 +163,14 @@ def _train(cfg: TrainerConfig, reporter, tracker) -> dict:
     result = trainer.train(resume_from_checkpoint=str(resume_from[1]) if resume_from else None)
     if ckpt.preempted_at is not None:
         raise Preempted(ckpt.preempted_at)
-    tokens = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history), default=0)
+    tokens = trained_tokens(trainer)
     runtime = float(result.metrics.get("train_runtime", 0)) or None
     metrics = {"trainLoss": round(float(result.training_loss), 6),
                "steps": int(trainer.state.global_step),
                "tokensPerSecond": round(tokens / runtime, 1) if runtime and tokens else None,
                "trainRuntimeSeconds": runtime, "numTokens": int(tokens),
                "resumedFromStep": resume_from[0] if resume_from else None,
-               "trainLosses": progress.train_losses[-200:]}
+               "trainLosses": progress.train_losses[-200:], "packing": packing.metrics()}
     if loaded.eval is not None:
         evaluated = trainer.evaluate()
         metrics["evalLoss"] = round(float(evaluated["eval_loss"]), 6)
@@ -230,6 +236,14 @@ def preference_metrics(evaluated: dict, beta: float) -> dict:
             "rewardMargin": round(float(reward_margin), 6)}
 
 
+def trained_tokens(trainer) -> float:
+    """Real tokens trained (padding excluded). The log history holds the count as of the last
+    logging step only, short of the end when the steps are not a multiple of loggingSteps (a
+    packed run's few large steps): TRL's running total is exact."""
+    logged = max((float(h.get("num_tokens", 0)) for h in trainer.state.log_history), default=0)
+    return max(logged, float(getattr(trainer, "_total_train_tokens", 0) or 0))
+
+
 def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
     lengths = []
     for record in loaded.train.select(range(min(limit, len(loaded.train)))):
@@ -245,6 +259,13 @@ def _lengths(tokenizer, loaded, limit: int = 200) -> list[int]:
             ids = tokenizer(record["text"])["input_ids"]
         lengths.append(len(ids))
     return lengths
+
+
+def decide_packing(cfg: TrainerConfig, model, tokenizer):
+    """(Packing, check findings): packing is measured on the model we train (see packing.py)."""
+    from .packing import decide
+
+    return decide(cfg, model, tokenizer)
 
 
 def _pair_length(tokenizer, record) -> int:
@@ -290,11 +311,15 @@ def _common_args(cfg: TrainerConfig, loaded, device: str, work: Path) -> dict:
     )
 
 
-def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path):
+def _trainer(cfg: TrainerConfig, model, tokenizer, loaded, device: str, work: Path,
+             packing=None):
+    """The SFTTrainer. `packing`: the Packing decided (and reported) by the caller; decided
+    here, unreported, when None."""
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        **_common_args(cfg, loaded, device, work), packing=cfg.data.packing,
+        **_common_args(cfg, loaded, device, work),
+        **(packing or decide_packing(cfg, model, tokenizer)[0]).sft_args(),
         # assistant-only loss is done by chatmask (works without {% generation %} markers)
         assistant_only_loss=False)
     train, evaluation = loaded.train, loaded.eval
