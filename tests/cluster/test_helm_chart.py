@@ -130,12 +130,11 @@ def _token_kubeconfig(cluster, ns: str, account: str, path: Path) -> Path:
 
 
 def _adopt_crds(cluster, release: str, ns: str) -> None:
-    """The session's CRDs and trainer-status policy were applied with kubectl; let the release
-    adopt them."""
-    for kind, name in (("crd", "finetunejobs.kubetune.io"), ("crd", "loraadapters.kubetune.io"),
-                       ("clusterrole", "kubetune-trainer-status"),
-                       ("validatingadmissionpolicy", "kubetune-trainer-status"),
-                       ("validatingadmissionpolicybinding", "kubetune-trainer-status")):
+    """The session's CRDs and admission policies (everything in crds/) were applied with
+    kubectl; let the release adopt them."""
+    applied = [d for path in sorted((ROOT / "crds").glob("*.yaml"))
+               for d in yaml.safe_load_all(path.read_text()) if d]
+    for kind, name in ((d["kind"].lower(), d["metadata"]["name"]) for d in applied):
         cluster.kubectl("annotate", "--overwrite", kind, name,
                         f"meta.helm.sh/release-name={release}",
                         f"meta.helm.sh/release-namespace={ns}")
