@@ -82,6 +82,15 @@ def test_a_queued_job_waits_with_kueues_reason_and_is_looked_at_again():
     assert not plan.patches and not plan.create  # Kueue, not us, starts the Job
 
 
+def test_until_kueue_has_said_anything_the_job_is_looked_at_again_soon():
+    """The look right after the Job is created finds no Workload (Kueue makes it a moment
+    later) or one without conditions: its placeholder reason is replaced within seconds."""
+    for workloads in ([], [_workload()]):
+        plan = _queued_run([_queued_job()], workloads=workloads)
+        assert plan.status["phase"] == "Queued"
+        assert plan.requeue_after == rec.KUEUE_FIRST_LOOK < rec.KUEUE_LOOK_AGAIN
+
+
 def test_a_preempted_attempt_waits_again_without_counting_as_a_failure():
     """Kueue preempts by suspending the Job (its pod checkpoints and stops): the same attempt
     waits to be admitted again; nothing counts against retries, no new attempt starts."""

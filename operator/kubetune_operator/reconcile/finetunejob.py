@@ -24,6 +24,7 @@ DISRUPTION_REASONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKubeSch
 # CreateContainerConfigError... are said in the attempt's message).
 QUIET_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
 KUEUE_LOOK_AGAIN = 30.0  # seconds, while Kueue holds a queued attempt (for its message)
+KUEUE_FIRST_LOOK = 3.0  # seconds, until Kueue has said anything (its Workload comes shortly)
 
 
 @dataclass
@@ -131,6 +132,16 @@ def kueue_wait(workload: dict | None) -> tuple[str, str]:
     return "Queued", f"Kueue {said('QuotaReserved') or 'waiting for quota'}"
 
 
+def kueue_said(workload: dict | None) -> bool:
+    """Whether Kueue has spoken about the Workload yet (a reservation, an eviction, or it is
+    deactivated): until then its reason is a placeholder worth looking at again soon."""
+    if workload is None:
+        return False
+    kinds = {c.get("type") for c in (workload.get("status") or {}).get("conditions") or []}
+    return bool(kinds & {"QuotaReserved", "Evicted"}) or \
+        (workload.get("spec") or {}).get("active") is False
+
+
 def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attempt:
     """What one attempt's Job and pods (and Kueue's Workload of a queued Job) say about it."""
     meta = job["metadata"]
@@ -186,7 +197,7 @@ def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attem
         attempt.state = "Suspended"
         attempt.reason, attempt.message = kueue_wait(workload) if queued else \
             ("Suspended", "suspended")
-        attempt.summary = {"queued": queued}
+        attempt.summary = {"queued": queued, "kueueSaid": queued and kueue_said(workload)}
         return attempt
     for pod in pods:
         phase = (pod.get("status") or {}).get("phase")
@@ -547,7 +558,8 @@ def _in_flight(spec, st: _Status, current: Attempt) -> str:
         # Kueue's word (Queued, Preempted, Evicted, Admitted); the Workload's changes bring
         # no event here, so look again while it waits.
         phase, reason = "Queued", current.reason
-        st.plan.requeue_after = KUEUE_LOOK_AGAIN
+        st.plan.requeue_after = KUEUE_LOOK_AGAIN if current.summary.get("kueueSaid") \
+            else KUEUE_FIRST_LOOK
     st.set("Running", running, reason, current.message)
     st.set("Ready", False, reason, current.message)
     return phase
