@@ -66,6 +66,47 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_same_total(make_config, tmp_pa
     assert done["metrics"]["steps"] == 300
 
 
+@pytest.mark.parametrize("strategy", ["steps", "epoch"])
+def test_sigterm_saves_before_any_evaluation(make_config, tmp_path, strategy):
+    """The Trainer evaluates before it saves, and at the end of an epoch after the loop
+    stops: a SIGTERM on an evaluation step must checkpoint and stop with no evaluation on
+    the way out (it would eat the pod's grace period). Real transformers callbacks, in the
+    Trainer's order (its DefaultFlowCallback first)."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import (CallbackHandler, DefaultFlowCallback,
+                                               TrainerControl, TrainerState)
+
+    from kubetune_trainer.checkpoints import Preemption, make_callback
+
+    cfg = make_config({"type": "LoRA"}, name="grace", checkpointing={"everySteps": 1000})
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), eval_strategy=strategy,
+                             eval_steps=5, save_strategy="no", report_to=[])
+    preemption = Preemption()
+    ours = make_callback(cfg, None, preemption, is_main=False)
+    handler = CallbackHandler([DefaultFlowCallback(), ours], None, None, None, None)
+    state, control = TrainerState(max_steps=100, global_step=5, eval_steps=5), TrainerControl()
+    control = handler.on_step_end(args, state, control)
+    assert control.should_evaluate is (strategy == "steps")  # the hook is live, not preempted
+    assert not control.should_save and not control.should_training_stop
+
+    control, state.global_step = TrainerControl(), 10
+    preemption.requested = True
+    control = handler.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop
+    assert not control.should_evaluate
+    control = handler.on_epoch_end(args, state, control)  # the loop ends the epoch
+    assert not control.should_evaluate and ours.preempted_at == 10
+
+    # SIGTERM after the epoch's last step: the epoch end checkpoints instead of evaluating.
+    late = make_callback(cfg, None, preemption, is_main=False)
+    handler = CallbackHandler([DefaultFlowCallback(), late], None, None, None, None)
+    control = handler.on_epoch_end(args, TrainerState(max_steps=100, global_step=12,
+                                                      eval_steps=5),
+                                   TrainerControl())
+    assert control.should_save and control.should_training_stop
+    assert not control.should_evaluate and late.preempted_at == 12
+
+
 def test_incomplete_checkpoint_is_never_resumed(make_config, tmp_path):
     from kubetune_trainer.checkpoints import Checkpoints
     from kubetune_trainer.progress import Reporter

@@ -119,12 +119,26 @@ def make_callback(cfg: TrainerConfig, checkpoints: Checkpoints, preemption: Pree
             due = (every_steps and state.global_step % every_steps == 0) or (
                 every_seconds and time.monotonic() - self.last_save >= every_seconds)
             if preemption.requested:
-                self.preempted_at = state.global_step
-                control.should_save = True
-                control.should_training_stop = True
+                self._stop(state, control)
             elif due and state.global_step < state.max_steps:
                 control.should_save = True
             return control
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            # The epoch's evaluation (eval_strategy "epoch") would run after the loop stops
+            # and before the process exits, inside the grace period the checkpoint needs.
+            if preemption.requested:
+                self._stop(state, control)
+            return control
+
+        def _stop(self, state, control) -> None:
+            """Checkpoint at this step (once), stop, and evaluate nothing on the way out: the
+            Trainer evaluates before it saves, and the pod's grace period is for the save."""
+            if self.preempted_at is None:
+                self.preempted_at = state.global_step
+                control.should_save = True
+            control.should_training_stop = True
+            control.should_evaluate = False
 
         def on_save(self, args, state, control, **kwargs):
             self.last_save = time.monotonic()
