@@ -14,7 +14,8 @@ from .ids import derived
 from .jobspec import CANCEL_ANNOTATION, REQUEST_ANNOTATION
 
 # FineTuneJob status.phase -> OpenAI job status (no phase yet: the operator has not judged the
-# spec and data: validating_files)
+# spec and data, or the first attempt's pod is starting (its first status is written when the
+# pod runs, or about 2 s after its Job was created): validating_files)
 STATUS = {None: "validating_files", "Pending": "queued", "Queued": "queued",
           "Suspended": "queued", "Running": "running", "Succeeded": "succeeded",
           "Failed": "failed"}

@@ -25,6 +25,7 @@ log = structlog.get_logger("kubetune.operator")
 CHILD_EVENT_DELAY = 0.3  # seconds
 CREATES_AT_ONCE = 3  # the most creates of one FineTuneJob in flight together
 NAMESPACE_BINDING_RECHECK = 600.0  # seconds: a namespace's trainer RoleBinding, made again
+CONFLICT_LOOK_AGAIN = 0.2  # seconds: a conditional status write met a newer object
 
 
 def creation_waves(objs: list[dict]) -> list[list[dict]]:
@@ -225,6 +226,14 @@ class FineTuneJobController:
                 raise failed
         for obj, patch in plan.patches:
             self.kube.patch(obj, patch)
+        for obj in plan.delete:
+            self.kube.delete(obj)
+            log.info(f"Deleted {obj['kind']}", child=obj["metadata"]["name"])
+            if obj["kind"] == "Job":
+                # write-through: a look before the watch says it is gone deletes nothing more
+                stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                self.caches.jobs.put(key, {**obj, "metadata": {**obj["metadata"],
+                                                               "deletionTimestamp": stamp}})
         artifact = plan.status.get("artifact")
         seal = res.artifact_seal(artifact) if isinstance(artifact, dict) else None
         if seal and ((body["metadata"].get("annotations") or {})
@@ -233,11 +242,20 @@ class FineTuneJobController:
             self.kube.patch(body, {"metadata": {"annotations": {
                 res.ANNOTATION_ARTIFACT_SEAL: seal}}})
             body["metadata"].setdefault("annotations", {})[res.ANNOTATION_ARTIFACT_SEAL] = seal
-        if _changed(body.get("status") or {}, plan.status) or \
-                (artifact is not None and (body.get("status") or {}).get("artifact") != artifact):
-            self.kube.patch_status("FineTuneJob", ns, name, plan.status)
-            body.setdefault("status", {}).update(plan.status)
-            metrics.observe_phase(key, plan.status.get("phase"))
+        old = body.get("status") or {}
+        if plan.status and (_changed(old, plan.status) or
+                            (artifact is not None and old.get("artifact") != artifact)):
+            # The write that records the start is conditional: it holds only if the spec is
+            # still the one the attempt's Job was built from (admission keeps it from then on).
+            # On a conflict the Events go anyway (a phase Event may come twice).
+            first = bool(plan.status.get("startTime")) and not old.get("startTime")
+            if self.kube.patch_status("FineTuneJob", ns, name, plan.status,
+                                      body["metadata"].get("resourceVersion") if first else None):
+                body.setdefault("status", {}).update(plan.status)
+                metrics.observe_phase(key, plan.status.get("phase"))
+            else:
+                log.info("Status not written: the FineTuneJob changed; looking again")
+                self.queue.add(key, CONFLICT_LOOK_AGAIN)
         for kind, reason, message in plan.events:
             self.kube.event(body, kind, reason, message)
             log.info(message, reason=reason)

@@ -174,6 +174,24 @@ class Kube:
                 raise
         return True
 
+    def delete(self, obj: dict) -> None:
+        """Delete a child in the background (its dependents go after it): only the very
+        object given (its uid as a precondition), so a newer one of the same name is never
+        hit. Gone already, or replaced: nothing to do."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        delete = {"Job": self.batch.delete_namespaced_job}.get(kind)
+        if delete is None:
+            raise ValueError(f"no delete for kind {kind}")
+        options: dict = {"propagationPolicy": "Background"}
+        if obj["metadata"].get("uid"):
+            options["preconditions"] = {"uid": obj["metadata"]["uid"]}
+        self._count("delete")
+        try:
+            self._json(delete, name, ns, body=options)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                raise
+
     def delete_custom(self, kind: str, ns: str, name: str) -> None:
         self._count("delete")
         try:

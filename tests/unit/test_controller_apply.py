@@ -14,7 +14,8 @@ import yaml
 
 from kubetune.api.validation import parse
 from kubetune_operator.cache import Caches
-from kubetune_operator.controller import FineTuneJobController, creation_waves
+from kubetune_operator.controller import (CONFLICT_LOOK_AGAIN, FineTuneJobController,
+                                          creation_waves)
 from kubetune_operator.kube import Kube, NotOwned
 from kubetune_operator.reconcile import finetunejob as rec
 from kubetune_operator.resources import finetunejob as res
@@ -232,3 +233,101 @@ def test_the_namespace_binding_is_created_once_for_many_jobs_and_again_after_ten
     _apply(controller, body, res.rbac(body, shared=True))
     assert [k for k, _, _ in kube.calls].count("RoleBinding") == 2
 
+
+
+class _Writes(_Kube):
+    """Also records status writes (with the resourceVersion they were conditional on) and
+    deletes; `conflict`: each status write meets a newer object."""
+
+    def __init__(self, conflict=False):
+        super().__init__(slow=())
+        self.writes, self.deletes, self.conflict = [], [], conflict
+
+    def patch_status(self, kind, ns, name, status, resource_version=None):
+        self.writes.append((status, resource_version))
+        return not self.conflict
+
+    def delete(self, obj):
+        self.deletes.append(obj)
+
+
+KEY = ("ml", "quickstart-lora")
+
+
+def _started(kube, monkeypatch):
+    """A controller that has reconciled a new FineTuneJob once (resourceVersion 10), and the
+    delays of the looks again it asked for."""
+    controller = _controller(kube)
+    delays = []
+    monkeypatch.setattr(controller.queue, "add", lambda key, delay=0.0: delays.append(delay))
+    body = _body()
+    body["metadata"]["resourceVersion"] = "10"
+    controller._reconcile(KEY, body)
+    return controller, body, delays
+
+
+def _watch(controller, pod_phase="Running"):
+    """What the watch brings next: the created Job (uid, creationTimestamp) and its pod."""
+    from datetime import datetime, timezone
+
+    (job,) = controller.caches.jobs.children(KEY)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    controller.caches.jobs.put(KEY, {**job, "metadata": {
+        **job["metadata"], "uid": "job-uid", "resourceVersion": "11", "creationTimestamp": stamp}})
+    controller.caches.pods.put(KEY, {
+        "metadata": {"name": "quickstart-lora-0-abc", "resourceVersion": "12",
+                     "labels": {"batch.kubernetes.io/job-name": "quickstart-lora-0",
+                                res.LABEL_JOB: "quickstart-lora"},
+                     "ownerReferences": [{"kind": "Job", "uid": "job-uid", "controller": True}]},
+        "spec": {"nodeName": "gpu-0"}, "status": {"phase": pod_phase}})
+
+
+def test_a_job_whose_pod_runs_at_once_gets_one_status_write_conditional_on_its_version(
+        monkeypatch):
+    kube = _Writes()
+    controller, body, delays = _started(kube, monkeypatch)
+    assert "Job" in [k for k, _, _ in kube.calls] and kube.writes == []
+    assert delays == [pytest.approx(rec.START_WRITE_GRACE + 0.05, abs=0.2)]
+    _watch(controller)
+    controller._reconcile(KEY, body)
+    ((status, version),) = kube.writes
+    assert status["phase"] == "Running" and status["startTime"] and version == "10"
+    controller._reconcile(KEY, body)  # the look its own write brings: nothing more
+    assert len(kube.writes) == 1
+    assert [reason for _, reason, _ in kube.events] == ["CreatedJob", "Running"]
+
+
+def test_a_first_write_that_meets_a_newer_object_is_not_taken_as_written(monkeypatch):
+    kube = _Writes(conflict=True)
+    controller, body, delays = _started(kube, monkeypatch)
+    _watch(controller)
+    controller._reconcile(KEY, body)
+    assert len(kube.writes) == 1 and "status" not in body
+    assert delays[-1] == CONFLICT_LOOK_AGAIN
+    kube.conflict = False
+    body["metadata"]["resourceVersion"] = "13"
+    controller._reconcile(KEY, body)
+    assert kube.writes[-1][1] == "13" and body["status"]["phase"] == "Running"
+    # later writes (the start is recorded) are not conditional: the trainer writes progress
+    _watch(controller, "Succeeded")
+    controller._reconcile(KEY, body)
+    assert kube.writes[-1][1] is None and body["status"]["attempts"][0]["reason"] == \
+        "Completing"
+
+
+def test_a_spec_changed_before_the_start_deletes_the_job_once_and_starts_again(monkeypatch):
+    kube = _Writes()
+    controller, body, _ = _started(kube, monkeypatch)
+    (job,) = controller.caches.jobs.children(KEY)
+    assert job["metadata"]["annotations"][res.ANNOTATION_SPEC_GENERATION] == "1"
+    body["metadata"]["generation"] = 2
+    for _ in range(2):  # the second look, before the watch says the Job is gone, does nothing
+        controller._reconcile(KEY, body)
+    assert [d["metadata"]["name"] for d in kube.deletes] == ["quickstart-lora-0"]
+    assert [reason for _, reason, _ in kube.events] == ["CreatedJob", "SpecChanged"]
+    assert kube.writes == []
+    controller.caches.jobs.remove(KEY, "quickstart-lora-0")  # the watch: DELETED
+    controller._reconcile(KEY, body)
+    (job,) = controller.caches.jobs.children(KEY)
+    assert job["metadata"]["annotations"][res.ANNOTATION_SPEC_GENERATION] == "2"
+    assert [k for k, _, _ in kube.calls].count("Job") == 2 and kube.writes == []

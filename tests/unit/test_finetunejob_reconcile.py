@@ -70,8 +70,10 @@ def test_first_reconcile_creates_children_of_attempt_zero():
         "fieldPath": "metadata.annotations['kubetune.io/trainer-config']"}}]
     args = template["spec"]["containers"][0]["args"]
     assert args[args.index("--config") + 1] == "/etc/kubetune/config.yaml"
-    assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 1
-    assert ("Normal", "CreatedJob", "Created Job quickstart-lora-0 (attempt 0)") in plan.events
+    assert plan.create[-1]["metadata"]["annotations"] == {"kubetune.io/spec-generation": "1"}
+    # no status yet: the first write waits for the attempt to say something (its pod runs)
+    assert plan.status == {} and plan.requeue_after == pytest.approx(rec.START_WRITE_GRACE)
+    assert plan.events == [("Normal", "CreatedJob", "Created Job quickstart-lora-0 (attempt 0)")]
 
 
 def test_with_the_trainer_status_policy_the_first_attempt_needs_no_role_of_its_own():
@@ -185,29 +187,143 @@ def test_unschedulable_and_suspend():
     assert plan.patches and plan.patches[0][1] == {"spec": {"suspend": True}}
 
 
-@pytest.mark.parametrize("scheduling", [{}, {"suspend": True}, {"queueName": "team-a"}])
-def test_the_status_written_at_creation_is_the_one_the_next_look_sees(scheduling):
-    """The first reconcile's status already says what the created Job will show (the attempt
-    pending, suspended or queued): the look its own creates bring finds nothing to write, even
-    when the apiserver stamped the Job a second later."""
-    import copy
-
+def _look(body, jobs=(), pods=(), now=NOW):
+    """One reconcile as the controller applies it: its status written (when it changes
+    anything) into `body`. Returns the plan and whether it wrote."""
     from kubetune_operator.controller import _changed
 
-    body = _body(scheduling=scheduling)
-    first = _run(body)
-    created = next(o for o in first.create if o["kind"] == "Job")
-    assert not first.patches  # nothing patched on a Job that does not exist yet
-    assert first.status["attempts"][0]["jobName"] == created["metadata"]["name"]
-    seen = copy.deepcopy(created)
-    seen["metadata"]["creationTimestamp"] = "2026-11-28T12:00:01Z"  # NOW + 1 s
-    after = copy.deepcopy(body)
-    after["status"] = copy.deepcopy(first.status)
-    second = _run(after, [seen], [], now=NOW + timedelta(seconds=2))
-    assert not _changed(after["status"], second.status), second.status
-    assert not second.create and not second.patches and not second.events
-    assert first.status["phase"] == {"suspend": "Suspended", "queueName": "Queued"}.get(
-        next(iter(scheduling), ""), "Pending")
+    plan = _run(body, jobs, pods, now=now)
+    wrote = bool(plan.status) and _changed(body.get("status") or {}, plan.status)
+    if wrote:
+        body["status"] = {**(body.get("status") or {}), **plan.status}
+    return plan, wrote
+
+
+def _seen(plan, uid="job-uid-0", created="2026-11-28T12:00:00Z"):
+    """The plan's Job as the watch brings it: with its uid and creationTimestamp."""
+    job = next(o for o in plan.create if o["kind"] == "Job")
+    return {**job, "metadata": {**job["metadata"], "uid": uid, "creationTimestamp": created}}
+
+
+def _owned(pod, uid="job-uid-0"):
+    pod["metadata"]["ownerReferences"] = [{"kind": "Job", "uid": uid, "controller": True}]
+    return pod
+
+
+@pytest.mark.parametrize("scheduling", [{}, {"queueName": "team-a"}])
+def test_the_first_look_creates_the_job_writes_no_status_and_looks_again_at_the_grace(
+        scheduling):
+    first = _run(_body(scheduling=scheduling))
+    assert [o["kind"] for o in first.create][-1] == "Job"
+    assert first.status == {} and not first.patches
+    assert first.requeue_after == pytest.approx(rec.START_WRITE_GRACE)
+    assert [reason for _, reason, _ in first.events] == ["CreatedJob"]
+
+
+def test_a_pod_running_within_the_grace_is_one_write_with_phase_running_and_start_time():
+    """Created, seen, pod scheduled, pod running: one status write, and it says Running."""
+    body = _body()
+    writes = []
+    created, wrote = _look(body)
+    writes.append(wrote)
+    job = _seen(created)
+    pending = _owned(_pod("quickstart-lora-0", "Pending"))
+    running = _owned(_pod("quickstart-lora-0", "Running"))
+    for at, pods in ((0.4, []), (0.8, [pending]), (1.2, [running]), (1.6, [running])):
+        plan, wrote = _look(body, [job], pods, NOW + timedelta(seconds=at))
+        writes.append(wrote)
+        if at == 0.8:
+            assert plan.status == {} and plan.requeue_after == pytest.approx(1.2)
+            assert not plan.events
+        if at == 1.2:
+            assert [e[1:] for e in plan.events] == [
+                ("Running", "Phase None -> Running: pod quickstart-lora-0-abc on gpu-0")]
+    assert writes == [False, False, False, True, False]
+    st = body["status"]
+    assert st["phase"] == "Running" and st["startTime"] == "2026-11-28T12:00:00Z"
+    assert st["attempts"] == [{"number": 0, "jobName": "quickstart-lora-0", "reason": "Running",
+                               "startedAt": "2026-11-28T12:00:00Z",
+                               "message": "pod quickstart-lora-0-abc on gpu-0"}]
+    assert _cond(plan, "Running")["status"] == "True"
+
+
+def test_the_grace_passed_with_the_pod_pending_writes_pending_then_running():
+    body = _body()
+    job = _seen(_look(body)[0])
+    pending = _owned(_pod("quickstart-lora-0", "Pending"))
+    plan, wrote = _look(body, [job], [pending], NOW + timedelta(seconds=rec.START_WRITE_GRACE))
+    assert wrote and body["status"]["phase"] == "Pending"
+    assert body["status"]["startTime"] == "2026-11-28T12:00:00Z"
+    assert not plan.events  # "Created Job …" said it
+    plan, wrote = _look(body, [job], [_owned(_pod("quickstart-lora-0"))], NOW + timedelta(
+        seconds=9))
+    assert wrote and body["status"]["phase"] == "Running"
+    assert [e[1] for e in plan.events] == ["Running"]
+
+
+def test_an_attempt_with_something_to_say_is_written_within_the_grace():
+    """Unschedulable, stuck pulling its image, or suspended by the user: said at once."""
+    soon = NOW + timedelta(seconds=0.5)
+    unschedulable = _owned(_pod("quickstart-lora-0", "Pending"))
+    unschedulable["status"]["conditions"] = [{"type": "PodScheduled", "status": "False",
+                                              "reason": "Unschedulable", "message": "0/4"}]
+    stuck = _owned(_pod("quickstart-lora-0", "Pending"))
+    stuck["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {
+        "reason": "ErrImagePull", "message": "no such image"}}}]
+    for pod in (unschedulable, stuck):
+        body = _body()
+        plan, wrote = _look(body, [_seen(_run(body))], [pod], soon)
+        assert wrote and plan.status["phase"] == "Pending", pod
+    body = _body(scheduling={"suspend": True})
+    plan, wrote = _look(body)
+    assert wrote and plan.status["phase"] == "Suspended" and plan.status["startTime"]
+    # the look its own create brings finds nothing to write (the Job stamped a second later)
+    _, wrote = _look(body, [_seen(plan, created="2026-11-28T12:00:01Z")], [], soon)
+    assert not wrote
+
+
+def test_a_spec_changed_before_the_start_was_recorded_restarts_the_attempt_uncounted():
+    """Generation 2 while attempt 0's Job was built from 1 and no start is recorded: the Job is
+    deleted (one Event), nothing counts, and once it is gone attempt 0 starts from the new
+    spec, blind to the old Job's pods."""
+    body = _body()
+    old = _seen(_run(body), uid="old-uid")
+    old_pod = _owned(_pod("quickstart-lora-0", "Running"), "old-uid")
+    body["metadata"]["generation"] = 2
+    body["spec"]["training"] = {**body["spec"].get("training", {}), "maxSteps": 7}
+    plan, wrote = _look(body, [old], [old_pod], NOW + timedelta(seconds=1))
+    assert plan.delete == [old] and not plan.create and not wrote
+    assert [(kind, reason) for kind, reason, _ in plan.events] == [("Normal", "SpecChanged")]
+    assert "generation 1" in plan.events[0][2] and "generation 2" in plan.events[0][2]
+    deleting = {**old, "metadata": {**old["metadata"], "deletionTimestamp": "x"}}
+    plan, wrote = _look(body, [deleting], [old_pod], NOW + timedelta(seconds=2))
+    assert not plan.delete and not plan.events and not plan.create and not wrote
+    restart, wrote = _look(body, [], [old_pod], NOW + timedelta(seconds=3))
+    job = next(o for o in restart.create if o["kind"] == "Job")
+    assert job["metadata"]["name"] == "quickstart-lora-0" and not wrote
+    assert job["metadata"]["annotations"]["kubetune.io/spec-generation"] == "2"
+    config = yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][
+        "kubetune.io/trainer-config"])
+    assert config["training"]["maxSteps"] == 7
+    new = _seen(restart, uid="new-uid", created="2026-11-28T12:00:03Z")
+    plan, wrote = _look(body, [new], [old_pod], NOW + timedelta(seconds=3.5))
+    assert not wrote and plan.status == {}  # the old pod, still Running, is not the new Job's
+    plan, wrote = _look(body, [new], [old_pod, _owned(_pod("quickstart-lora-0"), "new-uid")],
+                        NOW + timedelta(seconds=4))
+    assert wrote and body["status"]["retries"] == 0
+    assert [a["number"] for a in body["status"]["attempts"]] == [0]
+
+
+def test_once_the_start_is_recorded_a_newer_generation_leaves_the_attempt_running():
+    """After startTime, admission keeps the training inputs; other edits (a newer generation)
+    apply to later attempts and never stop this one."""
+    body = _body()
+    job = _seen(_run(body))
+    _look(body, [job], [_owned(_pod("quickstart-lora-0"))], NOW + timedelta(seconds=1))
+    assert body["status"]["startTime"]
+    body["metadata"]["generation"] = 2
+    plan, _ = _look(body, [job], [_owned(_pod("quickstart-lora-0"))], NOW + timedelta(seconds=5))
+    assert not plan.delete and body["status"]["phase"] == "Running"
 
 
 def test_a_pod_on_its_way_up_changes_no_status_and_a_stuck_one_says_why():

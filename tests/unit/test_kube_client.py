@@ -67,3 +67,35 @@ def test_the_shared_client_holds_a_connection_for_every_worker(tmp_path, monkeyp
     api = api_client(settings)
     assert api.configuration.host == "https://127.0.0.1:6443"
     assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= 70
+
+
+def test_a_job_is_deleted_in_the_background_only_if_it_is_still_the_same_one():
+    """A spec changed before the start: the old Job goes (its pods after it); its uid is the
+    precondition, so a newer Job of the same name is never hit; gone or replaced is fine."""
+    import threading
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from kubernetes.client.rest import ApiException
+
+    kube = Kube.__new__(Kube)
+    kube.requests, kube._lock = Counter(), threading.Lock()
+    calls, answers = [], [None, ApiException(status=404), ApiException(status=409),
+                          ApiException(status=500)]
+
+    def delete_job(name, namespace, body, _preload_content):
+        calls.append((name, namespace, body))
+        answer = answers.pop(0)
+        if answer is not None:
+            raise answer
+        return _Response({})
+
+    kube.batch = SimpleNamespace(delete_namespaced_job=delete_job)
+    job = {"kind": "Job", "metadata": {"name": "j-0", "namespace": "ml", "uid": "u-0"}}
+    for _ in range(3):
+        kube.delete(job)
+    assert calls[0] == ("j-0", "ml", {"propagationPolicy": "Background",
+                                      "preconditions": {"uid": "u-0"}})
+    with pytest.raises(ApiException):
+        kube.delete(job)
+    assert kube.requests["delete"] == 4

@@ -2,6 +2,7 @@
 (Kueue's own reason and message), a preempted attempt is not a failure, and suspending a
 queued job deactivates its Workload instead of fighting Kueue over the Job's `suspend`."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,11 @@ def _workload(*conditions, active=None, job_uid="job-uid-0"):
     return wl
 
 
-def _queued_run(jobs, pods=(), workloads=(), **spec):
+def _queued_run(jobs, pods=(), workloads=(), now=NOW, **spec):
     body = _body(scheduling={"queueName": "team-a", **spec.pop("scheduling", {})}, **spec)
     world = rec.Observed(body, parse(body), [], list(jobs), list(pods), None, None,
                          workloads=list(workloads))
-    return rec.reconcile(world, SETTINGS, NOW)
+    return rec.reconcile(world, SETTINGS, now)
 
 
 @pytest.mark.parametrize("workload, reason, said", [
@@ -70,6 +71,23 @@ def test_why_kueue_holds_a_job_is_read_from_its_workload(workload, reason, said)
     assert said in message
     if workload is not None and reason == "Preempted" and "checkpoints" not in said:
         assert "waiting to be admitted again: Pending: couldn't assign" in message
+
+
+def test_within_the_grace_a_queued_job_is_written_only_once_kueue_gives_a_reason():
+    """START_WRITE_GRACE after its create: no status while Kueue has said nothing (no Workload,
+    no condition) or has just admitted the Job (its pod comes next); at once when Kueue holds
+    it for want of quota."""
+    job = _queued_job()
+    job["metadata"]["creationTimestamp"] = "2026-11-28T12:00:00Z"
+    soon = NOW + timedelta(seconds=0.5)
+    for workloads in ([], [_workload()], [_workload(RESERVED)]):
+        plan = _queued_run([job], workloads=workloads, now=soon)
+        assert plan.status == {} and plan.requeue_after == pytest.approx(1.5), workloads
+    plan = _queued_run([job], workloads=[_workload(PENDING)], now=soon)
+    assert plan.status["phase"] == "Queued" and plan.status["startTime"]
+    assert "insufficient unused quota" in _cond(plan, "Ready")["message"]
+    later = _queued_run([job], now=NOW + timedelta(seconds=rec.START_WRITE_GRACE))
+    assert later.status["phase"] == "Queued" and later.requeue_after == rec.KUEUE_FIRST_LOOK
 
 
 def test_a_queued_job_waits_with_kueues_reason_and_is_looked_at_again():

@@ -4,7 +4,8 @@ its runtime, what it may not set, and that a started job keeps the values it sta
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -164,7 +165,13 @@ def test_the_resolved_job_starts_with_the_runtimes_image_and_records_the_runtime
     assert pod["containers"][0]["image"] == "registry.corp/trainer:2"
     assert pod["nodeSelector"] == {"pool": "a100"}
     assert pod["serviceAccountName"] == "trainer-a100"
-    assert plan.status["runtime"]["generation"] == 3
+    # the first status waits for the attempt (START_WRITE_GRACE); it records the runtime
+    assert not plan.status
+    seen = {**training, "metadata": {**training["metadata"],
+                                     "creationTimestamp": "2026-11-30T12:00:00Z"}}
+    later = rec.reconcile(replace(world, jobs=[seen]), SETTINGS,
+                          NOW + timedelta(seconds=rec.START_WRITE_GRACE))
+    assert later.status["runtime"]["generation"] == 3 and later.status["phase"] == "Pending"
 
 
 def test_the_admission_policy_checks_every_leaf_and_names_it():

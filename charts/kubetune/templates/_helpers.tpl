@@ -49,7 +49,7 @@ controllers use; nothing else. */}}
   verbs: ["get"]  # a job's runtime template, read when it starts
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]  # delete: spec changed pre-start
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]

@@ -25,6 +25,15 @@ DISRUPTION_REASONS = {"PreemptionByScheduler": "Preempted", "PreemptionByKubeSch
 QUIET_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
 KUEUE_LOOK_AGAIN = 30.0  # seconds, while Kueue holds a queued attempt (for its message)
 KUEUE_FIRST_LOOK = 3.0  # seconds, until Kueue has said anything (its Workload comes shortly)
+# One status write per start, not two. After an attempt's Job is created the first status write
+# waits until the attempt has something to say (its pod runs, cannot be scheduled or is stuck;
+# Kueue gave a reason; it ended) or until this long after the Job's creation; then one write
+# records startTime, the attempt and the phase. Each write of a FineTuneJob costs the apiserver
+# a merge patch, managedFields, CEL rules and a watch fan-out (and this operator a reconcile);
+# a "Pending" written a second before the pod runs told little. creationTimestamp has whole
+# seconds, so a Job observed in the cache waits 1-2 s after its create.
+START_WRITE_GRACE = 2.0  # seconds
+WAITING_FOR_POD = "waiting for the trainer pod to start"
 
 
 @dataclass
@@ -58,8 +67,9 @@ class Attempt:
 class Plan:
     create: list[dict] = field(default_factory=list)
     patches: list[tuple[dict, dict]] = field(default_factory=list)  # (object, merge patch)
+    delete: list[dict] = field(default_factory=list)  # children to delete (background)
     delete_self: bool = False
-    status: dict = field(default_factory=dict)
+    status: dict = field(default_factory=dict)  # empty: nothing to write (yet)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     requeue_after: float | None = None
     verify_attempt: Attempt | None = None  # a succeeded attempt whose artifact needs checking
@@ -216,7 +226,7 @@ def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attem
                 attempt.message = c.get("message", "")
                 return attempt
     attempt.reason = "Pending"
-    attempt.message = "waiting for the trainer pod to start"
+    attempt.message = WAITING_FOR_POD
     for pod in pods:  # said only when it says something: each new message is a status write
         for c in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (c.get("state") or {}).get("waiting") or {}
@@ -311,9 +321,7 @@ def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict,
     by_job = {(w["metadata"].get("labels") or {}).get(res.KUEUE_JOB_UID): w for w in workloads}
     for j in jobs:
         number = int(j["metadata"]["labels"][res.LABEL_ATTEMPT])
-        job_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(
-            "batch.kubernetes.io/job-name", (p["metadata"].get("labels") or {}).get("job-name"))
-            == j["metadata"]["name"]]
+        job_pods = [p for p in pods if _pod_of(p, j)]
         live[number] = classify(j, job_pods, by_job.get(j["metadata"].get("uid")))
     history = {a["number"]: a for a in old_status.get("attempts") or []}
     for n, attempt in live.items():  # when it started is what status said first (the Job's
@@ -323,6 +331,19 @@ def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict,
                 for n in sorted(set(live) | set(history))][-MAX_ATTEMPTS_IN_STATUS:]
     retries = sum(1 for a in attempts if a.get("countsAgainstRetries"))
     return Attempts(live, attempts, retries, live[max(live)] if live else None)
+
+
+def _pod_of(pod: dict, job: dict) -> bool:
+    """Whether a pod is the Job's: by its job-name label and by the Job's uid (a Job deleted
+    and created again under its name leaves pods of the old one; a Job known only from its
+    create has no uid, and no pods yet)."""
+    labels = pod["metadata"].get("labels") or {}
+    if labels.get("batch.kubernetes.io/job-name", labels.get("job-name")) != \
+            job["metadata"]["name"]:
+        return False
+    owner = next((r.get("uid") for r in pod["metadata"].get("ownerReferences") or []
+                  if r.get("controller")), None)
+    return owner is None or owner == job["metadata"].get("uid")
 
 
 def retry_decision(job: FineTuneJob, failed: Attempt, retries: int,
@@ -352,6 +373,9 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
         st.fields["runtime"] = world.runtime
     if world.runtime_error is not None and not world.jobs:
         return _waiting_for_runtime(world, st)
+    stale = _stale(world, st)
+    if stale:
+        return _spec_changed(st, stale)
     if world.spec_errors or world.job is None:
         return _invalid(world, st)
     spec = world.job.spec
@@ -361,11 +385,13 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
                          attempts.current.started if attempts.current else None))
     current = attempts.current
     terminal: tuple[str, str] | None = None
+    created_at = None
     if current is None:
         created = _start_attempt(world, st, settings, 0)
+        created_at = now  # created by this plan
         # The status says what the next look will see once the creates succeed (the attempt,
-        # pending, suspended or queued): that look then writes nothing, one status write per
-        # job fewer when many start at once.
+        # pending, suspended or queued): written at once (a Job created suspended), the look
+        # its creates bring then writes nothing; else it waits (START_WRITE_GRACE).
         world = replace(world, jobs=[created], pods=[])
         attempts = observe_attempts(world.jobs, [], st.old)
         st.fields.update(attempts=attempts.history, retries=attempts.retries)
@@ -379,7 +405,59 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
         phase, terminal = _failed(world, st, settings, attempts)
     else:
         phase = _in_flight(spec, st, current)
-    return _finish(world, st, phase, terminal)
+    if created_at is None:
+        job_obj = next(j for j in world.jobs if j["metadata"]["name"] == current.job_name)
+        created_at = _parse_time(job_obj["metadata"].get("creationTimestamp")) or now
+    return _finish(world, st, phase, terminal, _start_hold(spec, st, current, created_at))
+
+
+def _start_hold(spec, st: _Status, current: Attempt, created: datetime) -> float | None:
+    """Seconds the first status write still waits for the attempt to say something; None:
+    write now (START_WRITE_GRACE)."""
+    if st.old.get("startTime") or not _starting(spec, current):
+        return None
+    left = START_WRITE_GRACE - (st.now - created).total_seconds()
+    return left if left > 0 else None
+
+
+def _starting(spec, attempt: Attempt) -> bool:
+    """Whether an attempt is only on its way up, with nothing a user needs to see: its pod not
+    running yet and not stuck, or its Job queued and Kueue silent so far or admitting it."""
+    if attempt.state == "Pending":
+        return attempt.message == WAITING_FOR_POD
+    if attempt.state == "Suspended":
+        summary = attempt.summary or {}
+        return bool(summary.get("queued")) and not spec.scheduling.suspend and (
+            not summary.get("kueueSaid") or attempt.reason == "Admitted")
+    return False
+
+
+def _stale(world: Observed, st: _Status) -> list[dict]:
+    """Jobs built from an older generation of the spec, while no start is recorded."""
+    if st.old.get("startTime") or st.generation is None:
+        return []
+    return [j for j in world.jobs if (res.built_from(j) or st.generation) < st.generation]
+
+
+def _spec_changed(st: _Status, stale: list[dict]) -> Plan:
+    """The spec changed after an attempt's Job was created but before status recorded the
+    start (status.startTime; from then on admission keeps the training inputs as they are):
+    the Job runs a spec that is no more. It is deleted, its pods with it, without counting as
+    an attempt, and the look that finds it gone starts again from the current spec (the same
+    attempt number and Job name). This window was the milliseconds between the create and the
+    first status write before that write waited for the pod (START_WRITE_GRACE), and a change
+    made in it was silently ignored: the attempt ran the old spec."""
+    for job in stale:
+        if job["metadata"].get("deletionTimestamp"):
+            continue  # on its way out: its DELETED event brings the next look
+        st.plan.delete.append(job)
+        st.plan.events.append((
+            "Normal", "SpecChanged",
+            f"Deleting Job {job['metadata']['name']}: it was built from generation "
+            f"{res.built_from(job)} and the spec changed (generation {st.generation}) before "
+            f"the start was recorded; starting again from the new spec (not counted as an "
+            f"attempt)"))
+    return st.plan  # no status: nothing has started
 
 
 RUNTIME_LOOK_AGAIN = 30.0  # seconds between looks for a runtime that does not exist yet
@@ -572,9 +650,10 @@ def _stalled(st: _Status) -> None:
     st.set("Stalled", failed["status"] == "True", failed["reason"], failed.get("message", ""))
 
 
-def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] | None
-            ) -> Plan:
-    """The conditions every status carries, the terminal state, TTL expiry and Events."""
+def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] | None,
+            hold: float | None = None) -> Plan:
+    """The conditions every status carries, the terminal state, TTL expiry and Events; with
+    `hold` (seconds), no status yet: a look again then (START_WRITE_GRACE)."""
     message = ""
     if terminal:
         phase, (reason, message) = "Failed", terminal
@@ -592,6 +671,10 @@ def _finish(world: Observed, st: _Status, phase: str, terminal: tuple[str, str] 
         st.set("ArtifactPublished", False, "NotPublished", "")
     _stalled(st)
     status = st.done(phase)
+    if hold is not None:
+        st.plan.status = {}
+        st.plan.requeue_after = min(hold, st.plan.requeue_after or hold)
+        return st.plan
     if phase in ("Succeeded", "Failed"):
         _expire(st.plan, world.job, status, st.now)
     _transition_events(st.plan, st.old, status, message)
@@ -675,9 +758,8 @@ def _transition_events(plan: Plan, old: dict, new: dict, message: str) -> None:
     before, after = old.get("phase"), new.get("phase")
     if before == after:
         return
-    if before is None and after in ("Pending", "Queued", "Suspended") and \
-            any(reason == "CreatedJob" for _, reason, _ in plan.events):
-        return  # the first look: "Created Job …" says it (one Event, not two)
+    if before is None and after in ("Pending", "Queued", "Suspended") and new.get("jobName"):
+        return  # the first status of a Job created: "Created Job …" said it
     ready = cond.find(new.get("conditions") or [], "Ready") or {}
     text = ready.get("message") or message or ""
     kind = "Warning" if after == "Failed" else "Normal"

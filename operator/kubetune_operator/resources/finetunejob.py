@@ -22,6 +22,9 @@ ANNOTATION_ARTIFACT_SEAL = "kubetune.io/artifact-seal"
 # attempt carries the config it was started with, and no ConfigMap is created per job.
 ANNOTATION_CONFIG = "kubetune.io/trainer-config"
 ANNOTATION_TRACKING_RUN = "kubetune.io/tracking-run-id"
+# The FineTuneJob generation an attempt's Job was built from: a spec changed before the start
+# was recorded (status.startTime, after which admission keeps the training inputs) is seen.
+ANNOTATION_SPEC_GENERATION = "kubetune.io/spec-generation"
 MAX_CONFIG_BYTES = 128 * 1024  # well inside the 256 KiB the API allows for all annotations
 
 
@@ -218,8 +221,21 @@ def training_job(job: FineTuneJob, body: dict, attempt: int, settings: OperatorS
         job_spec["completionMode"] = "Indexed"
     if spec.scheduling.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = spec.scheduling.active_deadline_seconds
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": _meta(body, jname, "trainer", extra), "spec": job_spec}
+    meta = _meta(body, jname, "trainer", extra)
+    if body["metadata"].get("generation") is not None:
+        meta["annotations"] = {ANNOTATION_SPEC_GENERATION: str(body["metadata"]["generation"])}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def built_from(job: dict) -> int | None:
+    """The FineTuneJob generation a Job was built from (None: not recorded, e.g. a Job an
+    older operator created)."""
+    value = ((job.get("metadata") or {}).get("annotations") or {}).get(
+        ANNOTATION_SPEC_GENERATION)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def headless_service(body: dict, attempt: int) -> dict:
