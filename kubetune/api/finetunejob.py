@@ -766,8 +766,7 @@ class FineTuneJobStatus(KubeModel):
     observed_generation: Optional[Annotated[int, Field(ge=0)]] = None
     """metadata.generation this status describes."""
     phase: Optional[Phase] = None
-    """Summary for kubectl get; conditions are the truth. Absent for the first seconds after
-    the Job is created, until its pod runs (or about 2 s)."""
+    """Summary for kubectl get (conditions are the truth); unset until the pod runs or ~2 s."""
     conditions: Optional[Conditions] = None
     """Ready, Running, Succeeded, Failed, Suspended, ArtifactPublished."""
     progress: Optional[Progress] = None
@@ -779,9 +778,7 @@ class FineTuneJobStatus(KubeModel):
     job_name: Optional[DnsName] = None
     """The current attempt's batch/v1 Job."""
     start_time: Optional[datetime] = None
-    """When the first attempt's Job was created. Written with the first status, once the
-    attempt has something to say (its pod runs, or about 2 s after the create); training
-    inputs are immutable from then on (a change before it starts the attempt again)."""
+    """When the first attempt's Job was created; training inputs are immutable from then on."""
     completion_time: Optional[datetime] = None
     """When the job succeeded or finally failed."""
     artifact: Optional[ArtifactStatus] = None
