@@ -150,6 +150,9 @@ def test_a_job_runs_with_its_runtime_and_keeps_it_once_started(cluster, operator
         st = _status(custom, ns, "early")
         assert st["runtime"]["generation"] == 1
         assert st["runtime"]["values"]["training"]["maxSteps"] == 7
-        assert _status(custom, ns, "late")["runtime"]["generation"] == 2
+        # the late job's first status comes when its pod runs (or 2 s after its Job)
+        late_st = wait_for(lambda: (s := _status(custom, ns, "late")).get("runtime") and s,
+                           timeout=30)
+        assert late_st["runtime"]["generation"] == 2
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "clusterfinetuneruntimes", name)
