@@ -18,6 +18,10 @@ GROUP, VERSION = "kubetune.io", "v1alpha1"
 PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 NO_KUEUE_RECHECK = 300.0  # seconds before asking again whether Kueue is installed
+# Every call to the apiserver has a deadline: (connect, read) seconds. Without one a lost
+# response blocked its caller for good: a start-up LIST that never returned left an operator
+# that answered /healthz and never reconciled (seen once in CI, 420 s of silence).
+REQUEST_TIMEOUT = (10.0, 60.0)
 EVENT_BACKLOG = 1000  # Events waiting to be sent; past it new ones are dropped (and counted)
 
 
@@ -61,6 +65,7 @@ class Kube:
         wire format, timestamps as the server wrote them, the same as watch events): the
         client's model classes are never built, which cost more CPU than the request itself
         (a Job's response is thousands of attribute assignments and date parses)."""
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         response = call(*args, _preload_content=False, **kwargs)
         try:
             data = response.data

@@ -125,7 +125,7 @@ def _stub_kube(send):
 def test_events_are_sent_in_the_background_in_order_and_flushed_on_demand():
     gate, sent = threading.Event(), []
 
-    def send(namespace, event, _preload_content=False):
+    def send(namespace, event, _preload_content=False, _request_timeout=None):
         gate.wait(5)
         sent.append((namespace, event["reason"], event["involvedObject"]["name"]))
         return SimpleNamespace(data=b"{}", release_conn=lambda: None)
@@ -150,7 +150,7 @@ def test_a_full_event_backlog_drops_new_events_and_counts_them(monkeypatch):
     monkeypatch.setattr(kube_mod, "EVENT_BACKLOG", 2)
     gate = threading.Event()
 
-    def send(namespace, event, _preload_content=False):
+    def send(namespace, event, _preload_content=False, _request_timeout=None):
         gate.wait(5)
         raise RuntimeError("apiserver down")  # a failed Event is dropped, not retried
 

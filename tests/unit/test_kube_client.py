@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import REQUEST_TIMEOUT, Kube
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +29,9 @@ def test_lists_are_paged_and_items_get_their_kind():
     kube.requests, kube._lock = Counter(), threading.Lock()
     calls, responses = [], []
 
-    def list_jobs(namespace, label_selector, limit, _preload_content, _continue=None):
+    def list_jobs(namespace, label_selector, limit, _preload_content, _request_timeout,
+                  _continue=None):
+        assert _request_timeout == REQUEST_TIMEOUT  # every call has a deadline
         assert _preload_content is False and limit == 500
         calls.append(_continue)
         page = {"metadata": {"continue": "next"}, "items": [{"metadata": {"name": "a"}}]} \
@@ -83,7 +85,7 @@ def test_a_job_is_deleted_in_the_background_only_if_it_is_still_the_same_one():
     calls, answers = [], [None, ApiException(status=404), ApiException(status=409),
                           ApiException(status=500)]
 
-    def delete_job(name, namespace, body, _preload_content):
+    def delete_job(name, namespace, body, _preload_content, _request_timeout):
         calls.append((name, namespace, body))
         answer = answers.pop(0)
         if answer is not None:
@@ -99,3 +101,30 @@ def test_a_job_is_deleted_in_the_background_only_if_it_is_still_the_same_one():
     with pytest.raises(ApiException):
         kube.delete(job)
     assert kube.requests["delete"] == 4
+
+
+def test_a_call_to_an_apiserver_that_never_answers_ends_at_its_deadline(monkeypatch):
+    """A real client against a socket that accepts and never answers: the call fails within
+    its deadline instead of blocking its caller (a start-up LIST) for good."""
+    import socket
+    import time
+
+    from kubernetes import client
+
+    from kubetune_operator import kube as kube_mod
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(kube_mod, "REQUEST_TIMEOUT", (1.0, 0.5), raising=False)
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    configuration.retries = 0
+    kube = Kube(client.ApiClient(configuration))
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="(?i)timed? ?out"):
+            kube.list("Pod", "", "default")
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 5
