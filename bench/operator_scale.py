@@ -95,6 +95,11 @@ def main() -> int:
     parser.add_argument("--operator-from", type=Path, default=None,
                         help="run the operator from another checkout (a before/after "
                              "comparison in the same conditions), e.g. a `git worktree`")
+    parser.add_argument("--apiserver-profile", type=Path, default=None,
+                        help="write kube-apiserver's CPU profiles (pprof) of each half, the "
+                             "--profile-seconds from its first create, to PREFIX-plain.pprof "
+                             "and PREFIX-kubetune.pprof; read them with `go tool pprof -top`")
+    parser.add_argument("--profile-seconds", type=int, default=30)
     args = parser.parse_args()
     n = args.jobs
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-op-"))
@@ -121,6 +126,7 @@ def main() -> int:
         # (a) the floor: a plain client creating Jobs directly.
         watcher = Watcher(core.list_namespaced_pod, ("plain",),
                           lambda p: (p.metadata.name, p.status.phase), n)
+        profiler = _start_profile(api, args, "plain")
         parts0 = _cluster_cpu()
         t0 = time.monotonic()
         for i in range(n):
@@ -131,6 +137,8 @@ def main() -> int:
         watcher.wait()
         plain = time.monotonic() - t0
         parts_plain = _minus(_cluster_cpu(), parts0)
+        if profiler:
+            profiler.join()
 
         # (b) the operator.
         health, metrics = procs.free_port(), procs.free_port()
@@ -155,6 +163,7 @@ def main() -> int:
                           ("kubetune.io", "v1alpha1", "operator", "finetunejobs"),
                           lambda o: (o["metadata"]["name"], (o.get("status") or {}).get("phase")),
                           n + args.probes)
+        profiler = _start_profile(api, args, "kubetune")
         cpu0, parts0 = _cpu_seconds(op.pid), _cluster_cpu()
         t0 = time.monotonic()
         for i in range(n):
@@ -168,6 +177,8 @@ def main() -> int:
         parts_operated = _minus(_cluster_cpu(), parts0)
         requests = _requests(metrics) - before
         verbs = {k: v - verbs0.get(k, 0) for k, v in _by_verb(metrics).items()}
+        if profiler:
+            profiler.join()
         full = _apply_latencies(custom, batch, "probe1", args.probes)
         time.sleep(5)  # the probes' own aftermath
         idle_start, idle_cpu = _requests(metrics), _cpu_seconds(op.pid)
@@ -249,6 +260,25 @@ def _apply_adapters(dev, api, work: Path, count: int) -> None:
          timeout=300, interval=1)
 
 
+def _start_profile(api, args, half: str) -> threading.Thread | None:
+    if not args.apiserver_profile:
+        return None
+    path = args.apiserver_profile.with_name(f"{args.apiserver_profile.name}-{half}.pprof")
+    thread = threading.Thread(target=_profile, args=(api, path, args.profile_seconds),
+                              daemon=True)
+    thread.start()
+    time.sleep(0.2)  # its window has begun
+    return thread
+
+
+def _profile(api, path: Path, seconds: int) -> None:
+    """kube-apiserver's CPU profile over the next `seconds` (its /debug/pprof, on by default)."""
+    method, url, headers, _, _ = api.param_serialize(
+        "GET", "/debug/pprof/profile", query_params=[("seconds", seconds)],
+        auth_settings=["BearerToken"])
+    path.write_bytes(api.call_api(method, url, headers, _request_timeout=seconds + 30).read())
+
+
 def _apply_latencies(custom, batch, prefix: str, count: int) -> list[float]:
     """Apply FineTuneJobs one at a time; seconds from the create call until its Job exists."""
     from kubernetes.client.exceptions import ApiException
@@ -306,8 +336,9 @@ def _cluster_cpu() -> dict[str, float]:
         if not entry.name.isdigit():
             continue
         try:
-            name = (entry / "comm").read_text().strip()
-            if name in CLUSTER_PARTS:
+            comm = (entry / "comm").read_text().strip()
+            name = next((p for p in CLUSTER_PARTS if p[:15] == comm), None)  # comm: 15 chars
+            if name:
                 out[name] = out.get(name, 0.0) + _cpu_seconds(int(entry.name))
         except OSError:
             continue

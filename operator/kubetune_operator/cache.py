@@ -44,6 +44,37 @@ def _rv(obj: dict) -> int:
         return 0
 
 
+# What a FineTuneJob's reconcile reads of its Jobs and pods (reconcile/finetunejob.py: classify,
+# observe_attempts, _stale, _suspension; controller.py: ownership, Kueue): identity, labels,
+# owners, a Job's suspend and spec-generation annotation, a pod's node, and status.
+_CHILD_META = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp",
+               "deletionTimestamp", "labels", "ownerReferences")
+
+
+def job_view(job: dict) -> dict:
+    """A training Job as its FineTuneJob's cache keeps it: without its pod template (the
+    trainer config among it) and managedFields, a tenth of its objects. Every cached object
+    is one the garbage collector walks (see gctuning) and a share of the operator's RSS."""
+    meta, spec = job["metadata"], job.get("spec") or {}
+    view = {k: meta[k] for k in _CHILD_META if k in meta}
+    if meta.get("annotations"):
+        view["annotations"] = meta["annotations"]  # the spec generation it was built from
+    return {"apiVersion": job.get("apiVersion", "batch/v1"), "kind": job.get("kind", "Job"),
+            "metadata": view, "spec": {k: spec[k] for k in ("suspend",) if k in spec},
+            "status": job.get("status") or {}}
+
+
+def trainer_pod_view(pod: dict) -> dict:
+    """A training pod as its FineTuneJob's cache keeps it: identity, owners, node and status
+    (phase, conditions, container states and the trainer's termination message); not its
+    spec, annotations (the trainer config) or managedFields."""
+    meta = pod["metadata"]
+    return {"apiVersion": pod.get("apiVersion", "v1"), "kind": pod.get("kind", "Pod"),
+            "metadata": {k: meta[k] for k in _CHILD_META if k in meta},
+            "spec": {"nodeName": (pod.get("spec") or {}).get("nodeName")},
+            "status": pod.get("status") or {}}
+
+
 class Caches:
     def __init__(self):
         self.finetunejobs: dict[Key, dict] = {}

@@ -13,7 +13,7 @@ from kubetune.api.trainerstatus import NAMESPACE_BINDING
 from kubetune.api.validation import SpecError, parse
 
 from . import metrics, policy, runtimes
-from .cache import Caches, Key
+from .cache import Caches, Key, job_view
 from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
@@ -211,7 +211,8 @@ class FineTuneJobController:
                 if _namespace_binding(obj):
                     self._bound[ns] = now
                 if obj["kind"] == "Job":
-                    self.caches.jobs.put(key, obj)  # write-through: the watch event follows
+                    self.caches.jobs.put(key, job_view(obj))  # write-through: the watch
+                    # event follows
                 if outcome and obj["kind"] in ("Job", "LoRAAdapter"):
                     log.info(f"Created {obj['kind']}", child=obj["metadata"]["name"])
             conflict = next((o for o in outcomes if isinstance(o, NotOwned)), None)

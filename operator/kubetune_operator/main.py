@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     import kopf
     from pydantic import ValidationError
 
-    from . import logs, metrics
-    from .cache import Caches
+    from . import gctuning, logs, metrics
+    from .cache import Caches, job_view, trainer_pod_view
     from .controller import FineTuneJobController
     from .adapters import LoRAAdapterController
     from .handlers import finetunejob as ftj_handlers
@@ -134,13 +134,15 @@ def run(args: argparse.Namespace) -> int:
         # And the serving cache (target Deployments, pods) before the first adapter reconcile.
         adapters.prime(scopes, watched)
         for ns in scopes:
-            for kind, store in (("Job", caches.jobs), ("Pod", caches.pods)):
-                for obj in kube.list(kind, "kubetune.io/finetunejob", ns):
+            for kind, store, view in (("Job", caches.jobs, job_view),
+                                      ("Pod", caches.pods, trainer_pod_view)):
+                for obj in map(view, kube.list(kind, "kubetune.io/finetunejob", ns)):
                     namespace = obj["metadata"]["namespace"]
                     if not watched(namespace):
                         continue
                     owner = (namespace, obj["metadata"]["labels"]["kubetune.io/finetunejob"])
                     store.put(owner, obj)
+        gctuning.tune()  # after the caches are primed: what start-up made is never rescanned
         controller.queue.start()
         adapters.queue.start()
         log.info("Started operator", namespaces=controller.settings.namespaces or "all",

@@ -95,7 +95,7 @@ def test_a_config_too_large_for_the_pod_template_is_refused_naming_the_field():
     assert len(res.trainer_config(parse(body), body, OperatorSettings())) < res.MAX_CONFIG_BYTES
 
 
-@pytest.mark.parametrize("conditions,pods,reason,counts,terminal", [
+CLASSIFY_TABLE = [
     ([("Failed", "PodFailurePolicy", "Pod has condition DisruptionTarget")],
      [_pod("quickstart-lora-0", "Failed", 143, disruption="PreemptionByScheduler")],
      "Preempted", False, False),
@@ -116,10 +116,46 @@ def test_a_config_too_large_for_the_pod_template_is_refused_naming_the_field():
      "Error", True, False),
     ([("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")], [],
      "DeadlineExceeded", False, True),
-])
+    ([], [_pod("quickstart-lora-0", "Running")], "Running", False, False),
+    ([], [], "Suspended", False, False),
+]
+
+
+@pytest.mark.parametrize("conditions,pods,reason,counts,terminal", CLASSIFY_TABLE)
 def test_attempt_classification(conditions, pods, reason, counts, terminal):
-    attempt = rec.classify(_job(0, conditions), pods)
+    attempt = rec.classify(_job(0, conditions, suspend=reason == "Suspended"), pods)
     assert (attempt.reason, attempt.counts, attempt.terminal) == (reason, counts, terminal)
+
+
+@pytest.mark.parametrize("conditions,pods,reason,counts,terminal", CLASSIFY_TABLE)
+def test_the_cached_views_of_jobs_and_pods_classify_as_the_whole_objects(
+        conditions, pods, reason, counts, terminal):
+    """The FineTuneJob's cache keeps views of its Jobs and pods (no pod template, trainer
+    config or managedFields): every attempt reads the same from them."""
+    import copy
+
+    from kubetune_operator.cache import job_view, trainer_pod_view
+
+    body = _body()
+    job = res.training_job(parse(body), body, 0, SETTINGS, reason == "Suspended")
+    job["metadata"].update(uid="job-uid", resourceVersion="7", managedFields=[{"manager": "m"}],
+                           creationTimestamp="2026-11-28T11:00:00Z")
+    job["status"] = _job(0, conditions)["status"]
+    whole = [copy.deepcopy(p) for p in pods]
+    for pod in whole:
+        pod["metadata"].update(uid="pod-uid", managedFields=[{"manager": "kubelet"}],
+                               annotations=job["spec"]["template"]["metadata"]["annotations"],
+                               ownerReferences=[{"uid": "job-uid", "controller": True}])
+        pod["spec"].update(job["spec"]["template"]["spec"])
+    view, views = job_view(job), [trainer_pod_view(p) for p in whole]
+    assert "template" not in view["spec"] and "managedFields" not in view["metadata"]
+    assert all(set(v["spec"]) == {"nodeName"} and "annotations" not in v["metadata"]
+               and "managedFields" not in v["metadata"] for v in views)
+    full, seen = rec.classify(job, whole), rec.classify(view, views)
+    assert (seen.reason, seen.counts, seen.terminal) == (reason, counts, terminal)
+    assert vars(seen) == vars(full)
+    assert rec.observe_attempts([view], views, {}).history == \
+        rec.observe_attempts([job], whole, {}).history
 
 
 def test_disruption_retries_immediately_without_counting():
