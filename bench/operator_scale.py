@@ -2,7 +2,9 @@
 
 Same run, same fresh dev cluster: (a) a plain client script creates N batch/v1 Jobs (one GPU
 pod each) and waits until every pod is Running; (b) N FineTuneJobs are applied to the operator
-and we wait until every one has its Job and status phase Running. Prints both times, the ratio,
+and we wait until every one has its Job and status phase Running; then (a) again, on the
+cluster (b) left (each later half runs among the earlier halves' objects: the ratio is given to
+the first plain half and to the mean of both). Prints the times, the ratios,
 the operator's peak RSS and its API requests per job (reconcile requests; watches excluded).
 Also the latency of one FineTuneJob apply → its Job created (p50, p95 of --probes applies, with
 0 and with N FineTuneJobs present), and the operator's API requests in an idle window after
@@ -109,13 +111,13 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(dev.kubeconfig))
         core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
         custom = client.CustomObjectsApi(api)
-        nodes = (2 * n + 2 * args.probes) // 8 + 2
+        nodes = (3 * n + 2 * args.probes) // 8 + 2
         for i in range(nodes):  # GPU capacity for both halves and the probes
             core.create_node(node_manifest(NodeSpec(f"bench-gpu-{i}", 8, GPU, [])))
         env = {**os.environ, **dev.env()}
         subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds")], env=env, check=True,
                        capture_output=True)
-        for ns in ("plain", "operator"):
+        for ns in ("plain", "operator", "plain-again"):
             core.create_namespace({"metadata": {"name": ns}})
         time.sleep(2)
         s3 = dev.state().s3_info()
@@ -124,19 +126,8 @@ def main() -> int:
             "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
 
         # (a) the floor: a plain client creating Jobs directly.
-        watcher = Watcher(core.list_namespaced_pod, ("plain",),
-                          lambda p: (p.metadata.name, p.status.phase), n)
         profiler = _start_profile(api, args, "plain")
-        parts0 = _cluster_cpu()
-        t0 = time.monotonic()
-        for i in range(n):
-            batch.create_namespaced_job("plain", {"metadata": {"name": f"plain-{i}"},
-                                                  "spec": {"backoffLimit": 0,
-                                                           "template": pod_template("plain")}})
-
-        watcher.wait()
-        plain = time.monotonic() - t0
-        parts_plain = _minus(_cluster_cpu(), parts0)
+        plain, parts_plain = _plain(core, batch, "plain", n)
         if profiler:
             profiler.join()
 
@@ -180,6 +171,9 @@ def main() -> int:
         if profiler:
             profiler.join()
         full = _apply_latencies(custom, batch, "probe1", args.probes)
+        # (a) again, on the cluster as the kubetune half left it (its Jobs and pods present,
+        # as the plain half's were for it): the order of the halves is not what is measured.
+        again, _ = _plain(core, batch, "plain-again", n)
         time.sleep(5)  # the probes' own aftermath
         idle_start, idle_cpu = _requests(metrics), _cpu_seconds(op.pid)
         time.sleep(args.idle)
@@ -200,9 +194,11 @@ def main() -> int:
         jobs = len(batch.list_namespaced_job("operator").items)
         per_verb = ", ".join(f"{k} {v / n:.1f}" for k, v in sorted(verbs.items()) if v)
         print(f"{n} jobs on KWOK GPU nodes ({nodes} nodes x 8 GPUs)")
-        print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s")
+        print(f"  plain client, Jobs -> pods Running:        {plain:8.1f}s   "
+              f"again after the kubetune half {again:.1f}s")
         print(f"  kubetune, FineTuneJobs -> status Running: {operated:8.1f}s   "
-              f"ratio {operated / plain:.2f}")
+              f"ratio {operated / plain:.2f} (to the first plain half), "
+              f"{operated / ((plain + again) / 2):.2f} (to the mean of both)")
         print(f"  operator CPU {cpu:.1f}s ({cpu / operated * 100:.0f}% of one core, "
               f"{cpu / n * 1000:.0f} ms per job); peak RSS {rss_jobs:.0f} MiB with the jobs, "
               f"{rss:.0f} MiB at the end; reconcile API "
@@ -258,6 +254,21 @@ def _apply_adapters(dev, api, work: Path, count: int) -> None:
                      custom.list_namespaced_custom_object("kubetune.io", "v1alpha1", "operator",
                                                           "loraadapters")["items"]) >= count,
          timeout=300, interval=1)
+
+
+def _plain(core, batch, namespace: str, n: int) -> tuple[float, dict[str, float]]:
+    """A plain client creates `n` Jobs (one GPU pod each): seconds until every pod runs, and
+    the cluster's CPU meanwhile."""
+    watcher = Watcher(core.list_namespaced_pod, (namespace,),
+                      lambda p: (p.metadata.name, p.status.phase), n)
+    parts0 = _cluster_cpu()
+    t0 = time.monotonic()
+    for i in range(n):
+        batch.create_namespaced_job(namespace, {"metadata": {"name": f"plain-{i}"},
+                                                "spec": {"backoffLimit": 0,
+                                                         "template": pod_template("plain")}})
+    watcher.wait()
+    return time.monotonic() - t0, _minus(_cluster_cpu(), parts0)
 
 
 def _start_profile(api, args, half: str) -> threading.Thread | None:
@@ -343,6 +354,10 @@ def _cluster_cpu() -> dict[str, float]:
         except OSError:
             continue
     out["bench client"] = _cpu_seconds(os.getpid())
+    # CPU time the hypervisor gave to others while this machine wanted it (a VM's "steal"):
+    # a half that lost much of it ran on a slower machine than the other.
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    out["steal (machine)"] = int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
     return out
 
 

@@ -17,6 +17,30 @@ from kubernetes.client.rest import ApiException
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+# Where each kind lives: (API prefix, plural, namespaced).
+RESOURCES = {
+    "Pod": ("/api/v1", "pods", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "Service": ("/api/v1", "services", True),
+    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
+    "Event": ("/api/v1", "events", True),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "Job": ("/apis/batch/v1", "jobs", True),
+    "Deployment": ("/apis/apps/v1", "deployments", True),
+    "FineTuneJob": (f"/apis/{GROUP}/{VERSION}", "finetunejobs", True),
+    "LoRAAdapter": (f"/apis/{GROUP}/{VERSION}", "loraadapters", True),
+    "FineTuneRuntime": (f"/apis/{GROUP}/{VERSION}", "finetuneruntimes", True),
+    "ClusterFineTuneRuntime": (f"/apis/{GROUP}/{VERSION}", "clusterfinetuneruntimes", False),
+    "Workload": (f"/apis/{KUEUE_GROUP}/{KUEUE_VERSION}", "workloads", True),
+    "ValidatingAdmissionPolicy": ("/apis/admissionregistration.k8s.io/v1",
+                                  "validatingadmissionpolicies", False),
+    "ValidatingAdmissionPolicyBinding": ("/apis/admissionregistration.k8s.io/v1",
+                                         "validatingadmissionpolicybindings", False),
+}
+CREATABLE = {"ServiceAccount", "Service", "Role", "RoleBinding", "Job", *PLURALS}
+MERGE_PATCH = "application/merge-patch+json"  # custom resources (and any status)
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # built-in kinds
 NO_KUEUE_RECHECK = 300.0  # seconds before asking again whether Kueue is installed
 # Every call to the apiserver has a deadline: (connect, read) seconds. Without one a lost
 # response blocked its caller for good: a start-up LIST that never returned left an operator
@@ -36,14 +60,28 @@ def controller_uid(obj: dict) -> str | None:
     return None
 
 
+def path(kind: str, namespace: str | None = None, name: str | None = None,
+         subresource: str | None = None, everywhere: bool = False) -> tuple[str, dict[str, str]]:
+    """The request path of `kind` (a collection, in one namespace or `everywhere`, or one
+    object and its subresource) as a template and its parameters: the client quotes each one,
+    so no name leaves its segment."""
+    prefix, plural, namespaced = RESOURCES[kind]
+    template, params = prefix, {}
+    if namespaced and not (everywhere and name is None):
+        if not namespace:
+            raise ValueError(f"{kind} is namespaced: no namespace given")
+        template, params["namespace"] = template + "/namespaces/{namespace}", namespace
+    template += f"/{plural}"
+    if name is not None:
+        template, params["name"] = template + "/{name}", name
+        if subresource:
+            template += f"/{subresource}"
+    return template, params
+
+
 class Kube:
     def __init__(self, api: client.ApiClient):
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.batch = client.BatchV1Api(api)
-        self.rbac = client.RbacAuthorizationV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.apps = client.AppsV1Api(api)
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
         # Events are sent by one thread of their own, as client-go's recorder does: a
@@ -59,29 +97,42 @@ class Kube:
             self.requests[verb] += 1
         API_REQUESTS.labels(verb=verb).inc()
 
-    @staticmethod
-    def _json(call, *args, **kwargs):
-        """Call a client method and return the response as plain JSON (dicts and lists, the
-        wire format, timestamps as the server wrote them, the same as watch events): the
-        client's model classes are never built, which cost more CPU than the request itself
-        (a Job's response is thousands of attribute assignments and date parses)."""
-        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        response = call(*args, _preload_content=False, **kwargs)
+    def _request(self, method: str, kind: str, namespace: str | None = None,
+                 name: str | None = None, *, subresource: str | None = None,
+                 body=None, query: dict | None = None, content_type: str = "application/json",
+                 everywhere: bool = False):
+        """One call to the apiserver, its answer as plain JSON (dicts and lists, the wire
+        format, timestamps as the server wrote them, the same as watch events); a status of
+        400 or more raises ApiException, as the generated client does. The generated client's
+        methods are not used: each validated our dict into its pydantic model and serialized
+        it back (a tenth of the operator's CPU at 500 jobs, more than the request itself), and
+        built models of the answer before that was turned off."""
+        template, params = path(kind, namespace, name, subresource, everywhere)
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        _, url, headers, _, _ = self.api.param_serialize(
+            method, template, path_params=params,
+            query_params=[(k, v) for k, v in (query or {}).items() if v is not None] or None,
+            header_params=headers, auth_settings=["BearerToken"])
+        response = self.api.rest_client.request(method, url, headers=headers, body=body,
+                                                _request_timeout=REQUEST_TIMEOUT)
         try:
-            data = response.data
+            data = response.read()
         finally:
-            response.release_conn()
+            response.response.release_conn()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
         return json.loads(data) if data else None
 
     def admission_policy_bound(self, name: str) -> bool:
         """Whether the ValidatingAdmissionPolicy `name` and a binding of the same name that
         denies exist (False when they do not, or when this identity may not read them)."""
-        admission = client.AdmissionregistrationV1Api(self.api)
         try:
             self._count("get")
-            self._json(admission.read_validating_admission_policy, name)
+            self._request("GET", "ValidatingAdmissionPolicy", name=name)
             self._count("get")
-            bound = self._json(admission.read_validating_admission_policy_binding, name)
+            bound = self._request("GET", "ValidatingAdmissionPolicyBinding", name=name)
         except ApiException as exc:
             if exc.status in (403, 404):
                 return False
@@ -93,20 +144,11 @@ class Kube:
     def create(self, obj: dict) -> bool:
         """Create; True if created, False if it already existed (a deterministic name)."""
         kind, ns = obj["kind"], obj["metadata"].get("namespace")
-        create = {"ServiceAccount": self.core.create_namespaced_service_account,
-                  "Service": self.core.create_namespaced_service,
-                  "Role": self.rbac.create_namespaced_role,
-                  "RoleBinding": self.rbac.create_namespaced_role_binding,
-                  "Job": self.batch.create_namespaced_job}.get(kind)
-        if create is None and kind not in PLURALS:
+        if kind not in CREATABLE:
             raise ValueError(f"no create for kind {kind}")
         self._count("create")
         try:
-            if create is not None:
-                self._json(create, ns, obj)
-            else:
-                self._json(self.custom.create_namespaced_custom_object, GROUP, VERSION, ns,
-                           PLURALS[kind], obj)
+            self._request("POST", kind, ns, body=obj)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -122,17 +164,9 @@ class Kube:
         return True
 
     def _read(self, kind: str, ns: str, name: str) -> dict | None:
-        read = {"ServiceAccount": self.core.read_namespaced_service_account,
-                "Service": self.core.read_namespaced_service,
-                "Role": self.rbac.read_namespaced_role,
-                "RoleBinding": self.rbac.read_namespaced_role_binding,
-                "Job": self.batch.read_namespaced_job,
-                "Deployment": self.apps.read_namespaced_deployment}.get(kind)
-        if read is None:
-            return self.get_custom(kind, ns, name)
         self._count("get")
         try:
-            return self._json(read, name, ns)
+            return self._request("GET", kind, ns, name)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -141,20 +175,12 @@ class Kube:
     def patch(self, obj: dict, patch: dict) -> str | None:
         """Patch; returns the new resourceVersion (None if the object is gone)."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if kind not in ("Job", "Deployment", "Workload", *PLURALS):
+            raise ValueError(f"no patch for kind {kind}")
         self._count("patch")
         try:
-            if kind == "Job":
-                out = self._json(self.batch.patch_namespaced_job, name, ns, patch)
-            elif kind == "Deployment":
-                out = self._json(self.apps.patch_namespaced_deployment, name, ns, patch)
-            elif kind in PLURALS:
-                out = self._json(self.custom.patch_namespaced_custom_object, GROUP, VERSION, ns,
-                                 PLURALS[kind], name, patch)
-            elif kind == "Workload":
-                out = self._json(self.custom.patch_namespaced_custom_object, KUEUE_GROUP,
-                                 KUEUE_VERSION, ns, "workloads", name, patch)
-            else:
-                raise ValueError(f"no patch for kind {kind}")
+            out = self._request("PATCH", kind, ns, name, body=patch, content_type=(
+                STRATEGIC_PATCH if kind in ("Job", "Deployment") else MERGE_PATCH))
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -170,8 +196,8 @@ class Kube:
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self._json(self.custom.patch_namespaced_custom_object_status,
-                       GROUP, VERSION, ns, PLURALS[kind], name, body)
+            self._request("PATCH", kind, ns, name, subresource="status", body=body,
+                          content_type=MERGE_PATCH)
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -184,15 +210,14 @@ class Kube:
         object given (its uid as a precondition), so a newer one of the same name is never
         hit. Gone already, or replaced: nothing to do."""
         kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
-        delete = {"Job": self.batch.delete_namespaced_job}.get(kind)
-        if delete is None:
+        if kind != "Job":
             raise ValueError(f"no delete for kind {kind}")
         options: dict = {"propagationPolicy": "Background"}
         if obj["metadata"].get("uid"):
             options["preconditions"] = {"uid": obj["metadata"]["uid"]}
         self._count("delete")
         try:
-            self._json(delete, name, ns, body=options)
+            self._request("DELETE", kind, ns, name, body=options)
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
@@ -200,33 +225,23 @@ class Kube:
     def delete_custom(self, kind: str, ns: str, name: str) -> None:
         self._count("delete")
         try:
-            self._json(self.custom.delete_namespaced_custom_object, GROUP, VERSION, ns,
-                       PLURALS[kind], name, propagation_policy="Background")
+            self._request("DELETE", kind, ns, name, body={"propagationPolicy": "Background"})
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     def get_custom(self, kind: str, ns: str, name: str) -> dict | None:
-        self._count("get")
-        try:
-            return self._json(self.custom.get_namespaced_custom_object, GROUP, VERSION, ns,
-                              PLURALS[kind], name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._read(kind, ns, name)
 
     def runtime(self, kind: str, ns: str, name: str) -> dict | None:
         """A ClusterFineTuneRuntime, or a FineTuneRuntime in `ns`; None when there is none
         (or when this identity may not read it: a namespaced install reads no cluster
         objects)."""
+        if kind not in ("ClusterFineTuneRuntime", "FineTuneRuntime"):
+            raise ValueError(f"no runtime kind {kind}")
         self._count("get")
         try:
-            if kind == "ClusterFineTuneRuntime":
-                return self._json(self.custom.get_cluster_custom_object, GROUP, VERSION,
-                                  "clusterfinetuneruntimes", name)
-            return self._json(self.custom.get_namespaced_custom_object, GROUP, VERSION, ns,
-                              "finetuneruntimes", name)
+            return self._request("GET", kind, ns if kind == "FineTuneRuntime" else None, name)
         except ApiException as exc:
             if exc.status in (403, 404):
                 return None
@@ -239,27 +254,18 @@ class Kube:
         import base64
 
         self._count("get")
-        secret = self._json(self.core.read_namespaced_secret, name, ns)
+        secret = self._request("GET", "Secret", ns, name)
         return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
 
     def list(self, kind: str, label_selector: str, namespace: str | None = None) -> list[dict]:
         """Every object of `kind` matching the selector (page by page, 500 at a time)."""
-        namespaced, everywhere, api_version = {
-            "Job": (self.batch.list_namespaced_job, self.batch.list_job_for_all_namespaces,
-                    "batch/v1"),
-            "Pod": (self.core.list_namespaced_pod, self.core.list_pod_for_all_namespaces, "v1"),
-            "Deployment": (self.apps.list_namespaced_deployment,
-                           self.apps.list_deployment_for_all_namespaces, "apps/v1")}[kind]
+        api_version = RESOURCES[kind][0].removeprefix("/apis/").removeprefix("/api/")
         items, token = [], None
         while True:
             self._count("list")
-            extra = {"_continue": token} if token else {}
-            if namespace:
-                page = self._json(namespaced, namespace, label_selector=label_selector,
-                                  limit=500, **extra)
-            else:
-                page = self._json(everywhere, label_selector=label_selector, limit=500,
-                                  **extra)
+            query = {"labelSelector": label_selector or None, "limit": 500, "continue": token}
+            page = self._request("GET", kind, namespace, query=query,
+                                 everywhere=not namespace)
             for item in page.get("items") or []:
                 # A list's items carry no kind (a watch event's do): what is cached from a
                 # LIST must look the same, e.g. for a later patch of it.
@@ -276,9 +282,8 @@ class Kube:
             return []
         self._count("list")
         try:
-            page = self._json(self.custom.list_namespaced_custom_object, KUEUE_GROUP,
-                              KUEUE_VERSION, ns, "workloads",
-                              label_selector=label_selector, limit=50)
+            page = self._request("GET", "Workload", ns,
+                                 query={"labelSelector": label_selector, "limit": 50})
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -319,8 +324,7 @@ class Kube:
             event = self._events.get()
             try:
                 self._count("event")
-                self._json(self.core.create_namespaced_event,
-                           event["metadata"]["namespace"], event)
+                self._request("POST", "Event", event["metadata"]["namespace"], body=event)
             except Exception:  # noqa: BLE001 - Events are best effort; the sender lives on
                 pass
             finally:

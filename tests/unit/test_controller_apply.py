@@ -116,19 +116,23 @@ def test_a_failed_create_is_raised_after_its_wave_ends_and_nothing_follows():
 
 
 def _stub_kube(send):
-    kube = Kube.__new__(Kube)
-    kube.__init__(SimpleNamespace())  # no server: the event call is replaced below
-    kube.core = SimpleNamespace(create_namespaced_event=send)
+    kube = Kube(SimpleNamespace())  # no server: its one request method is replaced below
+
+    def request(method, kind, namespace=None, name=None, **kwargs):
+        assert (method, kind, name) == ("POST", "Event", None)
+        return send(namespace, kwargs["body"])
+
+    kube._request = request
     return kube
 
 
 def test_events_are_sent_in_the_background_in_order_and_flushed_on_demand():
     gate, sent = threading.Event(), []
 
-    def send(namespace, event, _preload_content=False, _request_timeout=None):
+    def send(namespace, event):
         gate.wait(5)
         sent.append((namespace, event["reason"], event["involvedObject"]["name"]))
-        return SimpleNamespace(data=b"{}", release_conn=lambda: None)
+        return {}
 
     kube = _stub_kube(send)
     body = _body()
@@ -150,7 +154,7 @@ def test_a_full_event_backlog_drops_new_events_and_counts_them(monkeypatch):
     monkeypatch.setattr(kube_mod, "EVENT_BACKLOG", 2)
     gate = threading.Event()
 
-    def send(namespace, event, _preload_content=False, _request_timeout=None):
+    def send(namespace, event):
         gate.wait(5)
         raise RuntimeError("apiserver down")  # a failed Event is dropped, not retried
 

@@ -1,55 +1,156 @@
-"""The API client wrapper reads responses as plain JSON, pages lists and gives listed items the
-kind a watch event would carry (no apiserver: the client methods are stubbed)."""
+"""The API client wrapper against a stand-in apiserver (a local HTTP server that records each
+request and answers from a script): paths and queries, content types, bodies, the answers read
+as plain JSON, status codes mapped as the callers expect, lists paged with the kind a watch
+event would carry, and every call under a deadline."""
 
 from __future__ import annotations
 
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
-from kubetune_operator.kube import REQUEST_TIMEOUT, Kube
+from kubetune_operator.kube import Kube, NotOwned, path
 
 pytestmark = pytest.mark.unit
 
 
-class _Response:
-    def __init__(self, payload):
-        self.data = json.dumps(payload).encode()
-        self.released = False
+class _Apiserver:
+    """Records (method, path, query, content type, authorization, body); answers each request
+    with the next scripted (status, payload), or 200 {} when the script is empty."""
 
-    def release_conn(self):
-        self.released = True
+    def __init__(self):
+        self.requests, self.answers = [], []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                url = urlsplit(self.path)
+                outer.requests.append((self.command, url.path, dict(parse_qsl(url.query)),
+                                       self.headers.get("Content-Type"),
+                                       self.headers.get("Authorization"),
+                                       json.loads(raw) if raw else None))
+                status, payload = outer.answers.pop(0) if outer.answers else (200, {})
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kube(self) -> Kube:
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{self.server.server_address[1]}"
+        configuration.api_key = {"authorization": "secret-token"}
+        configuration.api_key_prefix = {"authorization": "Bearer"}
+        return Kube(client.ApiClient(configuration))
 
 
-def test_lists_are_paged_and_items_get_their_kind():
-    import threading
-    from collections import Counter
+@pytest.fixture
+def apiserver():
+    server = _Apiserver()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
 
-    kube = Kube.__new__(Kube)  # no ApiClient: the client methods are stubbed below
-    kube.requests, kube._lock = Counter(), threading.Lock()
-    calls, responses = [], []
 
-    def list_jobs(namespace, label_selector, limit, _preload_content, _request_timeout,
-                  _continue=None):
-        assert _request_timeout == REQUEST_TIMEOUT  # every call has a deadline
-        assert _preload_content is False and limit == 500
-        calls.append(_continue)
-        page = {"metadata": {"continue": "next"}, "items": [{"metadata": {"name": "a"}}]} \
-            if _continue is None else {"metadata": {}, "items": [{"metadata": {"name": "b"}}]}
-        responses.append(_Response(page))
-        return responses[-1]
-    from types import SimpleNamespace
-
-    kube.batch = SimpleNamespace(list_namespaced_job=list_jobs,
-                                 list_job_for_all_namespaces=None)
-    kube.core = SimpleNamespace(list_namespaced_pod=None, list_pod_for_all_namespaces=None)
-    kube.apps = SimpleNamespace(list_namespaced_deployment=None,
-                                list_deployment_for_all_namespaces=None)
+def test_lists_are_paged_and_items_get_their_kind(apiserver):
+    apiserver.answers = [
+        (200, {"metadata": {"continue": "next"}, "items": [{"metadata": {"name": "a"}}]}),
+        (200, {"metadata": {}, "items": [{"metadata": {"name": "b"}}]})]
+    kube = apiserver.kube()
     items = kube.list("Job", "kubetune.io/loraadapter", "ns")
-    assert [i["metadata"]["name"] for i in items] == ["a", "b"] and calls == [None, "next"]
+    assert [i["metadata"]["name"] for i in items] == ["a", "b"]
     assert all(i["kind"] == "Job" and i["apiVersion"] == "batch/v1" for i in items)
-    assert all(r.released for r in responses)  # connections go back to the pool
+    assert [(m, p, q) for m, p, q, *_ in apiserver.requests] == [
+        ("GET", "/apis/batch/v1/namespaces/ns/jobs",
+         {"labelSelector": "kubetune.io/loraadapter", "limit": "500"}),
+        ("GET", "/apis/batch/v1/namespaces/ns/jobs",
+         {"labelSelector": "kubetune.io/loraadapter", "limit": "500", "continue": "next"})]
+    assert all(r[4] == "Bearer secret-token" for r in apiserver.requests)
     assert kube.requests["list"] == 2
+    kube.list("Pod", "app=x")  # every namespace
+    assert apiserver.requests[-1][1] == "/api/v1/pods"
+    assert kube.requests["list"] == 3
+
+
+def test_creates_patches_and_status_go_where_and_how_the_apiserver_expects(apiserver):
+    kube = apiserver.kube()
+    job = {"apiVersion": "batch/v1", "kind": "Job",
+           "metadata": {"name": "j-0", "namespace": "ml"}, "spec": {"suspend": True}}
+    apiserver.answers = [(201, job), (200, {"metadata": {"resourceVersion": "9"}}),
+                         (200, {}), (409, {"reason": "Conflict"}), (200, {}), (200, {})]
+    assert kube.create(job) is True
+    assert kube.patch(job, {"spec": {"suspend": False}}) == "9"
+    assert kube.patch_status("FineTuneJob", "ml", "x", {"phase": "Running"}, "41") is True
+    assert kube.patch_status("FineTuneJob", "ml", "x", {"phase": "Running"}, "41") is False
+    assert kube.runtime("ClusterFineTuneRuntime", "ml", "gpu") == {}
+    assert kube.runtime("FineTuneRuntime", "ml", "gpu") == {}
+    seen = [(m, p, t, b) for m, p, _, t, _, b in apiserver.requests]
+    assert seen == [
+        ("POST", "/apis/batch/v1/namespaces/ml/jobs", "application/json", job),
+        ("PATCH", "/apis/batch/v1/namespaces/ml/jobs/j-0",
+         "application/strategic-merge-patch+json", {"spec": {"suspend": False}}),
+        ("PATCH", "/apis/kubetune.io/v1alpha1/namespaces/ml/finetunejobs/x/status",
+         "application/merge-patch+json",
+         {"status": {"phase": "Running"}, "metadata": {"resourceVersion": "41"}}),
+        ("PATCH", "/apis/kubetune.io/v1alpha1/namespaces/ml/finetunejobs/x/status",
+         "application/merge-patch+json",
+         {"status": {"phase": "Running"}, "metadata": {"resourceVersion": "41"}}),
+        ("GET", "/apis/kubetune.io/v1alpha1/clusterfinetuneruntimes/gpu", None, None),
+        ("GET", "/apis/kubetune.io/v1alpha1/namespaces/ml/finetuneruntimes/gpu", None, None)]
+
+
+def test_a_taken_name_is_ours_or_refused_and_errors_keep_their_status(apiserver):
+    kube = apiserver.kube()
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount",
+          "metadata": {"name": "x-trainer", "namespace": "ml",
+                       "ownerReferences": [{"uid": "u-1", "controller": True}]}}
+    theirs = {"metadata": {"ownerReferences": [{"uid": "u-2", "controller": True}]}}
+    apiserver.answers = [(409, {}), (200, sa), (409, {}), (200, theirs), (500, {"m": "x"}),
+                         (404, {}), (404, {})]
+    assert kube.create(sa) is False  # ours already
+    with pytest.raises(NotOwned, match="not controlled by this object"):
+        kube.create(sa)
+    with pytest.raises(ApiException) as err:
+        kube.create(sa)
+    assert err.value.status == 500 and '"m": "x"' in err.value.body
+    assert kube.get_custom("LoRAAdapter", "ml", "gone") is None
+    assert kube.patch({"kind": "Deployment", "metadata": {"name": "d", "namespace": "ml"}},
+                      {"spec": {}}) is None
+    assert [p for _, p, *_ in apiserver.requests][:2] == [
+        "/api/v1/namespaces/ml/serviceaccounts", "/api/v1/namespaces/ml/serviceaccounts/x-trainer"]
+    assert kube.requests["create"] == 3 and kube.requests["get"] == 3
+
+
+def test_names_never_leave_their_path_segment():
+    template, params = path("Job", "ml", "../../secrets/x")
+    assert template == "/apis/batch/v1/namespaces/{namespace}/jobs/{name}"
+    assert params == {"namespace": "ml", "name": "../../secrets/x"}
+    with pytest.raises(ValueError, match="namespaced"):
+        path("Job", None, "j")
+
+
+def test_names_are_quoted_on_the_wire(apiserver):
+    apiserver.answers = [(404, {})]
+    assert apiserver.kube().get_custom("FineTuneJob", "ml", "../../x?y=1") is None
+    assert apiserver.requests[0][1] == \
+        "/apis/kubetune.io/v1alpha1/namespaces/ml/finetunejobs/..%2F..%2Fx%3Fy%3D1"
+    assert apiserver.requests[0][2] == {}
 
 
 def test_the_shared_client_holds_a_connection_for_every_worker(tmp_path, monkeypatch):
@@ -71,33 +172,17 @@ def test_the_shared_client_holds_a_connection_for_every_worker(tmp_path, monkeyp
     assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] >= 70
 
 
-def test_a_job_is_deleted_in_the_background_only_if_it_is_still_the_same_one():
+def test_a_job_is_deleted_in_the_background_only_if_it_is_still_the_same_one(apiserver):
     """A spec changed before the start: the old Job goes (its pods after it); its uid is the
     precondition, so a newer Job of the same name is never hit; gone or replaced is fine."""
-    import threading
-    from collections import Counter
-    from types import SimpleNamespace
-
-    from kubernetes.client.rest import ApiException
-
-    kube = Kube.__new__(Kube)
-    kube.requests, kube._lock = Counter(), threading.Lock()
-    calls, answers = [], [None, ApiException(status=404), ApiException(status=409),
-                          ApiException(status=500)]
-
-    def delete_job(name, namespace, body, _preload_content, _request_timeout):
-        calls.append((name, namespace, body))
-        answer = answers.pop(0)
-        if answer is not None:
-            raise answer
-        return _Response({})
-
-    kube.batch = SimpleNamespace(delete_namespaced_job=delete_job)
+    kube = apiserver.kube()
+    apiserver.answers = [(200, {}), (404, {}), (409, {}), (500, {})]
     job = {"kind": "Job", "metadata": {"name": "j-0", "namespace": "ml", "uid": "u-0"}}
     for _ in range(3):
         kube.delete(job)
-    assert calls[0] == ("j-0", "ml", {"propagationPolicy": "Background",
-                                      "preconditions": {"uid": "u-0"}})
+    assert apiserver.requests[0][:2] == ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/j-0")
+    assert apiserver.requests[0][5] == {"propagationPolicy": "Background",
+                                        "preconditions": {"uid": "u-0"}}
     with pytest.raises(ApiException):
         kube.delete(job)
     assert kube.requests["delete"] == 4

@@ -7,6 +7,7 @@ import kopf
 
 from ..adapters import LoRAAdapterController
 from ..policy import TARGET_LABEL
+from ..resources.finetunejob import LABEL_JOB
 from ..resources.loraadapter import LABEL_ADAPTER
 from . import snapshot
 
@@ -28,6 +29,8 @@ def register(registry: kopf.OperatorRegistry, controller: LoRAAdapterController)
     async def merge_job_event(type, body, **_):  # noqa: A002
         controller.on_merge_job(type or "ADDED", snapshot(body))
 
-    @kopf.on.event("", "v1", "pods", registry=registry)
+    # Training pods (half of a burst's events) are never serving pods: kopf skips this
+    # handler for them rather than calling it to return at once.
+    @kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.ABSENT}, registry=registry)
     async def serving_pod_event(type, body, **_):  # noqa: A002
         controller.on_pod(type or "ADDED", dict(body))
