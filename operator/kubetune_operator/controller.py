@@ -211,8 +211,8 @@ class FineTuneJobController:
                 if _namespace_binding(obj):
                     self._bound[ns] = now
                 if obj["kind"] == "Job":
-                    self.caches.jobs.put(key, job_view(obj))  # write-through: the watch
-                    # event follows
+                    # write-through: the watch event follows
+                    self.caches.jobs.put(key, job_view(obj))
                 if outcome and obj["kind"] in ("Job", "LoRAAdapter"):
                     log.info(f"Created {obj['kind']}", child=obj["metadata"]["name"])
             conflict = next((o for o in outcomes if isinstance(o, NotOwned)), None)
