@@ -104,17 +104,20 @@ class FineTuneJobController:
                           "the attempt's artifact again")
         adapter = {"exists": True} if old.get("adapterRef") else None
         now = datetime.now(timezone.utc)
+        workloads = self._workloads(ns, jobs, job)
         world = rec.Observed(body, job, errors, jobs, pods, artifact, None, adapter, config,
-                             self._workloads(ns, jobs, job), runtime.status, runtime.error)
+                             workloads=workloads or [], kueue_served=workloads is not None,
+                             runtime=runtime.status, runtime_error=runtime.error)
         plan = rec.reconcile(world, self.settings, now)
         if plan.verify_attempt is not None:
             world.artifact, world.artifact_error = self._verify(job, body, plan.verify_attempt)
             plan = rec.reconcile(world, self.settings, now)
         self._apply(key, body, plan, bound)
 
-    def _workloads(self, ns: str, jobs: list[dict], job) -> list[dict]:
+    def _workloads(self, ns: str, jobs: list[dict], job) -> list[dict] | None:
         """Kueue's Workloads of this job's queued Jobs, read only when they are needed: while
-        Kueue holds a Job (why it waits) or to suspend one (the Workload is deactivated)."""
+        Kueue holds a Job (why it waits) or to suspend one (the Workload is deactivated).
+        None: Kueue's Workload API is not served (Kueue is not installed)."""
         wanted = [j["metadata"]["uid"] for j in jobs
                   if res.KUEUE_QUEUE in (j["metadata"].get("labels") or {})
                   and not rec.finished(j)

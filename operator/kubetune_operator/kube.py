@@ -14,9 +14,11 @@ from datetime import datetime, timezone
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from .resources.finetunejob import KUEUE_API
+
 GROUP, VERSION = "kubetune.io", "v1alpha1"
 PLURALS = {"FineTuneJob": "finetunejobs", "LoRAAdapter": "loraadapters"}
-KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+KUEUE_GROUP, KUEUE_VERSION = KUEUE_API.split("/")
 # Where each kind lives: (API prefix, plural, namespaced).
 RESOURCES = {
     "Pod": ("/api/v1", "pods", True),
@@ -41,7 +43,10 @@ RESOURCES = {
 CREATABLE = {"ServiceAccount", "Service", "Role", "RoleBinding", "Job", *PLURALS}
 MERGE_PATCH = "application/merge-patch+json"  # custom resources (and any status)
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"  # built-in kinds
-NO_KUEUE_RECHECK = 300.0  # seconds before asking again whether Kueue is installed
+# Seconds a 404 from Kueue's Workload API is believed: no request per look while Kueue is not
+# installed, and one installed later is seen within seconds (it was 300 s: a Kueue installed
+# while the operator ran went unseen for five minutes; its queued jobs said "no Workload yet").
+NO_KUEUE_RECHECK = 10.0
 # Every call to the apiserver has a deadline: (connect, read) seconds. Without one a lost
 # response blocked its caller for good: a start-up LIST that never returned left an operator
 # that answered /healthz and never reconciled (seen once in CI, 420 s of silence).
@@ -276,10 +281,10 @@ class Kube:
             if not token:
                 return items
 
-    def workloads(self, ns: str, label_selector: str) -> list[dict]:
-        """Kueue's Workloads ([] where Kueue is not installed)."""
+    def workloads(self, ns: str, label_selector: str) -> list[dict] | None:
+        """Kueue's Workloads; None where Kueue's Workload API is not served (not installed)."""
         if time.monotonic() < self._no_kueue_until:
-            return []
+            return None
         self._count("list")
         try:
             page = self._request("GET", "Workload", ns,
@@ -288,7 +293,7 @@ class Kube:
             if exc.status != 404:
                 raise
             self._no_kueue_until = time.monotonic() + NO_KUEUE_RECHECK  # not installed
-            return []
+            return None
         items = page.get("items") or []
         for item in items:
             item.setdefault("kind", "Workload")

@@ -131,6 +131,16 @@ def test_queue_name_adds_kueue_label_and_starts_suspended(cluster, operator, job
     assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
     assert job.spec.suspend is True
     assert condition(st, "Ready")["reason"] == "Queued"
+    try:
+        client.CustomObjectsApi(cluster.api).list_namespaced_custom_object(
+            "kueue.x-k8s.io", "v1beta2", ns, "workloads")
+    except ApiException as exc:
+        assert exc.status == 404, exc
+        # No Kueue here (yet: tests/cluster/test_kueue.py installs it later): said so.
+        st = wait_for(lambda: (s := status(cluster, ns, "queued")) and "is Kueue installed?"
+                      in condition(s, "Ready").get("message", "") and s, timeout=30,
+                      message="Ready saying Kueue's Workload API is not served")
+        assert "kueue.x-k8s.io/v1beta2" in condition(st, "Ready")["message"]
 
 
 def test_suspend_and_resume(cluster, operator, job_namespace):

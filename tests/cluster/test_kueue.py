@@ -78,6 +78,25 @@ def _suspend_owner(cluster, ns: str, job: str) -> set[str]:
             if "f:suspend" in ((m.fields_v1 or {}).get("f:spec") or {})}
 
 
+def _wait_status(cluster, ns: str, name: str, ok, timeout: float, message: str,
+                 interval: float = 0.25) -> dict:
+    """Wait until `ok(status)`; a timeout tells the last status and Kueue's Workloads (what
+    the operator showed and what Kueue said), not just False."""
+    seen: dict = {}
+
+    def look():
+        seen["status"] = st = _status(cluster, ns, name)
+        return ok(st) and st
+
+    try:
+        return wait_for(look, timeout=timeout, interval=interval, message=message)
+    except AssertionError as exc:
+        said = [(w["metadata"]["name"], (w.get("status") or {}).get("conditions"))
+                for w in _workloads(cluster, ns)]
+        raise AssertionError(f"{exc}\nstatus of {name}: {seen.get('status')}\n"
+                             f"Workloads: {said}") from None
+
+
 def _apply(cluster, ns, obj) -> float:
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(obj))
     return time.monotonic()
@@ -91,8 +110,8 @@ def test_kueue_admits_holds_a_gang_and_preempts_with_a_checkpoint(cluster, opera
     t0 = _apply(cluster, ns, _job("low", 1500, retryPolicy={"maxRetries": 0},
                                   resources={"priorityClassName": "kubetune-test-low"},
                                   **queued))
-    st = wait_for(lambda: (s := _status(cluster, ns, "low")).get("phase") == "Running" and s,
-                  timeout=240, message="low Running")
+    st = _wait_status(cluster, ns, "low", lambda s: s.get("phase") == "Running", timeout=240,
+                      message="low Running")
     admitted = time.monotonic() - t0
     # Kueue admitted it and started the Job (the operator created it suspended, never
     # unsuspends a queued Job).
@@ -106,9 +125,9 @@ def test_kueue_admits_holds_a_gang_and_preempts_with_a_checkpoint(cluster, opera
     _apply(cluster, ns, _job("gang", 50, resources={"nodes": 2, "gpusPerNode": 1,
                                                     "priorityClassName": "kubetune-test-low"},
                              **queued))
-    st = wait_for(lambda: (s := _status(cluster, ns, "gang")).get("phase") == "Queued" and
-                  "quota" in _cond(s, "Ready").get("message", "") and s, timeout=90,
-                  message="gang Queued with Kueue's reason")
+    st = _wait_status(cluster, ns, "gang", lambda s: s.get("phase") == "Queued" and
+                      "quota" in _cond(s, "Ready").get("message", ""), timeout=90,
+                      message="gang Queued with Kueue's reason")
     ready = _cond(st, "Ready")
     assert ready["reason"] == "Queued", ready
     assert "insufficient unused quota for nvidia.com/gpu" in ready["message"], ready
@@ -124,8 +143,8 @@ def test_kueue_admits_holds_a_gang_and_preempts_with_a_checkpoint(cluster, opera
     # A higher-priority job needing both GPUs: Kueue preempts the low one.
     t1 = _apply(cluster, ns, _job("high", 30, resources={
         "gpusPerNode": 2, "priorityClassName": "kubetune-test-high"}, **queued))
-    st = wait_for(lambda: (s := _status(cluster, ns, "low")).get("phase") == "Queued" and s,
-                  timeout=120, interval=0.2, message="low preempted")
+    st = _wait_status(cluster, ns, "low", lambda s: s.get("phase") == "Queued", timeout=120,
+                      interval=0.2, message="low preempted")
     preempted = time.monotonic() - t1
     assert _cond(st, "Ready")["reason"] == "Preempted", _cond(st, "Ready")
     assert "Preempted to accommodate" in _cond(st, "Ready")["message"]

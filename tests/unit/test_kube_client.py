@@ -213,3 +213,30 @@ def test_a_call_to_an_apiserver_that_never_answers_ends_at_its_deadline(monkeypa
     finally:
         silent.close()
     assert time.monotonic() - started < 5
+
+
+def test_kueue_not_installed_is_believed_briefly_then_asked_again(apiserver, monkeypatch):
+    """A 404 from Kueue's Workload API means no Kueue (None, not "no Workload yet"); it is
+    believed for NO_KUEUE_RECHECK seconds (no request per look), then asked again: a Kueue
+    installed while the operator runs is seen within seconds, not minutes."""
+    from kubetune_operator import kube as kube_mod
+
+    clock = [1000.0]
+    monkeypatch.setattr(kube_mod.time, "monotonic", lambda: clock[0])
+    kube = apiserver.kube()
+    wl = {"metadata": {"name": "job-a-0-x", "labels": {"kueue.x-k8s.io/job-uid": "u1"}}}
+    apiserver.answers = [(404, {"reason": "NotFound"}), (200, {"items": [wl]})]
+    assert kube.workloads("ml", "kueue.x-k8s.io/job-uid in (u1)") is None
+    clock[0] += kube_mod.NO_KUEUE_RECHECK - 0.5
+    assert kube.workloads("ml", "kueue.x-k8s.io/job-uid in (u1)") is None
+    assert len(apiserver.requests) == 1  # believed: no second request
+    clock[0] += 1.0
+    [got] = kube.workloads("ml", "kueue.x-k8s.io/job-uid in (u1)")
+    assert got["kind"] == "Workload" and got["apiVersion"] == "kueue.x-k8s.io/v1beta2"
+    assert [(m, p, q) for m, p, q, *_ in apiserver.requests] == [
+        ("GET", "/apis/kueue.x-k8s.io/v1beta2/namespaces/ml/workloads",
+         {"labelSelector": "kueue.x-k8s.io/job-uid in (u1)", "limit": "50"})] * 2
+    assert kube_mod.NO_KUEUE_RECHECK <= 30  # never minutes
+    apiserver.answers = [(500, {"reason": "InternalError"})]
+    with pytest.raises(ApiException):  # only a 404 says "not installed"
+        kube.workloads("ml", "kueue.x-k8s.io/job-uid in (u1)")

@@ -45,10 +45,10 @@ def _workload(*conditions, active=None, job_uid="job-uid-0"):
     return wl
 
 
-def _queued_run(jobs, pods=(), workloads=(), now=NOW, **spec):
+def _queued_run(jobs, pods=(), workloads=(), now=NOW, kueue_served=True, **spec):
     body = _body(scheduling={"queueName": "team-a", **spec.pop("scheduling", {})}, **spec)
     world = rec.Observed(body, parse(body), [], list(jobs), list(pods), None, None,
-                         workloads=list(workloads))
+                         workloads=list(workloads), kueue_served=kueue_served)
     return rec.reconcile(world, SETTINGS, now)
 
 
@@ -107,6 +107,26 @@ def test_until_kueue_has_said_anything_the_job_is_looked_at_again_soon():
         plan = _queued_run([_queued_job()], workloads=workloads)
         assert plan.status["phase"] == "Queued"
         assert plan.requeue_after == rec.KUEUE_FIRST_LOOK < rec.KUEUE_LOOK_AGAIN
+
+
+def test_without_kueue_a_queued_job_says_so_at_once_and_is_looked_at_slowly():
+    """Kueue's Workload API not served (404): the job says Kueue is missing, written at once
+    (not held as "Kueue has said nothing yet"), and looked at again at the slow pace."""
+    reason, message = rec.kueue_wait(None, served=False)
+    assert reason == "Queued" and "kueue.x-k8s.io/v1beta2" in message and \
+        "is Kueue installed?" in message
+    assert rec.kueue_said(None, served=False)
+    job = _queued_job()
+    job["metadata"]["creationTimestamp"] = "2026-11-28T12:00:00Z"
+    plan = _queued_run([job], now=NOW + timedelta(seconds=0.5), kueue_served=False)
+    assert plan.status["phase"] == "Queued" and plan.status["startTime"]
+    ready = _cond(plan, "Ready")
+    assert ready["reason"] == "Queued" and ready["message"] == rec.KUEUE_NOT_SERVED
+    assert plan.requeue_after == rec.KUEUE_LOOK_AGAIN
+    assert not plan.patches and not plan.create  # the Job stays suspended, for Kueue
+    # Kueue installed later: its Workload's word replaces it.
+    served = _queued_run([job], workloads=[_workload(PENDING)])
+    assert "insufficient unused quota" in _cond(served, "Ready")["message"]
 
 
 def test_a_preempted_attempt_waits_again_without_counting_as_a_failure():

@@ -114,10 +114,17 @@ def finished(job: dict) -> bool:
     return "Complete" in conds or "Failed" in conds
 
 
-def kueue_wait(workload: dict | None) -> tuple[str, str]:
+KUEUE_NOT_SERVED = (f"Kueue's Workload API ({res.KUEUE_API}) is not served by this cluster (is "
+                    f"Kueue installed?); the Job waits suspended until Kueue admits it")
+
+
+def kueue_wait(workload: dict | None, served: bool = True) -> tuple[str, str]:
     """Why Kueue holds a queued Job, from its Workload: (reason, message). Queued (no quota
-    yet: Kueue's own reason and message), Preempted or Evicted (and why it waits now),
-    Deactivated (spec.active false), or Admitted (Kueue is about to start it)."""
+    yet: Kueue's own reason and message; or Kueue is not there at all), Preempted or Evicted
+    (and why it waits now), Deactivated (spec.active false), or Admitted (Kueue is about to
+    start it)."""
+    if not served:
+        return "Queued", KUEUE_NOT_SERVED
     if workload is None:
         return "Queued", "queued in Kueue (no Workload yet)"
     conds = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
@@ -142,9 +149,12 @@ def kueue_wait(workload: dict | None) -> tuple[str, str]:
     return "Queued", f"Kueue {said('QuotaReserved') or 'waiting for quota'}"
 
 
-def kueue_said(workload: dict | None) -> bool:
+def kueue_said(workload: dict | None, served: bool = True) -> bool:
     """Whether Kueue has spoken about the Workload yet (a reservation, an eviction, or it is
-    deactivated): until then its reason is a placeholder worth looking at again soon."""
+    deactivated): until then its reason is a placeholder worth looking at again soon. Kueue
+    not installed is said at once (and looked at again at the slow pace)."""
+    if not served:
+        return True
     if workload is None:
         return False
     kinds = {c.get("type") for c in (workload.get("status") or {}).get("conditions") or []}
@@ -152,8 +162,10 @@ def kueue_said(workload: dict | None) -> bool:
         (workload.get("spec") or {}).get("active") is False
 
 
-def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attempt:
-    """What one attempt's Job and pods (and Kueue's Workload of a queued Job) say about it."""
+def classify(job: dict, pods: list[dict], workload: dict | None = None,
+             kueue_served: bool = True) -> Attempt:
+    """What one attempt's Job and pods (and Kueue's Workload of a queued Job, or that Kueue's
+    API is not served) say about it."""
     meta = job["metadata"]
     number = int(meta["labels"][res.LABEL_ATTEMPT])
     conds = _job_conditions(job)
@@ -205,9 +217,10 @@ def classify(job: dict, pods: list[dict], workload: dict | None = None) -> Attem
     if spec.get("suspend"):
         queued = res.KUEUE_QUEUE in (meta.get("labels") or {})
         attempt.state = "Suspended"
-        attempt.reason, attempt.message = kueue_wait(workload) if queued else \
+        attempt.reason, attempt.message = kueue_wait(workload, kueue_served) if queued else \
             ("Suspended", "suspended")
-        attempt.summary = {"queued": queued, "kueueSaid": queued and kueue_said(workload)}
+        attempt.summary = {"queued": queued,
+                           "kueueSaid": queued and kueue_said(workload, kueue_served)}
         return attempt
     for pod in pods:
         phase = (pod.get("status") or {}).get("phase")
@@ -266,6 +279,7 @@ class Observed:
     adapter: dict | None = None  # the LoRAAdapter created from it, if any
     config: str | None = None  # the rendered trainer config (rendered here when None)
     workloads: list[dict] = field(default_factory=list)  # Kueue's, of its suspended Jobs
+    kueue_served: bool = True  # False: a queued Job's Workload API answered 404 (no Kueue)
     runtime: dict | None = None  # status.runtime: spec.runtimeRef as resolved
     runtime_error: str | None = None  # why spec.runtimeRef could not be resolved
 
@@ -314,7 +328,7 @@ class _Status:
 
 
 def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict,
-                     workloads: list[dict] = ()) -> Attempts:
+                     workloads: list[dict] = (), kueue_served: bool = True) -> Attempts:
     """Classify each Job with its own pods (and Workload); keep attempts whose Job is gone
     from status."""
     live: dict[int, Attempt] = {}
@@ -322,7 +336,8 @@ def observe_attempts(jobs: list[dict], pods: list[dict], old_status: dict,
     for j in jobs:
         number = int(j["metadata"]["labels"][res.LABEL_ATTEMPT])
         job_pods = [p for p in pods if _pod_of(p, j)]
-        live[number] = classify(j, job_pods, by_job.get(j["metadata"].get("uid")))
+        live[number] = classify(j, job_pods, by_job.get(j["metadata"].get("uid")),
+                                kueue_served)
     history = {a["number"]: a for a in old_status.get("attempts") or []}
     for n, attempt in live.items():  # when it started is what status said first (the Job's
         if (history.get(n) or {}).get("startedAt"):  # timestamp may be a second later)
@@ -379,7 +394,8 @@ def reconcile(world: Observed, settings: OperatorSettings, now: datetime) -> Pla
     if world.spec_errors or world.job is None:
         return _invalid(world, st)
     spec = world.job.spec
-    attempts = observe_attempts(world.jobs, world.pods, st.old, world.workloads)
+    attempts = observe_attempts(world.jobs, world.pods, st.old, world.workloads,
+                                world.kueue_served)
     st.fields.update(attempts=attempts.history, retries=attempts.retries,
                      startTime=st.old.get("startTime") or (
                          attempts.current.started if attempts.current else None))

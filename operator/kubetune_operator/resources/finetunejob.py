@@ -44,6 +44,7 @@ def sealed_artifact(body: dict) -> dict | None:
     if not isinstance(artifact, dict) or not seal or artifact_seal(artifact) != seal:
         return None
     return artifact
+KUEUE_API = "kueue.x-k8s.io/v1beta2"  # the Workload API this operator reads (Kueue >= 0.15)
 KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # Kueue labels a Job's Workload with the Job's uid
 CONFIG_MOUNT = "/etc/kubetune"
