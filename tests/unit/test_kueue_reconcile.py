@@ -162,11 +162,19 @@ def test_suspending_a_queued_job_deactivates_its_workload_not_the_job():
     plan = _queued_run([_queued_job()], [], [_workload(PENDING, active=False)],
                        scheduling={"suspend": True})
     assert not plan.patches and plan.status["phase"] == "Suspended"
-    # Resumed: the Workload is activated again and queues; the Job is left to Kueue.
+    # Resumed: the Workload is activated again and queues; the Job is left to Kueue. The
+    # status says so at once (not the deactivated Workload it observed), and the next look
+    # comes soon, for Kueue's word.
     plan = _queued_run([_queued_job()], [], [_workload(PENDING, active=False)])
     assert [(o["kind"], p) for o, p in plan.patches] == [
         ("Workload", {"spec": {"active": True}})]
     assert any(r == "Resuming" for _, r, _ in plan.events)
+    ready = _cond(plan, "Ready")
+    assert plan.status["phase"] == "Queued" and ready["reason"] == "Queued"
+    assert ready["message"] == rec.KUEUE_ACTIVATED and "deactivated" not in ready["message"]
+    [attempt] = plan.status["attempts"]
+    assert attempt["reason"] == "Queued" and attempt["message"] == rec.KUEUE_ACTIVATED
+    assert plan.requeue_after == rec.KUEUE_FIRST_LOOK
 
 
 class _Kube:

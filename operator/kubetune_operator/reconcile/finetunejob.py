@@ -542,6 +542,19 @@ def _suspended_condition(spec, st: _Status) -> None:
            "spec.scheduling.suspend is true" if wanted else "")
 
 
+KUEUE_ACTIVATED = "the Kueue Workload is activated again; waiting for Kueue to admit it"
+
+
+def _queued_again(st: _Status, current: Attempt) -> None:
+    """A queued job resumed: what was observed (a deactivated Workload) is no longer what this
+    plan leaves behind, so the attempt says it queues again (not "deactivated" until a look
+    30 s later) and is looked at again soon, for Kueue's own word."""
+    current.reason, current.message = "Queued", KUEUE_ACTIVATED
+    current.summary = {**(current.summary or {}), "kueueSaid": False}
+    st.fields["attempts"] = [current.status() if a.get("number") == current.number else a
+                             for a in st.fields.get("attempts") or []]
+
+
 def _suspension(world: Observed, st: _Status, current: Attempt) -> None:
     """spec.scheduling.suspend → the running attempt's Job; when queued, its Kueue Workload
     (Kueue owns a queued Job's `suspend` and would start an admitted Job again: a Workload
@@ -562,6 +575,8 @@ def _suspension(world: Observed, st: _Status, current: Attempt) -> None:
                 if spec.scheduling.suspend else
                 ("Normal", "Resuming", f"Activating the Kueue Workload of Job "
                  f"{current.job_name}: it queues again"))
+            if not spec.scheduling.suspend:
+                _queued_again(st, current)
     elif current.state not in ("Succeeded", "Failed"):
         is_suspended = bool((job_obj.get("spec") or {}).get("suspend"))
         if spec.scheduling.suspend and not is_suspended:
