@@ -3,6 +3,7 @@ succeeded), run the pure reconcile, apply its plan through `kube`, schedule the 
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -12,12 +13,13 @@ import structlog
 from kubetune.api.trainerstatus import NAMESPACE_BINDING
 from kubetune.api.validation import SpecError, parse
 
+from . import conditions as cond
 from . import metrics, policy, runtimes
 from .cache import Caches, Key, job_view
 from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
-from .runner import run_reconcile
+from .runner import namespace_terminating, run_reconcile
 from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
@@ -26,6 +28,10 @@ CHILD_EVENT_DELAY = 0.3  # seconds
 CREATES_AT_ONCE = 3  # the most creates of one FineTuneJob in flight together
 NAMESPACE_BINDING_RECHECK = 600.0  # seconds: a namespace's trainer RoleBinding, made again
 CONFLICT_LOOK_AGAIN = 0.2  # seconds: a conditional status write met a newer object
+# Ready=False reasons of a start that could not create its children (said in status and one
+# Warning Event per new message; the look is retried with back-off, or in 30 s for a conflict).
+CREATE_REFUSED = "CreateRefused"  # the apiserver refused a create: admission, quota, invalid
+CHILD_CONFLICT = "ChildConflict"  # a child's name is taken by an object we do not control
 
 
 def creation_waves(objs: list[dict]) -> list[list[dict]]:
@@ -221,13 +227,23 @@ class FineTuneJobController:
             conflict = next((o for o in outcomes if isinstance(o, NotOwned)), None)
             if conflict is not None:
                 # Never adopt a look-alike: say so, create nothing after it, look again later.
-                self.kube.event(body, "Warning", "ChildConflict", str(conflict))
+                if self._create_failed(key, body, CHILD_CONFLICT, str(conflict)):
+                    self.kube.event(body, "Warning", CHILD_CONFLICT, str(conflict))
                 log.warning("Child name taken by another owner", error=str(conflict))
                 self.queue.add(key, 30)
                 return
-            failed = next((o for o in outcomes if isinstance(o, BaseException)), None)
+            failed = next(((o, f) for o, f in zip(wave, outcomes)
+                           if isinstance(f, BaseException)), None)
             if failed is not None:
-                raise failed
+                obj, exc = failed
+                if _refused(exc):
+                    # Admission (a policy, Kueue's webhook), a quota or an invalid object: no
+                    # retry alone mends it, so the user hears why the job does not start.
+                    message = (f"creating {obj['kind']} {obj['metadata']['name']} was refused "
+                               f"by the apiserver ({exc.status}): {_api_message(exc)}")
+                    if self._create_failed(key, body, CREATE_REFUSED, message):
+                        self.kube.event(body, "Warning", CREATE_REFUSED, message)
+                raise exc
         for obj, patch in plan.patches:
             self.kube.patch(obj, patch)
         for obj in plan.delete:
@@ -268,6 +284,23 @@ class FineTuneJobController:
         if plan.requeue_after is not None:
             self.queue.add(key, plan.requeue_after + 0.05)
 
+    def _create_failed(self, key: Key, body: dict, reason: str, message: str) -> bool:
+        """Ready=False with why the start's children could not be created, the rest of status
+        as it was; True when that is news (the caller's Warning Event is sent once per new
+        message, not on every retry). The next look that creates them rebuilds Ready."""
+        ns, name = key
+        old = body.get("status") or {}
+        conditions = [dict(c) for c in old.get("conditions") or []]
+        generation = body["metadata"].get("generation")
+        if not cond.set_condition(conditions, "Ready", False, reason, message[:4000],
+                                  generation, datetime.now(timezone.utc)):
+            return False
+        status = {"phase": old.get("phase") or "Pending", "conditions": conditions,
+                  "observedGeneration": generation}
+        if self.kube.patch_status("FineTuneJob", ns, name, status):
+            body.setdefault("status", {}).update(status)
+        return True
+
     # ---- cache maintenance (called by the kopf handlers) -----------------------------------
     def on_finetunejob(self, event_type: str, body: dict) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -298,6 +331,24 @@ class FineTuneJobController:
             # A Job's and its pods' updates come in bursts (created, scheduled, running):
             # one look shortly after the first of them sees them all (one status write).
             self.queue.add(owner, CHILD_EVENT_DELAY)
+
+
+def _refused(exc: BaseException) -> bool:
+    """A create the apiserver answered with a client error that waiting alone will not mend
+    (403 admission or quota, 422 invalid, 400...), not a conflict (409, handled), throttling
+    (429) or a namespace on its way out."""
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (409, 429) \
+        and not namespace_terminating(exc)
+
+
+def _api_message(exc: BaseException) -> str:
+    """The apiserver's own message (a Status object's `message`), else the exception's text."""
+    try:
+        message = json.loads(getattr(exc, "body", None) or "").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or exc)[:2000]
 
 
 def _namespace_binding(obj: dict) -> bool:

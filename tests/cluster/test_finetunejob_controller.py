@@ -3,6 +3,7 @@ Kueue, suspension, invalid specs, TTL, ownership."""
 
 import copy
 import json
+import time
 
 import pytest
 import yaml
@@ -246,9 +247,42 @@ def test_a_look_alike_job_is_never_adopted(cluster, operator, job_namespace):
     assert "not controlled by this object" in found[0].message
     st = status(cluster, ns, "squat")
     assert not st.get("attempts") and st.get("phase") != "Running", st
+    assert condition(st, "Ready")["reason"] == "ChildConflict", st
+    assert "not controlled by this object" in condition(st, "Ready")["message"]
     job = batch.read_namespaced_job("squat-0", ns)
     assert job.spec.template.spec.containers[0].image == "registry.example/evil:1"
     assert not job.metadata.owner_references
+
+
+def test_a_job_the_apiserver_refuses_says_why_and_starts_once_allowed(cluster, operator,
+                                                                      job_namespace):
+    """A ResourceQuota that allows no Jobs (an admission refusal like a policy's): the job says
+    why in Ready and one Warning Event, with the apiserver's message; once the quota is gone
+    the back-off's next look creates the Job and the job runs."""
+    ns = job_namespace
+    core = client.CoreV1Api(cluster.api)
+    core.create_namespaced_resource_quota(ns, {"metadata": {"name": "no-jobs"},
+                                               "spec": {"hard": {"count/jobs.batch": "0"}}})
+    wait_for(lambda: (core.read_namespaced_resource_quota("no-jobs", ns).status.hard or {}),
+             message="quota observed by the quota controller")
+    apply(cluster, ns, ftj("refused"))
+    st = wait_for(lambda: (s := status(cluster, ns, "refused")) and
+                  condition(s, "Ready").get("reason") == "CreateRefused" and s, timeout=60,
+                  message="Ready=False CreateRefused")
+    ready = condition(st, "Ready")
+    assert ready["status"] == "False" and st["phase"] == "Pending"
+    assert "creating Job refused-0 was refused by the apiserver (403)" in ready["message"]
+    assert "exceeded quota: no-jobs" in ready["message"]
+    assert not client.BatchV1Api(cluster.api).list_namespaced_job(ns).items
+    time.sleep(3)  # back-off retries meanwhile: still one Event
+    events = [e for e in core.list_namespaced_event(
+        ns, field_selector="involvedObject.name=refused").items if e.reason == "CreateRefused"]
+    assert len(events) == 1 and events[0].type == "Warning" and events[0].count in (None, 1)
+    core.delete_namespaced_resource_quota("no-jobs", ns)
+    st = wait_for(lambda: (s := status(cluster, ns, "refused")).get("phase") == "Running" and s,
+                  timeout=120, message="Running once the quota is gone")
+    assert condition(st, "Ready")["reason"] != "CreateRefused"
+    assert [a["number"] for a in st["attempts"]] == [0]
 
 
 def test_metrics_move_with_reconciles(cluster, operator, job_namespace):

@@ -64,6 +64,7 @@ class _Kube:
         self.events.append((kind, reason, message))
 
     def patch_status(self, *args, **kwargs):
+        self.statuses = getattr(self, "statuses", []) + [args]
         return True
 
 
@@ -105,6 +106,9 @@ def test_a_look_alike_role_stops_the_binding_and_the_job_and_says_so():
     assert {k for k, _, _ in kube.calls} == {"ServiceAccount", "Role"}
     assert kube.events and kube.events[0][1] == "ChildConflict"
     assert controller.caches.jobs.children(("ml", body["metadata"]["name"])) == []
+    [(_, _, _, status)] = kube.statuses
+    assert [(c["reason"], c["message"]) for c in status["conditions"]] == [
+        ("ChildConflict", "Role ml/x-trainer already exists")]
 
 
 def test_a_failed_create_is_raised_after_its_wave_ends_and_nothing_follows():
@@ -113,6 +117,42 @@ def test_a_failed_create_is_raised_after_its_wave_ends_and_nothing_follows():
     with pytest.raises(RuntimeError, match="500"):
         _apply(_controller(kube), body, _children(body))
     assert {k for k, _, _ in kube.calls} == {"ServiceAccount", "Role"}
+
+
+def test_a_refused_create_is_said_in_status_and_one_event_and_retried():
+    """An admission policy or a quota refuses the Job: the job says why (Ready=False,
+    CreateRefused, the apiserver's own message), one Warning Event per new message however
+    often the back-off retries, and the error goes on to the back-off."""
+    from kubernetes.client.rest import ApiException
+
+    refused = ApiException(status=403, reason="Forbidden")
+    refused.body = ('{"kind": "Status", "message": "jobs.batch \\"quickstart-lora-0\\" is '
+                    'forbidden: exceeded quota: no-jobs, requested: count/jobs.batch=1"}')
+    kube = _Kube(fail={"Job": refused})
+    controller = _controller(kube)
+    body = _body()
+    for _ in range(3):
+        with pytest.raises(ApiException):
+            _apply(controller, body, _children(body))
+    [(kind, reason, message)] = kube.events
+    assert (kind, reason) == ("Warning", "CreateRefused")
+    assert message.startswith("creating Job quickstart-lora-0 was refused by the apiserver "
+                              "(403): jobs.batch")
+    assert "exceeded quota: no-jobs" in message
+    [(_, ns, name, status)] = kube.statuses  # written once: the retries said nothing new
+    assert (ns, name) == ("ml", "quickstart-lora")
+    assert status["phase"] == "Pending" and status["observedGeneration"] == 1
+    [ready] = status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False",
+                                                                "CreateRefused")
+    assert ready["message"] == message
+    # A server error (or throttling) is retried without a word: it may mend itself.
+    for transient in (ApiException(status=500, reason="Internal"),
+                      ApiException(status=429, reason="TooManyRequests")):
+        kube = _Kube(fail={"Job": transient})
+        with pytest.raises(ApiException):
+            _apply(_controller(kube), _body(), _children(_body()))
+        assert not kube.events and not getattr(kube, "statuses", [])
 
 
 def _stub_kube(send):
