@@ -19,7 +19,7 @@ from .cache import Caches, Key, job_view
 from .kube import Kube, NotOwned, controller_uid
 from .reconcile import finetunejob as rec
 from .resources import finetunejob as res
-from .runner import namespace_terminating, run_reconcile
+from .runner import Reported, namespace_terminating, run_reconcile
 from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
@@ -243,6 +243,7 @@ class FineTuneJobController:
                                f"by the apiserver ({exc.status}): {_api_message(exc)}")
                     if self._create_failed(key, body, CREATE_REFUSED, message):
                         self.kube.event(body, "Warning", CREATE_REFUSED, message)
+                    raise Reported(message) from exc
                 raise exc
         for obj, patch in plan.patches:
             self.kube.patch(obj, patch)

@@ -13,6 +13,12 @@ from .metrics import RECONCILE_SECONDS, RECONCILES
 log = structlog.get_logger("kubetune.operator")
 
 
+class Reported(Exception):
+    """A failure already told to the user (status conditions and an Event), e.g. a create the
+    apiserver refused: retried with back-off like any other, logged as one warning line, not a
+    traceback on every retry."""
+
+
 def namespace_terminating(exc: Exception) -> bool:
     """The apiserver refused a create because the namespace is being deleted: nothing to do,
     the objects go with the namespace."""
@@ -40,7 +46,12 @@ def run_reconcile(kind: str, key, body: dict | None,
                              namespace=key[0], name=key[1])
                     return result
                 result = "error"
-                log.exception("Reconcile failed", kind=kind, namespace=key[0], name=key[1])
+                if isinstance(exc, Reported):
+                    log.warning("Reconcile failed (said in status); retrying", kind=kind,
+                                namespace=key[0], name=key[1], error=str(exc))
+                else:
+                    log.exception("Reconcile failed", kind=kind, namespace=key[0],
+                                  name=key[1])
                 retry(key)
     finally:
         RECONCILE_SECONDS.labels(kind=kind).observe(time.perf_counter() - start)

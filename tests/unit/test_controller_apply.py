@@ -131,9 +131,12 @@ def test_a_refused_create_is_said_in_status_and_one_event_and_retried():
     kube = _Kube(fail={"Job": refused})
     controller = _controller(kube)
     body = _body()
+    from kubetune_operator.runner import Reported
+
     for _ in range(3):
-        with pytest.raises(ApiException):
+        with pytest.raises(Reported) as raised:  # already said: one log line per retry
             _apply(controller, body, _children(body))
+        assert raised.value.__cause__ is refused
     [(kind, reason, message)] = kube.events
     assert (kind, reason) == ("Warning", "CreateRefused")
     assert message.startswith("creating Job quickstart-lora-0 was refused by the apiserver "

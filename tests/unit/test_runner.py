@@ -3,9 +3,10 @@ not an error."""
 
 import pytest
 from kubernetes.client.exceptions import ApiException
+from structlog.testing import capture_logs
 
 from kubetune_operator.metrics import RECONCILES
-from kubetune_operator.runner import namespace_terminating, run_reconcile
+from kubetune_operator.runner import Reported, namespace_terminating, run_reconcile
 
 pytestmark = pytest.mark.unit
 
@@ -47,6 +48,18 @@ def test_results_retries_and_terminating_namespaces():
     run_reconcile("Test", ("t-a", "c"), {"x": 1}, terminating, retried.append)
     assert retried == [("ns", "b")]  # not retried, not an error
     assert _count("skipped") == before["skipped"] + 2
+
+    def said(key, body):
+        raise Reported("creating Job x-0 was refused by the apiserver (403): quota")
+    with capture_logs() as logs:
+        run_reconcile("Test", ("ns", "d"), {"x": 1}, said, retried.append)
+        run_reconcile("Test", ("ns", "b"), {"x": 1}, boom, retried.append)
+    assert retried == [("ns", "b"), ("ns", "d"), ("ns", "b")]  # retried like any failure
+    assert _count("error") == before["error"] + 3
+    reported, failed = logs
+    assert reported["log_level"] == "warning" and "exc_info" not in reported
+    assert reported["error"].endswith("(403): quota") and reported["name"] == "d"
+    assert failed["log_level"] == "error" and failed["exc_info"] is True  # the traceback
 
     assert namespace_terminating(_api_error(403, TERMINATING))
     assert not namespace_terminating(_api_error(403, '{"reason":"Forbidden"}'))  # RBAC: an error
